@@ -1,0 +1,1 @@
+"""Model loading: diffusers components, LoRA, prediction targets, tokenizers, tiny test pipelines."""
