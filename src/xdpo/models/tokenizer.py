@@ -54,7 +54,8 @@ def write_clip_vocab(out_dir: str | Path, bpe_path: str | Path | None = None) ->
     """Write `vocab.json` and `merges.txt` for a CLIP tokenizer into `out_dir`; return it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(bpe_path or open_clip_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path or open_clip_bpe_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : N_MERGES + 1]]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

@@ -1,0 +1,21 @@
+"""Objectives as pure functions of per-sample errors: divergences (reward transforms) and outer losses."""
+
+from xdpo.objectives.divergences import DIVERGENCES
+from xdpo.objectives.losses import (
+    OBJECTIVES,
+    OUTER_LOSSES,
+    LossOutput,
+    objective_loss,
+    preference_loss,
+    sft_loss,
+)
+
+__all__ = [
+    "DIVERGENCES",
+    "OBJECTIVES",
+    "OUTER_LOSSES",
+    "LossOutput",
+    "objective_loss",
+    "preference_loss",
+    "sft_loss",
+]

@@ -1,0 +1,1 @@
+"""Training: the recipe (`loop.train`), deterministic batches, checkpoints, metrics."""

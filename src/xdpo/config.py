@@ -1,0 +1,334 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated before anything runs.
+
+Every key is a dataclass field with a default and a one-line help text (`xdpo train --help` prints
+them all). Unknown keys, wrong types and impossible values raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from xdpo.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f("", "diffusers pipeline folder or hub id (SD 1.x/2.x)")
+    revision: str | None = _f(None, "hub revision of `pretrained`")
+    lora_rank: int = _f(0, "LoRA rank on the UNet attention projections; 0 = full fine-tune")
+    lora_alpha: float | None = _f(None, "LoRA alpha; empty = lora_rank (scale 1)")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f(
+        "auto", "dtype of the frozen reference UNet (full fine-tune); auto = the mixed-precision dtype"
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "Pick-a-Pic v2 format: parquet file/glob/folder, save_to_disk folder, or hub id")
+    split: str = _f("train", "split of a DatasetDict folder or hub dataset")
+    resolution: int = _f(512, "square training resolution in pixels (resize shorter side, then crop)")
+    ties: Literal["drop", "keep"] = _f(
+        "drop", "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep with jpg_0 first"
+    )
+    prompt_dropout: float = _f(0.0, "probability of an empty caption (Diffusion-DPO used 0.2)")
+    flip: Literal["none", "pair", "independent"] = _f(
+        "none", "horizontal flips: none, both images alike, or each"
+    )
+    random_crop: bool = _f(False, "random instead of center crop (same offsets for both images)")
+    max_pairs: int = _f(0, "use only the first N pairs after dropping ties; 0 = all")
+    num_workers: int = _f(0, "DataLoader worker processes for JPEG decoding and transforms")
+
+
+@dataclass
+class LossConfig:
+    objective: Literal["pair", "sft"] = _f(
+        "pair", "pair = preference loss on (w, l); sft = denoising loss on w only"
+    )
+    divergence: Literal["reverse_kl", "xdpo", "xdpo_eq9", "chi2", "js", "alpha"] = _f(
+        "reverse_kl", "reward transform f'(z): reverse_kl = Diffusion-DPO; xdpo = xDPO Appendix C form"
+    )
+    outer: Literal["sigmoid", "hinge", "ipo", "robust"] = _f("sigmoid", "outer loss over the logits")
+    beta: float = _f(5000.0, "regularisation strength (Diffusion-DPO 5000, xDPO 1000)")
+    eta: float = _f(0.05, "xDPO: weight of the KL term (paper 0.05)")
+    gamma: float = _f(1 / 6, "xDPO: weight of the higher-order term (paper 1/6)")
+    n: float = _f(6.0, "xDPO: order of the higher-order term (paper 6)")
+    alpha: float = _f(0.5, "alpha divergence: alpha in (0, 1]")
+    label_smoothing: float = _f(0.0, "sigmoid: conservative-DPO smoothing; robust: assumed label-flip rate")
+    logratio_scale: float = _f(1.0, "s in log z = -s (e_theta - e_ref)")
+    clamp: float = _f(50.0, "clamp of exponent arguments |.| in the divergences (logged as clamp_fraction)")
+    error_reduction: Literal["mean", "sum"] = _f(
+        "mean", "per-sample error: mean over C,H,W (Diffusion-DPO) or sum (xDPO appendix; overflows)"
+    )
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(2000, "optimizer steps")
+    batch_size: int = _f(1, "pairs per device per micro-step")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    learning_rate: float = _f(1e-8, "base learning rate (multiplied by the effective batch if scale_lr)")
+    scale_lr: bool = _f(True, "lr x batch_size x grad_accum x processes, as Diffusion-DPO does")
+    warmup_steps: int = _f(500, "linear warmup steps, then constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping; 0 = off")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "autocast dtype for forward passes")
+    optimizer: Literal["adamw", "adafactor"] = _f(
+        "adamw", "AdamW (torch, foreach) or Adafactor (transformers)"
+    )
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    checkpoint_every: int = _f(500, "save a resumable checkpoint every N steps; 0 = only at the end")
+    checkpoints_keep: int = _f(2, "keep the newest N checkpoints; 0 = keep all")
+    resume_from: str = _f("", "`latest`, a checkpoint folder, or empty for a fresh start")
+    report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "accelerate tracker for metrics")
+    log_every: int = _f(1, "progress-bar refresh every N steps (metrics.jsonl has every step)")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("outputs/xdpo-run", "where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
+    seed: int = _f(0, "seed for data order, timesteps, noise and augmentation")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# flattening, parsing, validation
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Yield (dotted key, field, resolved type) for every leaf key."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def all_keys() -> list[str]:
+    return [k for k, _, _ in iter_fields()]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("empty" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against type `tp`; ints are accepted for floats. Raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key `{key}`: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise bad
+        return [_coerce(key, v, typing.get_args(tp)[0]) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-8` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, bool | dict | list):
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    return ConfigError(f"unknown config key `{key}`{hint}")
+
+
+SECTIONS = ("model", "data", "loss", "train")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if not prefix and k in SECTIONS:
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key `{key}`: expected a section of keys, got {v!r}")
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, dict):
+            raise _unknown(key)
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`loss.beta=1000` -> ("loss.beta", 1000); the value is read as YAML (`a,b` lists allowed)."""
+    if "=" not in text:
+        raise ConfigError(f"override `{text}`: expected KEY=VALUE, e.g. loss.beta=1000")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, type-check and validate."""
+    flat: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p}: expected a mapping of keys at the top level")
+        flat.update(_flatten(raw))
+    for o in overrides:
+        k, v = parse_override(o)
+        flat[k] = v
+    return from_flat(flat)
+
+
+def from_flat(flat: dict[str, Any]) -> Config:
+    types_by_key = {k: tp for k, _, tp in iter_fields()}
+    cfg = Config()
+    for key, value in flat.items():
+        if key not in types_by_key:
+            raise _unknown(key)
+        section, _, name = key.rpartition(".")
+        target = getattr(cfg, section) if section else cfg
+        setattr(target, name, _coerce(key, value, types_by_key[key]))
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key `{key}`: {what}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks beyond types: ranges and required keys."""
+    m, d, lo, t = cfg.model, cfg.data, cfg.loss, cfg.train
+    _require(
+        bool(m.pretrained),
+        "model.pretrained",
+        "required (a diffusers pipeline folder or hub id)",
+        m.pretrained,
+    )
+    _require(bool(d.path), "data.path", "required (Pick-a-Pic v2 format pairs)", d.path)
+    _require(bool(cfg.output_dir), "output_dir", "required", cfg.output_dir)
+    _require(m.lora_rank >= 0, "model.lora_rank", "must be >= 0", m.lora_rank)
+    _require(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", m.lora_dropout)
+    _require(
+        d.resolution >= 8 and d.resolution % 8 == 0,
+        "data.resolution",
+        "must be a multiple of 8",
+        d.resolution,
+    )
+    _require(0 <= d.prompt_dropout <= 1, "data.prompt_dropout", "must be in [0, 1]", d.prompt_dropout)
+    _require(d.max_pairs >= 0, "data.max_pairs", "must be >= 0", d.max_pairs)
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _require(lo.beta > 0, "loss.beta", "must be > 0", lo.beta)
+    _require(lo.eta >= 0, "loss.eta", "must be >= 0", lo.eta)
+    _require(lo.gamma >= 0, "loss.gamma", "must be >= 0", lo.gamma)
+    _require(lo.n > 0, "loss.n", "must be > 0", lo.n)
+    _require(0 < lo.alpha <= 1, "loss.alpha", "must be in (0, 1]", lo.alpha)
+    _require(0 <= lo.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", lo.label_smoothing)
+    _require(
+        lo.label_smoothing == 0 or lo.outer in ("sigmoid", "robust"),
+        "loss.label_smoothing",
+        "only applies to loss.outer=sigmoid or robust",
+        lo.label_smoothing,
+    )
+    _require(lo.logratio_scale > 0, "loss.logratio_scale", "must be > 0", lo.logratio_scale)
+    _require(lo.clamp > 0, "loss.clamp", "must be > 0", lo.clamp)
+    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1", t.max_steps)
+    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+    _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1", t.grad_accum)
+    _require(t.learning_rate > 0, "train.learning_rate", "must be > 0", t.learning_rate)
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", t.warmup_steps)
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", t.max_grad_norm)
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
+    _require(t.checkpoints_keep >= 0, "train.checkpoints_keep", "must be >= 0", t.checkpoints_keep)
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def help_table() -> str:
+    """Every key with its type, default and help (for `xdpo train --help` and the README)."""
+    rows = []
+    for key, f, tp in iter_fields():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append(f"  {key:<28} {_type_name(tp):<40} default {default!r}\n      {f.metadata['help']}")
+    return "\n".join(rows)

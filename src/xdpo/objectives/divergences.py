@@ -1,0 +1,89 @@
+"""Reward transforms r = f'(z) of the f-divergence family, as functions of the implicit log-ratio.
+
+For a sample x with shared (t, eps): delta = e_theta(x) - e_ref(x) (per-sample denoising errors) and
+log z = -s * delta (DESIGN.md §3.1). Each transform maps log z to the implicit reward r = f'(z);
+the logits of the outer loss are (beta / 2) * lambda(t) * (r_w - r_l) (DESIGN.md §3.2).
+
+| name       | f'(z)                          | source                                         |
+|------------|--------------------------------|------------------------------------------------|
+| reverse_kl | log z                          | Diffusion-DPO (Wallace et al. 2024)            |
+| xdpo       | eta log z - gamma z^(-n)       | xDPO, Zhang & Xiang 2025, Appendix C (trained) |
+| xdpo_eq9   | eta log z + gamma z^n          | xDPO, Table 1 / Eq. 9 as printed               |
+| chi2       | log z + z                      | chi-PO (Huang et al. 2024) = xdpo_eq9(1, 1, 1) |
+| js         | log(2z / (1 + z))              | f-DPO (Wang et al., ICLR 2024)                 |
+| alpha      | (1 - z^(-alpha)) / alpha       | f-DPO (Wang et al., ICLR 2024)                 |
+
+The xDPO paper's Table 1 and Appendix C disagree on the sign of the exponent; `xdpo` follows the
+Appendix C code (exp(6 (e_theta - e_ref)) / 6 + 0.05 (e_theta - e_ref), i.e. gamma z^-n with n = 6,
+gamma = 1/6, eta = 0.05), the form the paper's results were reported with. Exponent arguments are
+clamped to [-clamp, clamp]; each function returns (reward, clamped) with `clamped` a bool mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Transform = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _clamped_exp(arg: Tensor, clamp: float) -> tuple[Tensor, Tensor]:
+    mask = arg.abs() > clamp
+    return torch.exp(arg.clamp(-clamp, clamp)), mask
+
+
+def _none(logz: Tensor) -> Tensor:
+    return torch.zeros_like(logz, dtype=torch.bool)
+
+
+def reverse_kl(logz: Tensor, **_: float) -> tuple[Tensor, Tensor]:
+    """f'(z) = log z (Diffusion-DPO)."""
+    return logz, _none(logz)
+
+
+def xdpo(
+    logz: Tensor, *, eta: float, gamma: float, n: float, clamp: float, **_: float
+) -> tuple[Tensor, Tensor]:
+    """f'(z) = eta log z - gamma z^(-n) = -eta*delta - gamma*exp(n*delta) for s = 1 (xDPO Appendix C)."""
+    power, mask = _clamped_exp(-n * logz, clamp)
+    return eta * logz - gamma * power, mask
+
+
+def xdpo_eq9(
+    logz: Tensor, *, eta: float, gamma: float, n: float, clamp: float, **_: float
+) -> tuple[Tensor, Tensor]:
+    """f'(z) = eta log z + gamma z^n (xDPO Table 1 / Eq. 9)."""
+    power, mask = _clamped_exp(n * logz, clamp)
+    return eta * logz + gamma * power, mask
+
+
+def chi2(logz: Tensor, *, clamp: float, **_: float) -> tuple[Tensor, Tensor]:
+    """f'(z) = log z + z (chi-PO, Huang et al. 2024)."""
+    z, mask = _clamped_exp(logz, clamp)
+    return logz + z, mask
+
+
+def js(logz: Tensor, **_: float) -> tuple[Tensor, Tensor]:
+    """f'(z) = log(2z / (1 + z)) = log 2 + log z - softplus(log z) (Jensen-Shannon, f-DPO)."""
+    return torch.log(torch.tensor(2.0, dtype=logz.dtype, device=logz.device)) + logz - F.softplus(
+        logz
+    ), _none(logz)
+
+
+def alpha_divergence(logz: Tensor, *, alpha: float, clamp: float, **_: float) -> tuple[Tensor, Tensor]:
+    """f'(z) = (1 - z^(-alpha)) / alpha (alpha-divergence, f-DPO)."""
+    power, mask = _clamped_exp(-alpha * logz, clamp)
+    return (1.0 - power) / alpha, mask
+
+
+DIVERGENCES: dict[str, Transform] = {
+    "reverse_kl": reverse_kl,
+    "xdpo": xdpo,
+    "xdpo_eq9": xdpo_eq9,
+    "chi2": chi2,
+    "js": js,
+    "alpha": alpha_divergence,
+}

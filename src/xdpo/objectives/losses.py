@@ -1,0 +1,165 @@
+"""Outer losses and objectives: pure functions of per-sample errors (no models).
+
+Inputs are the per-sample denoising errors of policy and reference on the preferred (w) and
+dispreferred (l) images, shape [B], computed with the same (t, eps) for both images of a pair.
+With delta = e_theta - e_ref, log z = -s * delta and r = f'(z) (see `divergences.py`):
+
+    h      = lambda(t) * (r_w - r_l)                   (reward difference, before beta)
+    logits = (beta / 2) * h                            (DESIGN.md §3.2)
+
+Outer losses over the logits x (DESIGN.md §3.3):
+    sigmoid  -(1 - eps) log sigma(x) - eps log sigma(-x)           (DPO; eps > 0 = conservative DPO)
+    hinge    relu(1 - x)                                           (SLiC / RSO)
+    ipo      (h - 1 / (2 beta))^2                                  (IPO, Azar et al. 2024, diffusion form)
+    robust   (-(1 - eps) log sigma(x) + eps log sigma(-x)) / (1 - 2 eps)   (rDPO, Chowdhury et al. 2024)
+
+The reported rewards are scaled like the logits, reward_w = (beta / 2) * lambda * r_w, so that
+reward_w - reward_l = logits (the Diffusion-DPO convention: the loss looks flat near log 2 while the
+reward margin and implicit accuracy show progress).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xdpo.objectives.divergences import DIVERGENCES
+
+
+@dataclass
+class LossOutput:
+    """Per-sample loss and the quantities every objective logs."""
+
+    loss: Tensor  # [B] per-sample loss (float32)
+    reward_w: Tensor  # [B] (beta/2) * lambda * f'(z_w), detached
+    reward_l: Tensor  # [B]
+    implicit_acc: float  # fraction with reward_w > reward_l, ties count 0.5
+    clamp_fraction: float  # fraction of exponent arguments clamped
+    delta_w: Tensor  # [B] e_theta(w) - e_ref(w), detached
+    delta_l: Tensor  # [B]
+
+    @property
+    def reward_margin(self) -> Tensor:
+        return self.reward_w - self.reward_l
+
+
+def _sigmoid(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def _hinge(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
+    return torch.relu(1 - x)
+
+
+def _ipo(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def _robust(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+OUTER_LOSSES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
+    "sigmoid": _sigmoid,
+    "hinge": _hinge,
+    "ipo": _ipo,
+    "robust": _robust,
+}
+
+
+def _rewards(
+    e: Tensor, e_ref: Tensor, divergence: str, s: float, params: dict[str, float]
+) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = torch.promote_types(torch.promote_types(e.dtype, e_ref.dtype), torch.float32)  # >= float32
+    delta = e.to(dtype) - e_ref.to(dtype)
+    r, clamped = DIVERGENCES[divergence](-s * delta, **params)
+    return r, clamped, delta
+
+
+def preference_loss(
+    e_w: Tensor,
+    e_l: Tensor,
+    e_ref_w: Tensor,
+    e_ref_l: Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    outer: str = "sigmoid",
+    beta: float = 5000.0,
+    eta: float = 0.05,
+    gamma: float = 1 / 6,
+    n: float = 6.0,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+    logratio_scale: float = 1.0,
+    clamp: float = 50.0,
+    weight: Tensor | None = None,
+) -> LossOutput:
+    """Pairwise preference loss: outer((beta/2) * weight * (f'(z_w) - f'(z_l))), in float32 (or float64 inputs).
+
+    `reverse_kl` + `sigmoid` is Diffusion-DPO: -logsigmoid(-0.5 beta ((e_w - e_l) - (e_ref_w - e_ref_l))).
+    `weight` is an optional per-sample lambda(t) multiplying beta (Kang et al. 2025).
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose from {sorted(DIVERGENCES)}")
+    if outer not in OUTER_LOSSES:
+        raise ValueError(f"unknown outer loss {outer!r}; choose from {sorted(OUTER_LOSSES)}")
+    params = {"eta": eta, "gamma": gamma, "n": n, "alpha": alpha, "clamp": clamp}
+    r_w, c_w, d_w = _rewards(e_w, e_ref_w, divergence, logratio_scale, params)
+    r_l, c_l, d_l = _rewards(e_l, e_ref_l, divergence, logratio_scale, params)
+    lam = torch.ones_like(r_w) if weight is None else weight.to(r_w.dtype)
+    h = lam * (r_w - r_l)
+    logits = 0.5 * beta * h
+    loss = OUTER_LOSSES[outer](logits, h, beta, label_smoothing)
+    return _record(loss, 0.5 * beta * lam * r_w, 0.5 * beta * lam * r_l, torch.cat([c_w, c_l]), d_w, d_l)
+
+
+def sft_loss(
+    e_w: Tensor,
+    e_l: Tensor,
+    e_ref_w: Tensor,
+    e_ref_l: Tensor,
+    *,
+    beta: float = 5000.0,
+    weight: Tensor | None = None,
+    **_: float,
+) -> LossOutput:
+    """Supervised fine-tuning on the preferred image: loss = e_theta(w) (plain denoising loss).
+
+    The rewards are the Diffusion-DPO ones, logged only to show how SFT moves the implicit preference.
+    """
+    dtype = torch.promote_types(e_w.dtype, torch.float32)
+    lam = torch.ones_like(e_w, dtype=dtype) if weight is None else weight.to(dtype)
+    d_w = e_w.to(dtype) - e_ref_w.to(dtype)
+    d_l = e_l.to(dtype) - e_ref_l.to(dtype)
+    none = torch.zeros(2 * e_w.shape[0], dtype=torch.bool, device=e_w.device)
+    return _record(e_w.to(dtype), -0.5 * beta * lam * d_w, -0.5 * beta * lam * d_l, none, d_w, d_l)
+
+
+def _record(
+    loss: Tensor, reward_w: Tensor, reward_l: Tensor, clamped: Tensor, d_w: Tensor, d_l: Tensor
+) -> LossOutput:
+    reward_w, reward_l = reward_w.detach(), reward_l.detach()
+    wins = (reward_w > reward_l).float() + 0.5 * (reward_w == reward_l).float()
+    return LossOutput(
+        loss=loss,
+        reward_w=reward_w,
+        reward_l=reward_l,
+        implicit_acc=wins.mean().item(),
+        clamp_fraction=clamped.float().mean().item(),
+        delta_w=d_w.detach(),
+        delta_l=d_l.detach(),
+    )
+
+
+OBJECTIVES: dict[str, Callable[..., LossOutput]] = {"pair": preference_loss, "sft": sft_loss}
+
+
+def objective_loss(
+    objective: str, e_w: Tensor, e_l: Tensor, e_ref_w: Tensor, e_ref_l: Tensor, **kw
+) -> LossOutput:
+    """Dispatch by `loss.objective` name; keyword arguments are the `loss.*` config values."""
+    return OBJECTIVES[objective](e_w, e_l, e_ref_w, e_ref_l, **kw)

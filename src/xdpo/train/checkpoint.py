@@ -1,0 +1,137 @@
+"""Resumable checkpoints (accelerate state + compact model weights), pruning, and the final model.
+
+Layout of `output_dir/checkpoints/step-N/`:
+  unet/ (full fine-tune, diffusers format) or adapter_model.safetensors (LoRA, peft keys),
+  optimizer.bin, custom_checkpoint_0.pkl (lr scheduler), random_states_*.pkl   (accelerate)
+  trainer_state.json                                                        (step, pairs_seen, ...)
+A checkpoint is written to `step-N.tmp` and renamed when complete, so a crash never leaves a
+half-written checkpoint that `resume_from=latest` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from xdpo.errors import ConfigError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under output_dir/checkpoints, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and (p / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: str | Path, resume_from: str) -> Path | None:
+    """`train.resume_from`: '' -> None, 'latest' -> newest checkpoint (None if there is none), else a folder."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"train.resume_from: {path} is not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+def register_model_hooks(accelerator: Any, lora: bool) -> None:
+    """Save only what is trained: LoRA adapter weights, or the UNet in diffusers format."""
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            unet = accelerator.unwrap_model(model)
+            if accelerator.is_main_process:
+                if lora:
+                    from peft.utils import get_peft_model_state_dict
+                    from safetensors.torch import save_file
+
+                    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+                    save_file(state, str(Path(output_dir) / ADAPTER_FILE))
+                else:
+                    unet.save_pretrained(Path(output_dir) / "unet")
+            if weights:
+                weights.pop()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            unet = accelerator.unwrap_model(models.pop())
+            if lora:
+                from peft.utils import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                result = set_peft_model_state_dict(unet, load_file(str(Path(input_dir) / ADAPTER_FILE)))
+                if getattr(result, "unexpected_keys", None):
+                    raise ConfigError(f"train.resume_from: {input_dir} has adapter keys this model lacks")
+            else:
+                from diffusers import UNet2DConditionModel
+
+                saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / "unet")
+                unet.load_state_dict(saved.state_dict())
+                del saved
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+    """accelerate state + trainer_state.json into checkpoints/step-N (atomically), then prune to `keep`."""
+    root = Path(output_dir) / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if keep > 0:
+            for _, old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> dict:
+    """Restore model, optimizer, scheduler and RNG; return trainer_state.json."""
+    accelerator.load_state(str(path))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def save_final(accelerator: Any, unet: Any, cfg: Any, out: Path, step: int) -> None:
+    """LoRA: final/pytorch_lora_weights.safetensors (pipe.load_lora_weights(final)).
+    Full: a complete pipeline folder with the new UNet (StableDiffusionPipeline.from_pretrained(final))."""
+    if not accelerator.is_main_process:
+        return
+    from diffusers import StableDiffusionPipeline
+
+    unet = accelerator.unwrap_model(unet)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model.lora_rank > 0:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            cfg.model.pretrained, unet=unet, revision=cfg.model.revision
+        )
+        pipe.save_pretrained(out)
+    info = {"base_model": cfg.model.pretrained, "step": step, "lora": cfg.model.lora_rank > 0}
+    (out / "xdpo.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,163 @@
+"""Every divergence and outer loss against its closed form; xDPO against the paper's Appendix C code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xdpo import preference_loss
+from xdpo.objectives import DIVERGENCES, OUTER_LOSSES, sft_loss
+
+
+@pytest.fixture
+def errs():
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(4, 16, generator=g, dtype=torch.float64) * 0.2 + 0.05
+    return e[0], e[1], e[2], e[3]
+
+
+def closed_form_reward(name: str, delta: torch.Tensor, p: dict) -> torch.Tensor:
+    """f'(z) with z = exp(-s * delta), written directly from DESIGN.md §3.2 (no clamping)."""
+    z = torch.exp(-p["s"] * delta)
+    return {
+        "reverse_kl": torch.log(z),
+        "xdpo": p["eta"] * torch.log(z) - p["gamma"] * z ** (-p["n"]),
+        "xdpo_eq9": p["eta"] * torch.log(z) + p["gamma"] * z ** p["n"],
+        "chi2": torch.log(z) + z,
+        "js": torch.log(2 * z / (1 + z)),
+        "alpha": (1 - z ** (-p["alpha"])) / p["alpha"],
+    }[name]
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("outer", sorted(OUTER_LOSSES))
+def test_every_combination_matches_closed_form(errs, divergence, outer):
+    e_w, e_l, r_w, r_l = errs
+    p = {"beta": 700.0, "eta": 0.3, "gamma": 0.25, "n": 3.0, "alpha": 0.4, "s": 1.7, "eps": 0.1}
+    eps = p["eps"] if outer in ("sigmoid", "robust") else 0.0
+    lam = torch.linspace(1.0, 2.0, 16, dtype=torch.float64)
+    out = preference_loss(
+        e_w,
+        e_l,
+        r_w,
+        r_l,
+        divergence=divergence,
+        outer=outer,
+        beta=p["beta"],
+        eta=p["eta"],
+        gamma=p["gamma"],
+        n=p["n"],
+        alpha=p["alpha"],
+        label_smoothing=eps,
+        logratio_scale=p["s"],
+        weight=lam,
+    )
+    rw = closed_form_reward(divergence, e_w - r_w, p)
+    rl = closed_form_reward(divergence, e_l - r_l, p)
+    h = lam * (rw - rl)
+    x = p["beta"] / 2 * h
+    expected = {
+        "sigmoid": -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x),
+        "hinge": torch.relu(1 - x),
+        "ipo": (h - 1 / (2 * p["beta"])) ** 2,
+        "robust": (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps),
+    }[outer]
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.reward_w.double() - out.reward_l.double(), x, rtol=1e-5, atol=1e-5)
+    assert out.implicit_acc == pytest.approx(((x > 0).double() + 0.5 * (x == 0).double()).mean().item())
+    assert out.loss.dtype == torch.float64  # never below float32; float64 inputs stay float64
+
+
+def test_half_precision_errors_give_float32_loss(errs):
+    half = [e.half() for e in errs]
+    out = preference_loss(*half, divergence="xdpo", beta=1000.0)
+    assert out.loss.dtype == torch.float32
+    ref = preference_loss(*[e.float() for e in half], divergence="xdpo", beta=1000.0)
+    torch.testing.assert_close(out.loss, ref.loss)
+
+
+def test_reverse_kl_sigmoid_is_diffusion_dpo(errs):
+    e_w, e_l, r_w, r_l = errs
+    out = preference_loss(e_w, e_l, r_w, r_l, beta=5000.0)
+    expected = -F.logsigmoid(-0.5 * 5000.0 * ((e_w - e_l) - (r_w - r_l)))
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def appendix_c(model_w_err, model_l_err, ref_w_err, ref_l_err, beta):
+    """xDPO Appendix C, transcribed (per-sample mean errors instead of .norm().pow(2))."""
+    exp_w = torch.exp(6 * (model_w_err - ref_w_err)) / 6 + 0.05 * (model_w_err - ref_w_err)
+    exp_l = torch.exp(6 * (model_l_err - ref_l_err)) / 6 + 0.05 * (model_l_err - ref_l_err)
+    inside_term = -0.5 * beta * (exp_w - exp_l)
+    implicit_acc = (inside_term > 0).sum().float() / inside_term.size(0)
+    return -1 * F.logsigmoid(inside_term), implicit_acc
+
+
+def test_xdpo_equals_appendix_c_pseudocode(errs):
+    e_w, e_l, r_w, r_l = errs
+    out = preference_loss(e_w, e_l, r_w, r_l, divergence="xdpo", beta=1000.0, eta=0.05, gamma=1 / 6, n=6)
+    loss, acc = appendix_c(e_w, e_l, r_w, r_l, 1000.0)
+    torch.testing.assert_close(out.loss.double(), loss, rtol=1e-5, atol=1e-6)
+    assert out.implicit_acc == pytest.approx(acc.item())
+
+
+def test_xdpo_eq9_with_unit_parameters_is_chi2(errs):
+    e_w, e_l, r_w, r_l = errs
+    a = preference_loss(e_w, e_l, r_w, r_l, divergence="xdpo_eq9", eta=1.0, gamma=1.0, n=1.0, beta=300.0)
+    b = preference_loss(e_w, e_l, r_w, r_l, divergence="chi2", beta=300.0)
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_xdpo_near_zero_is_dpo_with_scaled_beta():
+    """Slope of the Appendix C transform at delta = 0 is eta + gamma*n = 1.05 (DESIGN.md §3.2)."""
+    d = torch.tensor([1e-6, -2e-6], dtype=torch.float64)
+    zero = torch.zeros(2, dtype=torch.float64)
+    a = preference_loss(d, zero, zero, zero, divergence="xdpo", beta=1000.0)
+    b = preference_loss(d, zero, zero, zero, divergence="reverse_kl", beta=1050.0)
+    torch.testing.assert_close(a.reward_margin, b.reward_margin, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_gradients_are_finite_even_for_large_deltas(divergence):
+    e_w = torch.tensor([0.1, 30.0, 0.2, 1e-3], requires_grad=True)
+    e_l = torch.tensor([0.3, 0.1, 25.0, 1e-3], requires_grad=True)
+    ref = torch.full((4,), 0.2)
+    out = preference_loss(e_w, e_l, ref, ref, divergence=divergence, beta=1000.0)
+    out.loss.sum().backward()
+    assert torch.isfinite(out.loss).all()
+    assert torch.isfinite(e_w.grad).all() and torch.isfinite(e_l.grad).all()
+
+
+def test_clamping_engages_and_is_counted():
+    # n*delta = 6*30 = 180 > clamp 50 for one of four pairs (w side only): 1 of 8 exponents clamped
+    e_w = torch.tensor([30.2, 0.3, 0.1, 0.2])
+    ref = torch.full((4,), 0.2)
+    out = preference_loss(e_w, ref, ref, ref, divergence="xdpo", beta=1000.0, clamp=50.0)
+    assert out.clamp_fraction == pytest.approx(1 / 8)
+    assert torch.isfinite(out.loss).all()
+    # the clamped value is exp(50), not exp(180)
+    assert out.reward_w[0].item() == pytest.approx(500 * (0.05 * -30.0 - math.exp(50) / 6), rel=1e-5)
+    none = preference_loss(ref, ref, ref, ref, divergence="xdpo")
+    assert none.clamp_fraction == 0.0
+
+
+def test_ties_count_half_in_implicit_accuracy():
+    e = torch.full((2,), 0.1)
+    out = preference_loss(e, e, e, e)
+    assert out.implicit_acc == 0.5
+
+
+def test_sft_is_plain_denoising_loss_on_winner(errs):
+    e_w, e_l, r_w, r_l = errs
+    out = sft_loss(e_w, e_l, r_w, r_l, beta=100.0)
+    torch.testing.assert_close(out.loss.double(), e_w)
+    torch.testing.assert_close(out.reward_margin.double(), -50.0 * ((e_w - r_w) - (e_l - r_l)))
+
+
+def test_unknown_names_are_rejected(errs):
+    with pytest.raises(ValueError, match="divergence"):
+        preference_loss(*errs, divergence="kl")
+    with pytest.raises(ValueError, match="outer"):
+        preference_loss(*errs, outer="logistic")
