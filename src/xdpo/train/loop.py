@@ -49,6 +49,42 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor, reduction: str) -
     return sq.mean(dim=dims) if reduction == "mean" else sq.sum(dim=dims)
 
 
+def denoising_errors(
+    comps,
+    unet,
+    reference,
+    batch: dict,
+    gen: torch.Generator,
+    *,
+    lora: bool,
+    reduction: str,
+    autocast=nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy and reference errors on [w; l] (shape [2B] each) and the B timesteps.
+
+    One timestep and one noise per pair, shared by the preferred and dispreferred image; one batched
+    policy call; the reference (a frozen copy, or with LoRA the same UNet with adapters disabled)
+    runs in inference mode.
+    """
+    device, sched = gen.device, comps.noise_scheduler
+    b = len(batch["captions"])
+    pixels = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device)
+    latents = encode_images(comps.vae, pixels, gen).float()
+    cond = encode_prompts(comps.tokenizer, comps.text_encoder, batch["captions"], device).repeat(2, 1, 1)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), device=device, generator=gen)
+    noise = torch.randn(latents[:b].shape, device=device, generator=gen)
+    t2, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
+    noisy = sched.add_noise(latents, noise, t2)
+    target = prediction_target(sched, latents, noise, t2)
+
+    err = per_sample_error(unet(noisy, t2, encoder_hidden_states=cond).sample, target, reduction)
+    with torch.inference_mode(), autocast():
+        with adapters_disabled(reference) if lora else nullcontext():
+            ref_pred = reference(noisy, t2, encoder_hidden_states=cond).sample
+        ref_err = per_sample_error(ref_pred, target, reduction)
+    return err, ref_err.clone(), timesteps  # clone: leave inference mode, a normal tensor for autograd
+
+
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adafactor":
@@ -75,7 +111,7 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> 
 def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe reads top to bottom on purpose
     """Run (or resume) a training run; return `output_dir`."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
     from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
@@ -113,6 +149,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         raise XdpoError(f"data.path: {cfg.data.path} has no usable pairs ({pairs.n_ties} ties dropped)")
 
     # ---- models ----------------------------------------------------------------------------
+    set_seed(cfg.seed)  # LoRA initialisation and anything else drawing from the global RNGs
     comps = load_components(cfg.model)
     weight_dtype = DTYPES[t.mixed_precision]
     for frozen in (comps.vae, comps.text_encoder):  # frozen encoders run in the mixed-precision dtype
@@ -123,7 +160,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     if lora:
         unet.to(device) if weight_dtype == torch.float32 else unet.to(device, dtype=weight_dtype)
         add_lora(unet, cfg.model)
-        reference = None  # the same UNet with adapters disabled
+        reference = None  # the same UNet with adapters disabled (see denoising_errors)
     else:
         ref_dtype = weight_dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
         reference = frozen_copy(unet, ref_dtype, device)
@@ -173,7 +210,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         num_workers=cfg.data.num_workers,
     )
     batches = iter(loader)
-    sched = comps.noise_scheduler
+    ref_unet = accelerator.unwrap_model(unet) if lora else reference
     loss_kw = {
         k: getattr(lc, k)
         for k in ("beta", "eta", "gamma", "n", "alpha", "label_smoothing", "logratio_scale", "clamp")
@@ -189,33 +226,19 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
             for micro in range(t.grad_accum):
                 batch = next(batches)
                 gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, micro, rank))
-                pixels = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device)
-                latents = encode_images(comps.vae, pixels, gen).float()
-                cond = encode_prompts(comps.tokenizer, comps.text_encoder, batch["captions"], device)
-                cond = cond.repeat(2, 1, 1)
                 b = len(batch["captions"])
-                # one timestep and one noise per pair, shared by the preferred and dispreferred image
-                timesteps = torch.randint(
-                    0, sched.config.num_train_timesteps, (b,), device=device, generator=gen
-                )
-                noise = torch.randn(latents[:b].shape, device=device, generator=gen)
-                timesteps, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
-                noisy = sched.add_noise(latents, noise, timesteps)
-                target = prediction_target(sched, latents, noise, timesteps)
-
                 sync = micro == t.grad_accum - 1
                 with accelerator.no_sync(unet) if not sync else nullcontext():
-                    pred = unet(noisy, timesteps, encoder_hidden_states=cond).sample
-                    err = per_sample_error(pred, target, lc.error_reduction)
-                    with torch.inference_mode(), accelerator.autocast():
-                        if lora:
-                            base = accelerator.unwrap_model(unet)
-                            with adapters_disabled(base):
-                                ref_pred = base(noisy, timesteps, encoder_hidden_states=cond).sample
-                        else:
-                            ref_pred = reference(noisy, timesteps, encoder_hidden_states=cond).sample
-                        ref_err = per_sample_error(ref_pred, target, lc.error_reduction)
-                    ref_err = ref_err.clone()  # leave inference mode: a normal tensor for autograd
+                    err, ref_err, timesteps = denoising_errors(
+                        comps,
+                        unet,
+                        ref_unet,
+                        batch,
+                        gen,
+                        lora=lora,
+                        reduction=lc.error_reduction,
+                        autocast=accelerator.autocast,
+                    )
                     rec = objective_loss(lc.objective, err[:b], err[b:], ref_err[:b], ref_err[b:], **loss_kw)
                     loss = rec.loss.mean()
                     if not torch.isfinite(loss):
@@ -224,7 +247,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
                             f"(checkpoints so far are intact)"
                         )
                     accelerator.backward(loss / t.grad_accum)
-                records.append((rec, timesteps[:b]))
+                records.append((rec, timesteps))
 
             grad_norm = None
             if t.max_grad_norm > 0:

@@ -1,0 +1,117 @@
+"""Shared test setup: offline Hugging Face, one torch thread, tiny pipelines and Pick-a-Pic fixtures.
+
+One torch thread: these machines have 2 shared cores, and a second thread next to another busy
+process slows tiny workloads by orders of magnitude (DESIGN.md §7). The `datasets` cache goes to a
+temporary folder so tests never touch (or depend on) the user's cache.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "HF_DATASETS_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="xdpo-tests-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(1)
+
+BRIGHT, DARK = 60.0, -60.0
+"""Brightness offsets of winners and losers in `make_pairs_parquet` (ties get 0 on both sides)."""
+
+
+def _texture(rng: np.random.Generator, size: tuple[int, int], offset: float) -> Image.Image:
+    """A smooth random RGB texture of `size` = (width, height), shifted in brightness by `offset`."""
+    w, h = size
+    coarse = rng.uniform(40, 215, size=(max(h // 6, 2), max(w // 6, 2), 3)).astype(np.uint8)
+    img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR)
+    arr = np.clip(np.asarray(img, dtype=np.float32) + offset, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def make_pairs_parquet(
+    path: str | Path, n: int = 12, size: tuple[int, int] = (40, 36), seed: int = 0, n_ties: int = 1
+) -> Path:
+    """A small Pick-a-Pic-schema parquet whose preference is learnable: the winner is brighter.
+
+    Rows alternate label_0 = 1 / 0 (winner in jpg_0 / jpg_1); `n_ties` rows at random positions
+    have label_0 = 0.5 and two images of equal mean brightness. `size` is (width, height). Extra
+    columns `best_image_uid` (str) and `brightness_0` (the offset applied to jpg_0) are ignored by readers.
+    """
+    from xdpo.data import write_pairs_parquet
+
+    if not 0 <= n_ties <= n:
+        raise ValueError(f"n_ties must be in [0, n], got {n_ties}")
+    rng = np.random.default_rng(seed)
+    tie_rows = set(rng.choice(n, size=n_ties, replace=False).tolist())
+    captions, images_0, images_1, labels, uids, offsets = [], [], [], [], [], []
+    k = 0
+    for row in range(n):
+        if row in tie_rows:
+            label, off_0, off_1 = 0.5, 0.0, 0.0
+        else:
+            label = 1.0 if k % 2 == 0 else 0.0
+            off_0, off_1 = (BRIGHT, DARK) if label == 1.0 else (DARK, BRIGHT)
+            k += 1
+        captions.append(f"a bright picture, number {row}")
+        images_0.append(_texture(rng, size, off_0))
+        images_1.append(_texture(rng, size, off_1))
+        labels.append(label)
+        uids.append(f"uid-{row}-{'tie' if label == 0.5 else int(1 - label)}")
+        offsets.append(off_0)
+    return write_pairs_parquet(
+        path, captions, images_0, images_1, labels, extra={"best_image_uid": uids, "brightness_0": offsets}
+    )
+
+
+@pytest.fixture(scope="session")
+def make_pairs():
+    """`make_pairs_parquet` as a fixture (for tests that want variants)."""
+    return make_pairs_parquet
+
+
+@pytest.fixture(scope="session")
+def pairs_parquet(tmp_path_factory) -> Path:
+    """12 rows of 40 x 36 px pairs (one tie), winner brighter; both label orders present."""
+    return make_pairs_parquet(tmp_path_factory.mktemp("pairs") / "pairs.parquet")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real CLIP tokenizer, built once per session."""
+    from xdpo.models.tokenizer import build_clip_tokenizer
+
+    out = tmp_path_factory.mktemp("clip_tokenizer")
+    build_clip_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
+    """A tiny random SD pipeline (epsilon prediction, 32 x 32 px images, latents 4 x 16 x 16)."""
+    from xdpo.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), tokenizer_dir=clip_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_v_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
+    """As `tiny_pipeline_dir` with `prediction_type="v_prediction"`."""
+    from xdpo.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(
+        tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction", tokenizer_dir=clip_tokenizer_dir
+    )

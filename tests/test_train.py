@@ -1,0 +1,172 @@
+"""End-to-end training on the tiny pipeline: outputs, learning, resume, loading the result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from xdpo.config import load_config
+from xdpo.models.load import load_components
+from xdpo.objectives import preference_loss
+from xdpo.train.loop import train
+
+REQUIRED_METRICS = {
+    "step",
+    "loss",
+    "implicit_acc",
+    "reward_margin",
+    "reward_w",
+    "reward_l",
+    "lr",
+    "grad_norm",
+    "clamp_fraction",
+    "pairs_seen",
+}
+
+
+def run(tmp_path, pipe, pairs, name="run", **overrides):
+    base = {
+        "output_dir": str(tmp_path / name),
+        "model.pretrained": str(pipe),
+        "data.path": str(pairs),
+        "data.resolution": 32,
+        "train.max_steps": 3,
+        "train.batch_size": 2,
+        "train.learning_rate": 1e-3,
+        "train.scale_lr": False,
+        "train.warmup_steps": 0,
+        "train.checkpoint_every": 2,
+        "loss.beta": 100.0,
+    }
+    base.update(overrides)
+    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return train(cfg)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_weights(path):
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet").state_dict()
+
+
+def test_full_finetune_writes_outputs_and_changes_weights(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    out = run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.checkpoints_keep": 1})
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) >= REQUIRED_METRICS
+    assert rows[-1]["pairs_seen"] == 6
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]  # pruned to keep=1
+    before, after = unet_weights(tiny_pipeline_dir), unet_weights(out / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "final", safety_checker=None)
+    image = pipe("a bright picture", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and float(image.std()) > 0
+
+
+def test_lora_writes_adapter_that_diffusers_loads(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    out = run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"model.lora_rank": 4, "loss.divergence": "xdpo"})
+    weights = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    assert weights and any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k or "up" in k)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    gen = torch.Generator().manual_seed(0)
+    plain = pipe("a bright picture", num_inference_steps=2, output_type="np", generator=gen).images[0]
+    pipe.load_lora_weights(out / "final")
+    gen = torch.Generator().manual_seed(0)
+    tuned = pipe("a bright picture", num_inference_steps=2, output_type="np", generator=gen).images[0]
+    assert abs(plain - tuned).max() > 0
+    assert json.loads((out / "final" / "xdpo.json").read_text())["lora"] is True
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "xdpo"])
+def test_fixed_batch_loss_falls_and_accuracy_rises(tiny_pipeline_dir, pairs_parquet, lora, divergence):
+    """The loop's step (`denoising_errors` + objective + AdamW) on one fixed batch and fixed (t, noise)."""
+    from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
+    from xdpo.models.load import add_lora, frozen_copy
+    from xdpo.train.loop import denoising_errors
+
+    cfg = load_config(
+        None,
+        [f"model.pretrained={tiny_pipeline_dir}", f"data.path={pairs_parquet}", f"model.lora_rank={lora}"],
+    )
+    comps = load_components(cfg.model)
+    pairs = PreferencePairs(load_preference_table(str(pairs_parquet)), resolution=32)
+    batch = collate_pairs([pairs[(i, 0)] for i in range(4)])
+    unet = comps.unet
+    if lora:
+        add_lora(unet, cfg.model)
+        reference = unet
+    else:
+        reference = frozen_copy(unet, torch.float32, torch.device("cpu"))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3 if lora else 1e-4)
+    history = []
+    for _ in range(12):
+        gen = torch.Generator().manual_seed(7)  # the same t and noise every step
+        err, ref_err, _ = denoising_errors(
+            comps, unet, reference, batch, gen, lora=bool(lora), reduction="mean"
+        )
+        out = preference_loss(err[:4], err[4:], ref_err[:4], ref_err[4:], divergence=divergence, beta=1000.0)
+        out.loss.mean().backward()
+        opt.step()
+        opt.zero_grad()
+        history.append((out.loss.mean().item(), out.implicit_acc))
+    assert history[0] == (pytest.approx(0.693147, abs=1e-5), 0.5)  # policy == reference at the start
+    assert history[-1][0] < 0.5 * history[0][0]
+    assert history[-1][1] == 1.0
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_pipeline_dir, pairs_parquet, lora, capsys):
+    kw = {
+        "model.lora_rank": lora,
+        "train.checkpoint_every": 0,
+        "data.flip": "pair",
+        "data.prompt_dropout": 0.3,
+    }
+    fresh = run(tmp_path, tiny_pipeline_dir, pairs_parquet, name="fresh", **{"train.max_steps": 6}, **kw)
+    part = run(tmp_path, tiny_pipeline_dir, pairs_parquet, name="part", **{"train.max_steps": 3}, **kw)
+    capsys.readouterr()
+    resumed = run(
+        tmp_path,
+        tiny_pipeline_dir,
+        pairs_parquet,
+        name="part",
+        **{"train.max_steps": 6, "train.resume_from": "latest"},
+        **kw,
+    )
+    assert "Resuming from" in capsys.readouterr().out
+    assert resumed == part
+    a = read_metrics(fresh)
+    b = read_metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no step logged twice
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"]
+    if lora:
+        wa = load_file(fresh / "final" / "pytorch_lora_weights.safetensors")
+        wb = load_file(resumed / "final" / "pytorch_lora_weights.safetensors")
+    else:
+        wa, wb = unet_weights(fresh / "final"), unet_weights(resumed / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:  # exact on CPU: all randomness is derived from (seed, step)
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_v_prediction_pipeline_trains(tmp_path, tiny_pipeline_v_dir, pairs_parquet):
+    out = run(tmp_path, tiny_pipeline_v_dir, pairs_parquet, **{"train.max_steps": 2, "loss.objective": "sft"})
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    from xdpo.errors import XdpoError
+
+    run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 1})
+    with pytest.raises(XdpoError, match="resume_from=latest"):
+        run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 2})
