@@ -1,0 +1,55 @@
+"""Sampling, scoring, summary statistics and same-seed win rates (`xdpo sample`, `xdpo evaluate`).
+
+Heavy imports (torch, diffusers, pandas) happen inside the functions, so importing this
+package (e.g. to build the CLI) stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "PROMPT_SETS",
+    "SCORERS",
+    "Scorer",
+    "bootstrap_ci",
+    "evaluate_folder",
+    "load_scorers",
+    "parse_seeds",
+    "read_manifest",
+    "register_prompt_set",
+    "register_scorer",
+    "resolve_prompts",
+    "sample_images",
+    "score_folder",
+    "summarize",
+    "summary_markdown",
+    "win_rate",
+]
+
+_WHERE = {
+    "PROMPT_SETS": "prompts",
+    "parse_seeds": "prompts",
+    "register_prompt_set": "prompts",
+    "resolve_prompts": "prompts",
+    "SCORERS": "scorers",
+    "Scorer": "scorers",
+    "load_scorers": "scorers",
+    "register_scorer": "scorers",
+    "bootstrap_ci": "stats",
+    "summarize": "stats",
+    "win_rate": "stats",
+    "read_manifest": "sample",
+    "sample_images": "sample",
+    "evaluate_folder": "evaluate",
+    "score_folder": "evaluate",
+    "summary_markdown": "evaluate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"xdpo.evaluate.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'xdpo.evaluate' has no attribute {name!r}")

@@ -1,0 +1,231 @@
+"""Sampling with diffusers pipelines: prompts x seeds -> `images/NNNNN.png` + `manifest.jsonl`.
+
+Same-seed reproducibility: every (prompt, seed) image gets its own CPU `torch.Generator` seeded
+with `seed`, and the pipeline receives one generator per image, so its initial noise (and any
+per-step noise, e.g. DDPM) is the same whatever the batching or the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xdpo.errors import ConfigError, DataError
+from xdpo.evaluate.prompts import parse_seeds, resolve_prompts
+
+MANIFEST = "manifest.jsonl"
+IMAGES = "images"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# Files derived from a sample folder, removed when the folder is sampled again.
+DERIVED = ("scores.parquet", "scores.csv", "scores.meta.json", "summary.json", "summary.md")
+
+# --scheduler name -> diffusers class name ("default": keep the pipeline's own).
+SCHEDULERS = {
+    "default": None,
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
+DTYPES |= {"bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def _digits_base() -> Path:
+    from xdpo.digits import base_model_path
+
+    return Path(base_model_path())
+
+
+# Named models: `--model digits` is the shipped digits base pipeline.
+MODELS = {"digits": _digits_base}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A pipeline folder (with model_index.json), or a named model such as `digits`."""
+    path = Path(model)
+    if not path.exists() and str(model) in MODELS:
+        path = Path(MODELS[str(model)]())
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"model: {path} is not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def resolve_lora(lora: str | Path) -> tuple[Path, str | None]:
+    """(folder, weight_name) for `load_lora_weights`: a weights file, its folder, or a run's `final/`."""
+    path = Path(lora)
+    if path.is_file():
+        return path.parent, path.name
+    for folder in (path, path / "final"):
+        if (folder / LORA_WEIGHTS).is_file():
+            return folder, None
+    raise ConfigError(f"lora: no {LORA_WEIGHTS} in {path} (nor in {path / 'final'})")
+
+
+def resolve_device(device: str | None = None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | None, device: str) -> Any:
+    """fp16 on cuda and fp32 elsewhere unless given; fp16 on CPU is refused."""
+    import torch
+
+    if dtype is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    resolved = getattr(torch, DTYPES[str(dtype)])
+    if resolved == torch.float16 and device == "cpu":
+        raise ConfigError("dtype: fp16 sampling needs a GPU; use fp32 (or bf16) on CPU")
+    return resolved
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    lora: str | Path | None = None,
+    scheduler: str = "ddim",
+    device: str | None = None,
+    dtype: Any = None,
+) -> Any:
+    """Load a text-to-image pipeline (no safety checker, no inner progress bar), optional LoRA."""
+    import diffusers
+
+    path = resolve_model(model)
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    device = resolve_device(device)
+    kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(dtype, device)}
+    index = json.loads((path / "model_index.json").read_text())
+    if "safety_checker" in index:
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones lack it
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
+    if lora is not None:
+        folder, weight_name = resolve_lora(lora)
+        pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
+    if SCHEDULERS[scheduler]:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove the images and derived files of an earlier run in `out` (only files we wrote)."""
+    for name in DERIVED + (MANIFEST,):
+        (out / name).unlink(missing_ok=True)
+    for png in (out / IMAGES).glob("*.png"):
+        if re.fullmatch(r"\d{5,}\.png", png.name):
+            png.unlink()
+
+
+def sample_images(
+    model: str | Path,
+    prompts: str | Path | Sequence[str],
+    seeds: str | int | Sequence[int],
+    *,
+    out_dir: str | Path,
+    lora: str | Path | None = None,
+    steps: int = 50,
+    guidance: float = 7.5,
+    scheduler: str = "ddim",
+    batch_size: int = 8,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    progress: bool = True,
+) -> Path:
+    """Sample every prompt x every seed; write `out_dir/images/*.png` + `manifest.jsonl`; return out_dir.
+
+    `prompts`: a list, a prompts file or a named set (see `resolve_prompts`); `seeds`: a list or
+    "0,1,2" / "0-4" / "n:5". Repeated prompts are sampled once. Defaults follow the SD papers
+    (50 steps, guidance 7.5); a guidance <= 1 disables classifier-free guidance.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    prompt_list = list(dict.fromkeys(resolve_prompts(prompts)))
+    seed_list = parse_seeds(seeds)
+    if steps < 1 or batch_size < 1:
+        raise ConfigError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
+    device = resolve_device(device)
+    pipe = load_pipeline(model, lora=lora, scheduler=scheduler, device=device, dtype=dtype)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    if any(size is not None and (size < scale or size % scale) for size in (height, width)):
+        raise ConfigError(f"height and width ({height}, {width}) must be positive multiples of {scale}")
+
+    out = Path(out_dir)
+    (out / IMAGES).mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    settings = {
+        "model": str(resolve_model(model)),
+        "lora": str(lora) if lora is not None else None,
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "scheduler": scheduler,
+        "scheduler_class": type(pipe.scheduler).__name__,
+    }
+    jobs = [(p, s) for p in prompt_list for s in seed_list]
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    tmp = out / (MANIFEST + ".tmp")
+    index = 0
+    with tmp.open("w", encoding="utf-8") as manifest:
+        for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+            images = pipe(
+                prompt=[p for p, _ in batch],
+                generator=generators,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                output_type="pil",
+            ).images
+            for (prompt, seed), image in zip(batch, images, strict=True):
+                file = f"{IMAGES}/{index:05d}.png"
+                image.save(out / file)
+                record = {"index": index, "prompt": prompt, "seed": seed, "file": file, **settings}
+                record |= {"height": image.height, "width": image.width}  # the pipeline's default if None
+                manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
+                index += 1
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def read_manifest(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows of `folder/manifest.jsonl`; errors name the file and line."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: --images must be a folder written by `xdpo sample`")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {i}: expected a JSON object")
+        missing = [k for k in ("prompt", "seed", "file") if k not in row]
+        if missing:
+            raise DataError(f"{path}: line {i}: missing key(s) {', '.join(missing)}")
+        if not isinstance(row["prompt"], str) or not isinstance(row["seed"], int):
+            raise DataError(f"{path}: line {i}: 'prompt' must be a string and 'seed' an integer")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
