@@ -31,7 +31,7 @@ class Components:
     noise_scheduler: Any
 
 
-def _check_pipeline(pretrained: str, revision: str | None) -> None:
+def check_pipeline(pretrained: str) -> None:
     """Clear errors for a folder that is not an SD 1.x/2.x pipeline (hub ids are left to diffusers)."""
     path = Path(pretrained)
     if not path.exists():
@@ -56,7 +56,7 @@ def load_components(cfg: ModelConfig) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _check_pipeline(cfg.pretrained, cfg.revision)
+    check_pipeline(cfg.pretrained)
     kw = {"revision": cfg.revision}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained, subfolder="tokenizer", **kw)

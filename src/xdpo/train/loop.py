@@ -23,6 +23,7 @@ from xdpo.models.load import (
     DTYPES,
     adapters_disabled,
     add_lora,
+    check_pipeline,
     encode_images,
     encode_prompts,
     frozen_copy,
@@ -132,6 +133,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         raise XdpoError(
             f"{out} already has checkpoints; set train.resume_from=latest to continue, or choose a new output_dir"
         )
+
+    check_pipeline(cfg.model.pretrained)  # fail fast, before reading a large dataset
 
     # ---- data ------------------------------------------------------------------------------
     table = load_preference_table(cfg.data.path, cfg.data.split)
