@@ -170,3 +170,71 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_pipeline_dir, pairs_parquet):
     run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 1})
     with pytest.raises(XdpoError, match="resume_from=latest"):
         run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 2})
+
+
+def test_interrupted_run_keeps_its_progress(tmp_path, tiny_pipeline_dir, pairs_parquet, monkeypatch):
+    """Ctrl-C in step 3 of a run without periodic checkpoints: steps 1-2 are saved and resumable."""
+    import xdpo.train.loop as loop
+
+    real, calls = loop.objective_loss, {"n": 0}
+
+    def interrupt_on_third_call(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "objective_loss", interrupt_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 5, "train.checkpoint_every": 0})
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    monkeypatch.setattr(loop, "objective_loss", real)
+    run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 5, "train.resume_from": "latest"})
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """DDP over gloo on CPU: 2 processes, the effective batch doubles, one metrics line per step, resumable."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(steps, *extra):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "xdpo",
+            "train",
+            f"model.pretrained={tiny_pipeline_dir}",
+            f"data.path={pairs_parquet}",
+            "data.resolution=32",
+            f"output_dir={tmp_path / 'ddp'}",
+            f"train.max_steps={steps}",
+            "train.batch_size=2",
+            "model.lora_rank=4",
+            "train.learning_rate=1e-3",
+            "train.scale_lr=false",
+            "train.warmup_steps=0",
+            "train.checkpoint_every=0",
+            *extra,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    first = launch(2)
+    assert "effective batch 4 pairs" in first.stdout
+    launch(3, "train.resume_from=latest")
+    rows = read_metrics(tmp_path / "ddp")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["pairs_seen"] == 12
+    ckpt = tmp_path / "ddp" / "checkpoints" / "step-3"
+    assert (ckpt / "random_states_1.pkl").is_file()
+    assert (tmp_path / "ddp" / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -10,6 +10,7 @@ then clip, step, schedule, log one line of metrics.jsonl, and checkpoint every N
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -120,6 +121,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     out = Path(cfg.output_dir)
     t, lc = cfg.train, cfg.loss
     accelerator = accelerator or Accelerator(
+        # several processes without GPUs (torchrun on CPU): DDP over gloo
+        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
