@@ -161,3 +161,40 @@ def test_unknown_names_are_rejected(errs):
         preference_loss(*errs, divergence="kl")
     with pytest.raises(ValueError, match="outer"):
         preference_loss(*errs, outer="logistic")
+
+
+def kto_closed_form(e_w, e_l, r_w, r_l, beta, z0=None, lam=1.0):
+    g_w, g_l = r_w - e_w, r_l - e_l
+    z0 = torch.cat([g_w, g_l]).mean() if z0 is None else z0
+    z0 = max(float(z0), 0.0)
+    return (1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0)))
+
+
+def test_kto_matches_closed_form(errs):
+    from xdpo.objectives import kto_loss
+
+    e_w, e_l, r_w, r_l = errs
+    out = kto_loss(e_w, e_l, r_w, r_l, beta=50.0)
+    torch.testing.assert_close(out.loss.double(), kto_closed_form(e_w, e_l, r_w, r_l, 50.0))
+    lam = torch.linspace(1, 2, 16, dtype=torch.float64)
+    out = kto_loss(e_w, e_l, r_w, r_l, beta=50.0, weight=lam, reference_point=torch.tensor(0.01))
+    torch.testing.assert_close(out.loss.double(), kto_closed_form(e_w, e_l, r_w, r_l, 50.0, 0.01, lam))
+
+
+def test_kto_reference_point_is_clamped_at_zero_and_detached():
+    from xdpo.objectives import kto_loss
+
+    # every image is worse than the reference (g < 0): the mean is negative, z0 is clamped to 0
+    e = torch.tensor([0.5, 0.6], requires_grad=True)
+    ref = torch.tensor([0.4, 0.4])
+    out = kto_loss(e, e, ref, ref, beta=10.0)
+    g = (ref - e).detach()
+    expected = (1 - torch.sigmoid(10 * g)) + (1 - torch.sigmoid(-10 * g))
+    torch.testing.assert_close(out.loss, expected)
+    # an explicit negative reference point is clamped too
+    same = kto_loss(e, e, ref, ref, beta=10.0, reference_point=torch.tensor(-3.0))
+    torch.testing.assert_close(same.loss, expected)
+    # gradients do not flow through the reference point: d loss / d e_w only through g_w
+    rp = torch.tensor(0.05, requires_grad=True)
+    kto_loss(e, e, ref, ref, beta=10.0, reference_point=rp).loss.sum().backward()
+    assert rp.grad is None

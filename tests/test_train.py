@@ -88,9 +88,11 @@ def test_lora_writes_adapter_that_diffusers_loads(tmp_path, tiny_pipeline_dir, p
 @pytest.mark.parametrize("divergence", ["reverse_kl", "xdpo"])
 def test_fixed_batch_loss_falls_and_accuracy_rises(tiny_pipeline_dir, pairs_parquet, lora, divergence):
     """The loop's step (`denoising_errors` + objective + AdamW) on one fixed batch and fixed (t, noise)."""
+    from xdpo.config import ReferenceConfig
     from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
-    from xdpo.models.load import add_lora, frozen_copy
-    from xdpo.train.loop import denoising_errors
+    from xdpo.models.load import add_lora
+    from xdpo.train.reference import Reference
+    from xdpo.train.step import denoising_errors, encode_batch
 
     cfg = load_config(
         None,
@@ -102,16 +104,16 @@ def test_fixed_batch_loss_falls_and_accuracy_rises(tiny_pipeline_dir, pairs_parq
     unet = comps.unet
     if lora:
         add_lora(unet, cfg.model)
-        reference = unet
-    else:
-        reference = frozen_copy(unet, torch.float32, torch.device("cpu"))
+    ref = Reference(ReferenceConfig(), unet, lora=bool(lora), dtype=torch.float32, device=torch.device("cpu"))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3 if lora else 1e-4)
     history = []
     for _ in range(12):
         gen = torch.Generator().manual_seed(7)  # the same t and noise every step
-        err, ref_err, _ = denoising_errors(
-            comps, unet, reference, batch, gen, lora=bool(lora), reduction="mean"
+        latents, cond = encode_batch(comps, batch, gen)
+        t = torch.randint(0, 1000, (4,), generator=gen)
+        err, ref_err = denoising_errors(
+            comps, unet, lambda x, tt, c: ref.forward(unet, x, tt, c), latents, cond, t, gen
         )
         out = preference_loss(err[:4], err[4:], ref_err[:4], ref_err[4:], divergence=divergence, beta=1000.0)
         out.loss.mean().backward()

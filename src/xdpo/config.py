@@ -58,8 +58,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    objective: Literal["pair", "sft"] = _f(
-        "pair", "pair = preference loss on (w, l); sft = denoising loss on w only"
+    objective: Literal["pair", "sft", "kto"] = _f(
+        "pair", "pair = preference loss on (w, l); sft = denoising loss on w; kto = Diffusion-KTO per image"
     )
     divergence: Literal["reverse_kl", "xdpo", "xdpo_eq9", "chi2", "js", "alpha"] = _f(
         "reverse_kl", "reward transform f'(z): reverse_kl = Diffusion-DPO; xdpo = xDPO Appendix C form"
@@ -75,6 +75,45 @@ class LossConfig:
     clamp: float = _f(50.0, "clamp of exponent arguments |.| in the divergences (logged as clamp_fraction)")
     error_reduction: Literal["mean", "sum"] = _f(
         "mean", "per-sample error: mean over C,H,W (Diffusion-DPO) or sum (xDPO appendix; overflows)"
+    )
+
+
+@dataclass
+class ReferenceConfig:
+    strategy: Literal["frozen", "periodic", "ema"] = _f(
+        "frozen", "frozen = the initial model; periodic = Kang et al. 2025 stable update; ema"
+    )
+    update_every: int = _f(32, "tau: optimizer steps between reference updates (periodic, ema)")
+    max_divergence: float = _f(
+        0.005,
+        "delta: estimated divergence from the initial model beyond which the reference freezes (periodic)",
+    )
+    on_exceed: Literal["freeze", "reinit"] = _f(
+        "freeze",
+        "periodic, divergence > delta: freeze the reference for good, or reset it to the initial model",
+    )
+    divergence_samples: int = _f(
+        4, "preferred images of the last micro-batch used for the divergence estimate"
+    )
+    divergence: Literal["pred_mse", "error_gap"] = _f(
+        "pred_mse", "divergence estimate: mean (pred - pred_initial)^2, or e - e_initial (signed)"
+    )
+    ema_decay: float = _f(0.99, "ema: ref <- decay * ref + (1 - decay) * policy every update_every steps")
+    offload: bool = _f(False, "full fine-tune: keep the initial-model copy on the CPU (periodic, ema)")
+
+
+@dataclass
+class TimestepConfig:
+    sampling: Literal["uniform", "skewed"] = _f(
+        "uniform", "uniform over [0, T) (Diffusion-DPO) or skewed toward noisy t (Kang et al. 2025)"
+    )
+    bins: int = _f(10, "skewed: number of equal bins over [0, T)")
+    gamma: float = _f(
+        0.9, "skewed: bin k (k = 0 the noisiest) drawn with probability proportional to gamma^k"
+    )
+    weighting: Literal["constant", "snr"] = _f(
+        "constant",
+        "lambda(t) multiplying beta: 1, or 1 + minmax(1/sqrt(SNR(t))) in [1, 2] (Kang et al. 2025)",
     )
 
 
@@ -109,6 +148,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -202,7 +243,7 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key `{key}`{hint}")
 
 
-SECTIONS = ("model", "data", "loss", "train")
+SECTIONS = ("model", "data", "loss", "reference", "timesteps", "train")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -272,7 +313,7 @@ def _require(ok: bool, key: str, what: str, value: Any) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks beyond types: ranges and required keys."""
-    m, d, lo, t = cfg.model, cfg.data, cfg.loss, cfg.train
+    m, d, lo, t, r, ts = cfg.model, cfg.data, cfg.loss, cfg.train, cfg.reference, cfg.timesteps
     _require(
         bool(m.pretrained),
         "model.pretrained",
@@ -306,6 +347,12 @@ def validate(cfg: Config) -> None:
     )
     _require(lo.logratio_scale > 0, "loss.logratio_scale", "must be > 0", lo.logratio_scale)
     _require(lo.clamp > 0, "loss.clamp", "must be > 0", lo.clamp)
+    _require(r.update_every >= 1, "reference.update_every", "must be >= 1", r.update_every)
+    _require(r.max_divergence > 0, "reference.max_divergence", "must be > 0", r.max_divergence)
+    _require(r.divergence_samples >= 1, "reference.divergence_samples", "must be >= 1", r.divergence_samples)
+    _require(0 <= r.ema_decay < 1, "reference.ema_decay", "must be in [0, 1)", r.ema_decay)
+    _require(ts.bins >= 1, "timesteps.bins", "must be >= 1", ts.bins)
+    _require(0 < ts.gamma <= 1, "timesteps.gamma", "must be in (0, 1]", ts.gamma)
     _require(t.max_steps >= 1, "train.max_steps", "must be >= 1", t.max_steps)
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
     _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1", t.grad_accum)

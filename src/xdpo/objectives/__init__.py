@@ -5,6 +5,7 @@ from xdpo.objectives.losses import (
     OBJECTIVES,
     OUTER_LOSSES,
     LossOutput,
+    kto_loss,
     objective_loss,
     preference_loss,
     sft_loss,
@@ -17,5 +18,6 @@ __all__ = [
     "LossOutput",
     "objective_loss",
     "preference_loss",
+    "kto_loss",
     "sft_loss",
 ]

@@ -127,7 +127,7 @@ def sft_loss(
     weight: Tensor | None = None,
     **_: float,
 ) -> LossOutput:
-    """Supervised fine-tuning on the preferred image: loss = e_theta(w) (plain denoising loss).
+    """Supervised fine-tuning on the preferred image: loss = lambda(t) * e_theta(w) (plain denoising loss).
 
     The rewards are the Diffusion-DPO ones, logged only to show how SFT moves the implicit preference.
     """
@@ -136,7 +136,37 @@ def sft_loss(
     d_w = e_w.to(dtype) - e_ref_w.to(dtype)
     d_l = e_l.to(dtype) - e_ref_l.to(dtype)
     none = torch.zeros(2 * e_w.shape[0], dtype=torch.bool, device=e_w.device)
-    return _record(e_w.to(dtype), -0.5 * beta * lam * d_w, -0.5 * beta * lam * d_l, none, d_w, d_l)
+    return _record(lam * e_w.to(dtype), -0.5 * beta * lam * d_w, -0.5 * beta * lam * d_l, none, d_w, d_l)
+
+
+def kto_loss(
+    e_w: Tensor,
+    e_l: Tensor,
+    e_ref_w: Tensor,
+    e_ref_l: Tensor,
+    *,
+    beta: float = 1000.0,
+    weight: Tensor | None = None,
+    reference_point: Tensor | None = None,
+    **_: float,
+) -> LossOutput:
+    """Diffusion-KTO (Li et al., NeurIPS 2024) with the winner desirable and the loser undesirable.
+
+    g = e_ref - e_theta per image (the implicit reward); z0 = max(mean g over the global batch, 0),
+    detached (pass it as `reference_point` after gathering across processes; default: this batch);
+    loss = 1 - sigma(beta * lambda * sign * (g - z0)), sign = +1 (desirable) / -1 (undesirable).
+    The per-pair loss is the sum of the two per-image losses.
+    """
+    dtype = torch.promote_types(e_w.dtype, torch.float32)
+    g_w = e_ref_w.to(dtype) - e_w.to(dtype)
+    g_l = e_ref_l.to(dtype) - e_l.to(dtype)
+    if reference_point is None:
+        reference_point = torch.cat([g_w, g_l]).mean()
+    z0 = reference_point.detach().to(dtype).clamp(min=0)
+    lam = torch.ones_like(g_w) if weight is None else weight.to(dtype)
+    loss = (1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0)))
+    none = torch.zeros(2 * e_w.shape[0], dtype=torch.bool, device=e_w.device)
+    return _record(loss, beta * lam * g_w, beta * lam * g_l, none, -g_w, -g_l)
 
 
 def _record(
@@ -155,7 +185,7 @@ def _record(
     )
 
 
-OBJECTIVES: dict[str, Callable[..., LossOutput]] = {"pair": preference_loss, "sft": sft_loss}
+OBJECTIVES: dict[str, Callable[..., LossOutput]] = {"pair": preference_loss, "sft": sft_loss, "kto": kto_loss}
 
 
 def objective_loss(

@@ -3,7 +3,8 @@
 Layout of `output_dir/checkpoints/step-N/`:
   unet/ (full fine-tune, diffusers format) or adapter_model.safetensors (LoRA, peft keys),
   optimizer.bin, custom_checkpoint_0.pkl (lr scheduler), random_states_*.pkl   (accelerate)
-  trainer_state.json                                                        (step, pairs_seen, ...)
+  trainer_state.json                                           (step, pairs_seen, reference state, ...)
+  reference.safetensors       (periodic/ema reference: its UNet weights, or its LoRA snapshot)
 A checkpoint is written to `step-N.tmp` and renamed when complete, so a crash never leaves a
 half-written checkpoint that `resume_from=latest` would pick.
 """
@@ -20,6 +21,7 @@ from xdpo.errors import ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
+REFERENCE_FILE = "reference.safetensors"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -86,8 +88,11 @@ def register_model_hooks(accelerator: Any, lora: bool) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
-    """accelerate state + trainer_state.json into checkpoints/step-N (atomically), then prune to `keep`."""
+def save_checkpoint(
+    accelerator: Any, output_dir: str | Path, step: int, state: dict, keep: int, tensors: dict | None = None
+) -> Path:
+    """accelerate state + trainer_state.json (+ `tensors` as reference.safetensors) into checkpoints/step-N
+    (atomically), then prune to `keep`."""
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     if accelerator.is_main_process:
@@ -97,6 +102,10 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp / REFERENCE_FILE))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -107,10 +116,13 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and RNG; return trainer_state.json."""
+def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict, dict]:
+    """Restore model, optimizer, scheduler and RNG; return trainer_state.json and the saved reference tensors."""
+    from safetensors.torch import load_file
+
     accelerator.load_state(str(path))
-    return json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / REFERENCE_FILE)) if (path / REFERENCE_FILE).is_file() else {}
+    return json.loads((path / "trainer_state.json").read_text()), tensors
 
 
 def save_final(accelerator: Any, unet: Any, cfg: Any, out: Path, step: int) -> None:

@@ -12,16 +12,22 @@ import torch
 from xdpo.objectives import LossOutput
 
 
-def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor]]) -> dict[str, float]:
-    """Means over all pairs of the optimizer step (all micro-batches, all processes)."""
+def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor, torch.Tensor | None]]) -> dict:
+    """Means over all pairs of the optimizer step (all micro-batches, all processes).
+
+    `records` holds (loss record, timesteps [B], lambda(t) [B] or None) per micro-batch.
+    """
     cat = {
-        "loss": torch.cat([r.loss.detach().float() for r, _ in records]),
-        "reward_w": torch.cat([r.reward_w for r, _ in records]),
-        "reward_l": torch.cat([r.reward_l for r, _ in records]),
-        "delta_w": torch.cat([r.delta_w for r, _ in records]),
-        "delta_l": torch.cat([r.delta_l for r, _ in records]),
-        "timestep": torch.cat([ts.float() for _, ts in records]),
-        "clamp": torch.tensor([r.clamp_fraction for r, _ in records], device=records[0][0].loss.device),
+        "loss": torch.cat([r.loss.detach().float() for r, _, _ in records]),
+        "reward_w": torch.cat([r.reward_w for r, _, _ in records]),
+        "reward_l": torch.cat([r.reward_l for r, _, _ in records]),
+        "delta_w": torch.cat([r.delta_w for r, _, _ in records]),
+        "delta_l": torch.cat([r.delta_l for r, _, _ in records]),
+        "timestep": torch.cat([ts.float() for _, ts, _ in records]),
+        "lambda": torch.cat(
+            [torch.ones_like(ts, dtype=torch.float32) if w is None else w.float() for _, ts, w in records]
+        ),
+        "clamp": torch.tensor([r.clamp_fraction for r, _, _ in records], device=records[0][0].loss.device),
     }
     g = {k: accelerator.gather(v.contiguous()).float() for k, v in cat.items()}
     margin = g["reward_w"] - g["reward_l"]
@@ -39,6 +45,7 @@ def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor]]) 
         "delta_l": g["delta_l"].mean().item(),
         "delta_abs_max": deltas.abs().max().item(),
         "timestep_mean": g["timestep"].mean().item(),
+        "lambda_mean": g["lambda"].mean().item(),
     }
 
 
