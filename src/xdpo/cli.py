@@ -13,7 +13,7 @@ import sys
 from xdpo import __version__
 from xdpo.errors import XdpoError
 
-COMMAND_MODULES = ["xdpo.train.cli", "xdpo.evaluate.cli", "xdpo.digits.cli"]
+COMMAND_MODULES = ["xdpo.train.cli", "xdpo.evaluate.cli", "xdpo.digits.cli", "xdpo.demo.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

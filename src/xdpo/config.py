@@ -27,7 +27,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    pretrained: str = _f("", "diffusers pipeline folder or hub id (SD 1.x/2.x)")
+    pretrained: str = _f(
+        "", "diffusers pipeline folder or hub id (SD 1.x/2.x); `digits` = the shipped digits base"
+    )
     revision: str | None = _f(None, "hub revision of `pretrained`")
     lora_rank: int = _f(0, "LoRA rank on the UNet attention projections; 0 = full fine-tune")
     lora_alpha: float | None = _f(None, "LoRA alpha; empty = lora_rank (scale 1)")

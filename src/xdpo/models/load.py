@@ -31,9 +31,22 @@ class Components:
     noise_scheduler: Any
 
 
+NAMED_MODELS = {"digits": "the digits-world base shipped with xdpo"}
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """`digits` -> the shipped digits base folder; anything else unchanged (a folder or hub id)."""
+    if pretrained == "digits" and not Path(pretrained).exists():
+        from xdpo.digits import base_model_path
+
+        return str(base_model_path())
+    return pretrained
+
+
 def check_pipeline(pretrained: str) -> None:
     """Clear errors for a folder that is not an SD 1.x/2.x pipeline (hub ids are left to diffusers)."""
-    path = Path(pretrained)
+    path = Path(resolve_pretrained(pretrained))
+    pretrained = str(path)
     if not path.exists():
         if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
             raise ConfigError(f"model.pretrained: {pretrained} is neither a folder nor a hub id (owner/name)")
@@ -57,13 +70,14 @@ def load_components(cfg: ModelConfig) -> Components:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     check_pipeline(cfg.pretrained)
+    pretrained = resolve_pretrained(cfg.pretrained)
     kw = {"revision": cfg.revision}
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained, subfolder="text_encoder", **kw)
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained, subfolder="vae", **kw)
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained, subfolder="scheduler", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
     except OSError as e:
         raise ConfigError(
             f"model.pretrained: cannot load {cfg.pretrained}: {str(e).splitlines()[0]}"

@@ -145,5 +145,11 @@ def save_final(accelerator: Any, unet: Any, cfg: Any, out: Path, step: int) -> N
             cfg.model.pretrained, unet=unet, revision=cfg.model.revision
         )
         pipe.save_pretrained(out)
-    info = {"base_model": cfg.model.pretrained, "step": step, "lora": cfg.model.lora_rank > 0}
+    from xdpo.models.load import resolve_pretrained
+
+    info = {
+        "base_model": resolve_pretrained(cfg.model.pretrained),
+        "step": step,
+        "lora": cfg.model.lora_rank > 0,
+    }
     (out / "xdpo.json").write_text(json.dumps(info, indent=2))
