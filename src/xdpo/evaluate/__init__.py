@@ -1,4 +1,8 @@
-"""Sampling, scoring, summary statistics and same-seed win rates (`xdpo sample`, `xdpo evaluate`).
+"""Sampling, scoring, summary statistics and same-seed win rates (`xdpo sample|evaluate|compare`).
+
+Scorers: the digits world's, and the field's reward models (PickScore, CLIP, LAION aesthetic,
+ImageReward in rewards.py; HPSv2/v2.1 in hps.py). Prompt sets: the papers' (prompt_sets.py).
+Tables in the papers' shapes (tables.py).
 
 Heavy imports (torch, diffusers, pandas) happen inside the functions, so importing this
 package (e.g. to build the CLI) stays cheap.
@@ -13,8 +17,12 @@ __all__ = [
     "SCORERS",
     "Scorer",
     "bootstrap_ci",
+    "compare_folders",
     "evaluate_folder",
+    "load_scorer",
     "load_scorers",
+    "parse_weights",
+    "resolve_prompt_records",
     "parse_seeds",
     "read_manifest",
     "register_prompt_set",
@@ -32,6 +40,10 @@ _WHERE = {
     "parse_seeds": "prompts",
     "register_prompt_set": "prompts",
     "resolve_prompts": "prompts",
+    "resolve_prompt_records": "prompts",
+    "load_scorer": "scorers",
+    "parse_weights": "scorers",
+    "compare_folders": "tables",
     "SCORERS": "scorers",
     "Scorer": "scorers",
     "load_scorers": "scorers",

@@ -1,4 +1,4 @@
-"""`xdpo sample` and `xdpo evaluate`."""
+"""`xdpo sample`, `xdpo evaluate` and `xdpo compare`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,50 @@ import argparse
 from pathlib import Path
 
 from xdpo.evaluate.prompts import PROMPT_SETS
-from xdpo.evaluate.sample import MODELS, SCHEDULERS
-from xdpo.evaluate.scorers import SCORERS
+from xdpo.evaluate.sample import LAYOUTS, MODELS, SCHEDULERS
+from xdpo.evaluate.scorers import SCORER_ALIASES, SCORERS
+
+WEIGHTS_HELP = (
+    "NAME=PATH: local weights for a scorer instead of its hub default (repeatable); NAME.PART=PATH "
+    "for its other parts: pickscore=DIR pickscore.processor=DIR, clip=DIR, aesthetic=FILE (.pth or "
+    ".safetensors) aesthetic.clip=DIR, hpsv2.0=FILE / hpsv2.1=FILE (HPS_v2*_compressed.pt) "
+    "hpsv2.0.tokenizer=DIR, imagereward=FILE imagereward.config=FILE (med_config.json). A DIR may "
+    "also be a hub id."
+)
+BACKEND_HELP = (
+    "how HPSv2 runs: open_clip (the official model code; pip install 'xdpo[hpsv2]', needs torchvision) "
+    "or transformers (the same weights mapped onto a transformers CLIPModel, no extra)"
+)
+
+
+def _scorer_names() -> str:
+    aliases = ", ".join(f"{a} = {b}" for a, b in SCORER_ALIASES.items())
+    return f"{', '.join(SCORERS)}; {aliases}"
+
+
+def _add_scoring_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scorers", required=True, help=f"comma-separated scorer names (available: {_scorer_names()})"
+    )
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH", help=WEIGHTS_HELP)
+    p.add_argument("--hpsv2-backend", choices=["open_clip", "transformers"], help=BACKEND_HELP)
+    p.add_argument("--batch-size", type=_positive_int, help="images per scorer call (default: the scorer's)")
+    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--rescore", action="store_true", help="ignore cached scores")
+    p.add_argument("--device", help="torch device for model-based scorers (default: cuda if available)")
+
+
+def _scorer_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """--weights and --hpsv2-backend as load_scorers options."""
+    from xdpo.evaluate.scorers import canonical_name, parse_weights
+
+    options = parse_weights(args.weights)
+    if args.hpsv2_backend:
+        for name in (canonical_name(s.strip()) for s in args.scorers.split(",")):
+            if name.startswith("hpsv2"):
+                options.setdefault(name, {})["backend"] = args.hpsv2_backend
+    return options
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -57,10 +99,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help=(
             "prompts file (.txt one per line; .tsv/.csv/.json/.jsonl/.parquet with a 'prompt' or "
-            f"'caption' column) or a named set ({', '.join(sorted(PROMPT_SETS))})"
+            f"'caption' column), a named set ({', '.join(sorted(PROMPT_SETS))}), or a named set from a "
+            "local copy: parti:PartiPrompts.tsv, hpsv2:FOLDER (anime.json ...), hpsv2:anime,photo, "
+            "pickapic-test:FILE"
         ),
     )
-    p.add_argument("--seeds", default="0", help="seeds: '0,1,2', '0-4' (inclusive) or a count 'n:5'")
+    p.add_argument(
+        "--seeds",
+        help="seeds: '0,1,2', '0-4' (inclusive) or a count 'n:5' (default: 0; pickapic-test: 0-4 as Kang et al.)",
+    )
     p.add_argument(
         "--steps",
         type=_positive_int,
@@ -79,7 +126,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
     p.add_argument("--height", type=int, help="image height (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width (default: the model's native size)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts (per style for hpsv2)")
+    p.add_argument(
+        "--layout",
+        choices=list(LAYOUTS),
+        default="default",
+        help="default: images/NNNNN.png; hpsv2: <style>/<index:05d>.jpg as the official HPSv2 "
+        "evaluation reads (seed<S>/<style>/... with several seeds)",
+    )
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on cuda, fp32 on cpu)"
@@ -99,27 +153,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     e.add_argument("--images", required=True, type=Path, help="a sample folder (with manifest.jsonl)")
-    e.add_argument(
-        "--scorers", required=True, help=f"comma-separated scorer names (available: {', '.join(SCORERS)})"
-    )
+    _add_scoring_args(e)
     e.add_argument("--baseline", type=Path, help="a sample folder to compare with, matched by (prompt, seed)")
     e.add_argument("--out", type=Path, help="output folder (default: the --images folder)")
     e.add_argument(
         "--format", dest="fmt", choices=["parquet", "csv"], default="parquet", help="scores file format"
     )
-    e.add_argument("--batch-size", type=_positive_int, help="images per scorer call (default: the scorer's)")
-    e.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples")
-    e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    e.add_argument("--rescore", action="store_true", help="ignore cached scores")
-    e.add_argument("--device", help="torch device for model-based scorers")
     e.set_defaults(func=run_evaluate)
+
+    c = subparsers.add_parser(
+        "compare",
+        help="tables of several models: mean scores (xDPO Table 2), win rates vs baselines (Kang et al. Table 1)",
+        formatter_class=_Formatter,
+        description=(
+            "Score sample folders of several models and write, to --out: table2.md/.csv (mean score per "
+            "model and prompt set, per scorer), winrates.md/.csv (win rate of each model against each "
+            "baseline at the same (prompt, seed), per scorer, with their average), *_long.csv with "
+            "bootstrap intervals (and HPSv2 per-style rows), bar plots table2.png and winrates.png, and "
+            "compare.json. Give a model one folder per prompt set by repeating its name: "
+            "`xdpo compare sd15=s/parti sd15=s/hps dpo=d/parti dpo=d/hps --baseline sd15 "
+            "--scorers pickscore,hpsv2,aesthetic,clip,imagereward --out report`."
+        ),
+    )
+    c.add_argument(
+        "models", nargs="+", metavar="NAME=DIR", help="sample folders (a bare DIR is named after it)"
+    )
+    c.add_argument(
+        "--baseline",
+        action="append",
+        dest="baselines",
+        metavar="NAME",
+        help="a model to compare the others against (repeatable; default: the first model)",
+    )
+    _add_scoring_args(c)
+    c.add_argument("--out", required=True, type=Path, help="output folder")
+    c.add_argument("--no-plots", action="store_true", help="skip the bar plots")
+    c.set_defaults(func=run_compare)
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from xdpo.evaluate.prompts import resolve_prompts
+    from xdpo.evaluate.prompts import default_seeds, limit_records, resolve_prompt_records
     from xdpo.evaluate.sample import sample_images
 
-    prompts = resolve_prompts(args.prompts)[: args.limit]
+    prompts = limit_records(resolve_prompt_records(args.prompts), args.limit)
     defaults = {"steps": 50, "guidance": 7.5, "scheduler": "ddim"}  # SD papers
     if args.model == "digits" and not Path(args.model).exists():  # the digits world's own settings
         from xdpo.digits import DIGITS_SAMPLING
@@ -128,7 +204,7 @@ def run_sample(args: argparse.Namespace) -> int:
     out = sample_images(
         args.model,
         prompts,
-        args.seeds,
+        args.seeds if args.seeds is not None else default_seeds(args.prompts),
         out_dir=args.out,
         lora=args.lora,
         steps=args.steps or defaults["steps"],
@@ -139,6 +215,8 @@ def run_sample(args: argparse.Namespace) -> int:
         width=args.width,
         device=args.device,
         dtype=args.dtype,
+        layout=args.layout,
+        prompt_set=str(args.prompts),
     )
     n = sum(1 for _ in (out / "manifest.jsonl").open())
     print(f"wrote {n} images and {out / 'manifest.jsonl'}")
@@ -159,7 +237,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         reuse=not args.rescore,
         device=args.device,
+        options=_scorer_options(args),
     )
     print(summary_markdown(summary))
     print("wrote " + ", ".join(summary["files"].values()))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from xdpo.evaluate.tables import compare_folders, parse_models
+
+    result = compare_folders(
+        parse_models(args.models),
+        args.scorers,
+        out=args.out,
+        baselines=args.baselines,
+        options=_scorer_options(args),
+        device=args.device,
+        batch_size=args.batch_size,
+        n_resamples=args.bootstrap,
+        seed=args.seed,
+        reuse=not args.rescore,
+        plots=not args.no_plots,
+    )
+    for key in ("table2_md", "winrates_md"):
+        if key in result["files"]:
+            print(Path(result["files"][key]).read_text())
+    print("wrote " + ", ".join(result["files"].values()))
     return 0

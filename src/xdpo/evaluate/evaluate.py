@@ -108,6 +108,21 @@ def score_folder(
     return table[list(KEYS) + [s.name for s in scorers]]
 
 
+def match_keys(rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Same-seed matching keys of manifest rows: (style, prompt, seed, k).
+
+    `style` is None outside the HPSv2 benchmark; k numbers repeats of a (style, prompt, seed) in
+    manifest order (0 when unique), since a benchmark list may hold a prompt twice.
+    """
+    seen: dict[tuple[Any, ...], int] = {}
+    keys = []
+    for r in rows:
+        base = (r.get("style"), r["prompt"], r["seed"])
+        seen[base] = seen.get(base, -1) + 1
+        keys.append((*base, seen[base]))
+    return keys
+
+
 def _settings(folder: Path) -> dict[str, Any]:
     row = read_manifest(folder)[0]
     return {k: row.get(k) for k in SETTINGS}
@@ -162,12 +177,14 @@ def evaluate_folder(
     seed: int = 0,
     reuse: bool = True,
     device: str | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score `images_dir` (and `baseline`), write scores + summary.json + summary.md to `out`.
 
-    `out` defaults to `images_dir`. Returns the summary: per scorer n, mean, median, std, ci95,
-    and with a baseline its summary under "baseline" and the same-seed win rate under "vs_baseline".
+    `out` defaults to `images_dir`; `options` are the scorers' options (e.g. weights; see
+    `load_scorers`). Returns the summary: per scorer n, mean, median, std, ci95, and with a
+    baseline its summary under "baseline" and the same-seed win rate under "vs_baseline".
     """
     if fmt not in ("parquet", "csv"):
         raise ConfigError(f"format: {fmt!r} is not parquet or csv")
@@ -176,7 +193,7 @@ def evaluate_folder(
     read_manifest(images_dir)  # fail early, before loading scorer models
     if baseline is not None:
         read_manifest(baseline)
-    loaded = load_scorers(scorers, device=device)
+    loaded = load_scorers(scorers, device=device, options=options)
     kw = {"batch_size": batch_size, "reuse": reuse, "progress": progress}
     table = score_folder(images_dir, loaded, **kw)
     base_table = score_folder(baseline, loaded, **kw) if baseline is not None else None
@@ -195,10 +212,8 @@ def evaluate_folder(
         result = {"details": s.details, **summarize(table[s.name], n_resamples=n_resamples, seed=seed)}
         if base_table is not None:
             result["baseline"] = summarize(base_table[s.name], n_resamples=n_resamples, seed=seed)
-            a = keyed_scores(zip(table.prompt, table.seed, strict=True), table[s.name], what=str(images_dir))
-            b = keyed_scores(
-                zip(base_table.prompt, base_table.seed, strict=True), base_table[s.name], what=str(baseline)
-            )
+            a = keyed_scores(match_keys(read_manifest(images_dir)), table[s.name], what=str(images_dir))
+            b = keyed_scores(match_keys(read_manifest(baseline)), base_table[s.name], what=str(baseline))
             result["vs_baseline"] = win_rate(a, b, n_resamples=n_resamples, seed=seed)
         summary["scorers"][s.name] = result
 

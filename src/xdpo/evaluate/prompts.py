@@ -1,8 +1,11 @@
 """Prompt lists and seed lists for sampling.
 
-`resolve_prompts(spec)` accepts a named built-in set (`digits`; later issues add `parti`, `hpsv2`,
-`pickapic-test` through `register_prompt_set`) or a file: `.txt` (one prompt per line), `.tsv`,
-`.csv`, `.json`, `.jsonl` or `.parquet` with a `prompt` (or `caption`) column.
+`resolve_prompts(spec)` accepts a named set (`digits`; the papers' `parti`, `hpsv2`,
+`pickapic-test` from prompt_sets.py; more through `register_prompt_set`), a named set with a local
+source `NAME:PATH` (e.g. `parti:/data/PartiPrompts.tsv`), or a file: `.txt` (one prompt per
+line), `.tsv`, `.csv`, `.json`, `.jsonl` or `.parquet` with a `prompt` (or `caption`) column, any case.
+`resolve_prompt_records(spec)` keeps what a set knows beyond the text (the HPSv2 benchmark's `style`
+and `prompt_index`, the position in its style's list).
 `parse_seeds(spec)` accepts "0,1,2", "0-4" (inclusive), "n:5" (= 0-4), or a mix "0-2,10".
 """
 
@@ -13,18 +16,40 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from xdpo.errors import ConfigError, DataError
 
 PROMPT_COLUMNS = ("prompt", "caption")
 
-# name -> zero-argument function returning the prompt list (loaded lazily).
-PROMPT_SETS: dict[str, Callable[[], list[str]]] = {}
+# name -> function returning the prompts (strings or records with a "prompt" key), loaded lazily:
+# `loader()` for `--prompts NAME`, `loader(source)` for `--prompts NAME:SOURCE`.
+PROMPT_SETS: dict[str, Callable[..., list[Any]]] = {}
+# name -> the seeds the papers sample that set with (used when --seeds is not given).
+DEFAULT_SEEDS: dict[str, str] = {}
 
 
-def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
-    """Make `--prompts NAME` resolve to `loader()`."""
+def register_prompt_set(name: str, loader: Callable[..., list[Any]], seeds: str | None = None) -> None:
+    """Make `--prompts NAME` resolve to `loader()` (and `NAME:SOURCE` to `loader(SOURCE)`)."""
     PROMPT_SETS[name] = loader
+    if seeds is not None:
+        DEFAULT_SEEDS[name] = seeds
+
+
+def split_spec(spec: str) -> tuple[str, str | None] | None:
+    """(name, source) for "NAME" or "NAME:SOURCE" naming a registered set; None otherwise."""
+    if spec in PROMPT_SETS:
+        return spec, None
+    name, sep, source = spec.partition(":")
+    if sep and name in PROMPT_SETS and source:
+        return name, source
+    return None
+
+
+def default_seeds(spec: object) -> str:
+    """The seeds a named set is sampled with in the papers ("0" for files and other sets)."""
+    named = split_spec(str(spec)) if isinstance(spec, str | Path) and not Path(spec).is_file() else None
+    return DEFAULT_SEEDS.get(named[0], "0") if named else "0"
 
 
 def _digits_eval_prompts() -> list[str]:
@@ -37,29 +62,59 @@ def _digits_eval_prompts() -> list[str]:
 register_prompt_set("digits", _digits_eval_prompts)
 
 
-def resolve_prompts(spec: str | Path | Sequence[str]) -> list[str]:
-    """A prompt list from a named set, a file, or a list (returned as is, minus blanks)."""
+def _as_record(item: object, spec: object) -> dict[str, Any]:
+    if isinstance(item, str):
+        return {"prompt": item}
+    if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        return dict(item)
+    raise DataError(f"prompts: {spec!r}: expected strings or records with a 'prompt' string, got {item!r}")
+
+
+def resolve_prompt_records(spec: str | Path | Sequence[str | dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records {"prompt", ...} from a named set, `NAME:SOURCE`, a file, or a list; blanks dropped."""
     if not isinstance(spec, str | Path):
-        prompts = [str(p) for p in spec]
+        items: list[Any] = list(spec)
     else:
         path = Path(spec)
+        named = None if path.is_file() else split_spec(str(spec))
         if path.is_file():
-            prompts = read_prompts_file(path)
-        elif str(spec) in PROMPT_SETS:
-            prompts = PROMPT_SETS[str(spec)]()
+            items = read_prompts_file(path)
+        elif named is not None:
+            name, source = named
+            items = PROMPT_SETS[name](source) if source is not None else PROMPT_SETS[name]()
         else:
             names = ", ".join(sorted(PROMPT_SETS)) or "none"
             raise ConfigError(f"prompts: {spec!r} is neither a file nor a named set (available: {names})")
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if not prompts:
+    records = [_as_record(item, spec) for item in items]
+    records = [r | {"prompt": r["prompt"].strip()} for r in records if r["prompt"] and r["prompt"].strip()]
+    if not records:
         raise DataError(f"prompts: {spec!r} holds no prompts")
-    return prompts
+    return records
+
+
+def resolve_prompts(spec: str | Path | Sequence[str | dict[str, Any]]) -> list[str]:
+    """A prompt list from a named set, `NAME:SOURCE`, a file, or a list (returned as is, minus blanks)."""
+    return [r["prompt"] for r in resolve_prompt_records(spec)]
+
+
+def limit_records(records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` prompts, per style when the records have styles (so every style stays)."""
+    if limit is None:
+        return records
+    seen: dict[Any, int] = {}
+    kept = []
+    for r in records:
+        seen[r.get("style")] = seen.get(r.get("style"), 0) + 1
+        if seen[r.get("style")] <= limit:
+            kept.append(r)
+    return kept
 
 
 def _pick_column(columns: list[str], path: Path) -> str:
     for name in PROMPT_COLUMNS:
-        if name in columns:
-            return name
+        for column in columns:
+            if str(column).lower() == name:  # PartiPrompts.tsv calls it "Prompt"
+                return column
     raise DataError(f"{path}: no 'prompt' or 'caption' column (columns: {', '.join(map(str, columns))})")
 
 
@@ -68,8 +123,9 @@ def _from_record(record: object, path: Path, where: str) -> str:
         return record
     if isinstance(record, dict):
         for name in PROMPT_COLUMNS:
-            if isinstance(record.get(name), str):
-                return record[name]
+            for key in (name, name.capitalize()):
+                if isinstance(record.get(key), str):
+                    return record[key]
     raise DataError(f"{path}: {where}: expected a string or an object with a 'prompt' or 'caption' string")
 
 
@@ -131,3 +187,7 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
         lo = int(m.group(1))
         seeds.extend(range(lo, int(m.group(2) or lo) + 1))
     return list(dict.fromkeys(seeds))
+
+
+# The papers' prompt sets register themselves (their loaders import `datasets` only when called).
+from xdpo.evaluate import prompt_sets  # noqa: E402, F401

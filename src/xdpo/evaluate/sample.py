@@ -1,5 +1,10 @@
 """Sampling with diffusers pipelines: prompts x seeds -> `images/NNNNN.png` + `manifest.jsonl`.
 
+Layout `hpsv2` writes what the official HPSv2 benchmark evaluation reads instead:
+`<style>/<prompt_index:05d>.jpg` (one seed) or `seed<S>/<style>/<prompt_index:05d>.jpg` (several
+seeds; each `seed<S>` folder is then one official-layout folder). The manifest lists every image
+either way, with its `style` and `prompt_index` when the prompt set has them.
+
 Same-seed reproducibility: every (prompt, seed) image gets its own CPU `torch.Generator` seeded
 with `seed`, and the pipeline receives one generator per image, so its initial noise (and any
 per-step noise, e.g. DDPM) is the same whatever the batching or the device.
@@ -16,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from xdpo.errors import ConfigError, DataError
-from xdpo.evaluate.prompts import parse_seeds, resolve_prompts
+from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # Files derived from a sample folder, removed when the folder is sampled again.
 DERIVED = ("scores.parquet", "scores.csv", "scores.meta.json", "summary.json", "summary.md")
+LAYOUTS = ("default", "hpsv2")
+JPEG_QUALITY = 95
 
 # --scheduler name -> diffusers class name ("default": keep the pipeline's own).
 SCHEDULERS = {
@@ -124,16 +131,39 @@ def load_pipeline(
 
 def _clear_previous(out: Path) -> None:
     """Remove the images and derived files of an earlier run in `out` (only files we wrote)."""
+    previous = []
+    if (out / MANIFEST).is_file():
+        try:
+            previous = [out / r["file"] for r in read_manifest(out)]
+        except (DataError, KeyError, TypeError):
+            previous = []
     for name in DERIVED + (MANIFEST,):
         (out / name).unlink(missing_ok=True)
-    for png in (out / IMAGES).glob("*.png"):
-        if re.fullmatch(r"\d{5,}\.png", png.name):
-            png.unlink()
+    previous += list((out / IMAGES).glob("*.png"))
+    for path in previous:
+        inside = path.resolve().is_relative_to(out.resolve())
+        if inside and re.fullmatch(r"\d{5,}\.(png|jpg)", path.name):
+            path.unlink(missing_ok=True)
+            for parent in path.parents:  # style / seed folders left empty
+                if parent.resolve() == out.resolve():
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+
+def _image_file(record: dict[str, Any], seed: int, index: int, layout: str, n_seeds: int) -> str:
+    """Where an image goes: images/NNNNN.png, or the official HPSv2 benchmark layout."""
+    if layout == "default":
+        return f"{IMAGES}/{index:05d}.png"
+    file = f"{record['style']}/{record['prompt_index']:05d}.jpg"
+    return f"seed{seed}/{file}" if n_seeds > 1 else file
 
 
 def sample_images(
     model: str | Path,
-    prompts: str | Path | Sequence[str],
+    prompts: str | Path | Sequence[str | dict[str, Any]],
     seeds: str | int | Sequence[int],
     *,
     out_dir: str | Path,
@@ -146,19 +176,35 @@ def sample_images(
     width: int | None = None,
     device: str | None = None,
     dtype: Any = None,
+    layout: str = "default",
+    prompt_set: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Sample every prompt x every seed; write `out_dir/images/*.png` + `manifest.jsonl`; return out_dir.
 
-    `prompts`: a list, a prompts file or a named set (see `resolve_prompts`); `seeds`: a list or
-    "0,1,2" / "0-4" / "n:5". Repeated prompts are sampled once. Defaults follow the SD papers
-    (50 steps, guidance 7.5); a guidance <= 1 disables classifier-free guidance.
+    `prompts`: a list (of strings or records with "prompt" and optionally "style"/"prompt_index"),
+    a prompts file or a named set (see `resolve_prompt_records`); `seeds`: a list or "0,1,2" /
+    "0-4" / "n:5". Repeated prompts are sampled once, except in a styled set (the HPSv2 benchmark),
+    whose positions matter. `layout="hpsv2"` writes the official HPSv2 layout (module docstring).
+    `prompt_set` (default: `prompts` when it is a name or path) is recorded in the manifest.
+    Defaults follow the SD papers (50 steps, guidance 7.5); a guidance <= 1 disables guidance.
     """
     import torch
     from tqdm.auto import tqdm
 
-    prompt_list = list(dict.fromkeys(resolve_prompts(prompts)))
+    records = resolve_prompt_records(prompts)
+    if not any("style" in r for r in records):  # dedupe plain prompts; styled sets keep positions
+        first: dict[str, dict[str, Any]] = {}
+        for r in records:
+            first.setdefault(r["prompt"], r)
+        records = list(first.values())
+    if prompt_set is None and isinstance(prompts, str | Path):
+        prompt_set = str(prompts)
     seed_list = parse_seeds(seeds)
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "hpsv2" and not all("style" in r and "prompt_index" in r for r in records):
+        raise ConfigError("layout hpsv2 needs the HPSv2 benchmark prompts (--prompts hpsv2 or hpsv2:FOLDER)")
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
     device = resolve_device(device)
@@ -168,7 +214,7 @@ def sample_images(
         raise ConfigError(f"height and width ({height}, {width}) must be positive multiples of {scale}")
 
     out = Path(out_dir)
-    (out / IMAGES).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
     settings = {
         "model": str(resolve_model(model)),
@@ -178,7 +224,9 @@ def sample_images(
         "scheduler": scheduler,
         "scheduler_class": type(pipe.scheduler).__name__,
     }
-    jobs = [(p, s) for p in prompt_list for s in seed_list]
+    if prompt_set is not None:
+        settings["prompt_set"] = prompt_set
+    jobs = [(r, s) for r in records for s in seed_list]
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     tmp = out / (MANIFEST + ".tmp")
     index = 0
@@ -186,7 +234,7 @@ def sample_images(
         for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
             generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
             images = pipe(
-                prompt=[p for p, _ in batch],
+                prompt=[r["prompt"] for r, _ in batch],
                 generator=generators,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
@@ -194,11 +242,13 @@ def sample_images(
                 width=width,
                 output_type="pil",
             ).images
-            for (prompt, seed), image in zip(batch, images, strict=True):
-                file = f"{IMAGES}/{index:05d}.png"
-                image.save(out / file)
-                record = {"index": index, "prompt": prompt, "seed": seed, "file": file, **settings}
+            for (rec, seed), image in zip(batch, images, strict=True):
+                file = _image_file(rec, seed, index, layout, len(seed_list))
+                (out / file).parent.mkdir(parents=True, exist_ok=True)
+                image.save(out / file, **({"quality": JPEG_QUALITY} if file.endswith(".jpg") else {}))
+                record = {"index": index, "prompt": rec["prompt"], "seed": seed, "file": file, **settings}
                 record |= {"height": image.height, "width": image.width}  # the pipeline's default if None
+                record |= {k: rec[k] for k in ("style", "prompt_index") if k in rec}
                 manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
                 index += 1
     os.replace(tmp, out / MANIFEST)

@@ -5,18 +5,21 @@ v2.0 and v2.1 scores are not comparable), `__call__(images, prompts) -> np.ndarr
 [len(images)] (higher is better) and optionally `batch_size`. `SCORERS` maps a name to a factory
 `f(device=None) -> Scorer`: it loads its model once; the evaluator then calls it on batches.
 Third-party packages can add scorers with `register_scorer` or an entry point in the group
-`xdpo.scorers` (name -> factory). PickScore, HPSv2, ImageReward, CLIP and the aesthetic
-predictor come later through this interface.
+`xdpo.scorers` (name -> factory). The field's reward models (`pickscore`, `clip`, `aesthetic`,
+`imagereward` in rewards.py; `hpsv2.0`/`hpsv2.1` in hps.py, `hpsv2` = `hpsv2.0`) register here too.
+Factories may take keyword options (e.g. `weights=`, a local path or hub id), passed by
+`load_scorer(name, device=, **options)`; the CLI's `--weights NAME=PATH` / `NAME.PART=PATH` fill them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -46,6 +49,8 @@ class FunctionScorer:
 
 
 SCORERS: dict[str, Callable[..., Scorer]] = {}
+# Other names for registered scorers; the scorer keeps its canonical name (its score column).
+SCORER_ALIASES = {"hpsv2": "hpsv2.0"}
 
 
 def register_scorer(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
@@ -62,29 +67,80 @@ def available_scorers() -> dict[str, Callable[..., Scorer]]:
     """Built-in scorers plus those installed through the `xdpo.scorers` entry-point group."""
     found = dict(SCORERS)
     for ep in entry_points(group="xdpo.scorers"):
-        found.setdefault(ep.name, lambda device=None, _ep=ep: _ep.load()(device=device))  # lazy
+        found.setdefault(ep.name, lambda device=None, _ep=ep, **kw: _ep.load()(device=device, **kw))  # lazy
     return found
 
 
-def load_scorer(name: str, *, device: str | None = None) -> Scorer:
-    """Instantiate one scorer by name; an unknown name lists the available ones."""
+def canonical_name(name: str) -> str:
+    return SCORER_ALIASES.get(name, name)
+
+
+def load_scorer(name: str, *, device: str | None = None, **options: Any) -> Scorer:
+    """Instantiate one scorer by name with its factory's options; unknown names or options are listed."""
     scorers = available_scorers()
+    name = canonical_name(name)
     if name not in scorers:
-        raise ConfigError(f"unknown scorer {name!r} (available: {', '.join(sorted(scorers)) or 'none'})")
-    return scorers[name](device=device)
+        available = sorted(scorers) + sorted(SCORER_ALIASES)
+        raise ConfigError(f"unknown scorer {name!r} (available: {', '.join(available) or 'none'})")
+    factory = scorers[name]
+    if options:
+        params = inspect.signature(factory).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in options if k not in params or k == "device"]
+        if unknown and not takes_any:
+            known = ", ".join(k for k in params if k != "device") or "none"
+            raise ConfigError(f"scorer {name}: unknown option {unknown[0]!r} (options: {known})")
+    return factory(device=device, **options)
 
 
-def load_scorers(specs: str | Sequence[str | Scorer], *, device: str | None = None) -> list[Scorer]:
-    """Scorers from "a,b", a list of names, or ready Scorer objects (kept as they are)."""
+def load_scorers(
+    specs: str | Sequence[str | Scorer],
+    *,
+    device: str | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Scorer]:
+    """Scorers from "a,b", a list of names, or ready Scorer objects (kept as they are).
+
+    `options` maps a scorer name to its factory's keyword options, e.g. {"pickscore": {"weights": PATH}}.
+    """
     if isinstance(specs, str):
         specs = [s.strip() for s in specs.split(",") if s.strip()]
     if not specs:
         raise ConfigError("no scorers given")
-    scorers = [load_scorer(s, device=device) if isinstance(s, str) else s for s in specs]
+    options = {canonical_name(k): dict(v) for k, v in (options or {}).items()}
+    wanted = {canonical_name(s) for s in specs if isinstance(s, str)}
+    if stray := sorted(set(options) - wanted):
+        raise ConfigError(f"options (--weights) for {stray[0]}, which is not among the scorers")
+    scorers = [
+        load_scorer(s, device=device, **options.get(canonical_name(s), {})) if isinstance(s, str) else s
+        for s in specs
+    ]
     names = [s.name for s in scorers]
     if len(set(names)) != len(names):
         raise ConfigError(f"scorers: a name appears twice ({', '.join(names)})")
     return scorers
+
+
+def parse_weights(items: Iterable[str], known: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+    """`["pickscore=DIR", "pickscore.processor=DIR"]` -> {"pickscore": {"weights": DIR, "processor": DIR}}.
+
+    NAME=PATH sets a scorer's main weights; NAME.PART=PATH one of its other parts (its options).
+    """
+    known = set(known if known is not None else available_scorers()) | set(SCORER_ALIASES)
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ConfigError(f"--weights {item!r}: expected NAME=PATH or NAME.PART=PATH")
+        name, part = key, "weights"
+        if name not in known:
+            head, _, tail = key.rpartition(".")
+            if head not in known:
+                raise ConfigError(f"--weights {key}: unknown scorer (available: {', '.join(sorted(known))})")
+            name, part = head, tail
+        out.setdefault(canonical_name(name), {})[part] = value
+    return out
 
 
 def run_scorer(
@@ -127,3 +183,7 @@ def digits_alignment(device: str | None = None) -> Scorer:
     from xdpo.digits.labeller import alignment
 
     return FunctionScorer("digits-alignment", alignment, _digits_details("alignment"), batch_size=256)
+
+
+# The field's reward models register themselves (their heavy imports happen inside the factories).
+from xdpo.evaluate import hps, rewards  # noqa: E402, F401
