@@ -167,7 +167,7 @@ def kto_closed_form(e_w, e_l, r_w, r_l, beta, z0=None, lam=1.0):
     g_w, g_l = r_w - e_w, r_l - e_l
     z0 = torch.cat([g_w, g_l]).mean() if z0 is None else z0
     z0 = max(float(z0), 0.0)
-    return (1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0)))
+    return 0.5 * ((1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0))))
 
 
 def test_kto_matches_closed_form(errs):
@@ -189,7 +189,7 @@ def test_kto_reference_point_is_clamped_at_zero_and_detached():
     ref = torch.tensor([0.4, 0.4])
     out = kto_loss(e, e, ref, ref, beta=10.0)
     g = (ref - e).detach()
-    expected = (1 - torch.sigmoid(10 * g)) + (1 - torch.sigmoid(-10 * g))
+    expected = 0.5 * ((1 - torch.sigmoid(10 * g)) + (1 - torch.sigmoid(-10 * g)))
     torch.testing.assert_close(out.loss, expected)
     # an explicit negative reference point is clamped too
     same = kto_loss(e, e, ref, ref, beta=10.0, reference_point=torch.tensor(-3.0))

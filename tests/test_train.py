@@ -146,16 +146,29 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_pipeline_dir, pairs_parq
     )
     assert "Resuming from" in capsys.readouterr().out
     assert resumed == part
+    # a second resume continues from the real step (trainer_state.json records it, not the first resume's)
+    run(
+        tmp_path,
+        tiny_pipeline_dir,
+        pairs_parquet,
+        name="part",
+        **{"train.max_steps": 7, "train.resume_from": "latest"},
+        **kw,
+    )
+    assert "at step 6" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4, 5, 6, 7]
     a = read_metrics(fresh)
-    b = read_metrics(resumed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no step logged twice
+    b = read_metrics(resumed)[:6]
     for ra, rb in zip(a, b, strict=True):
         assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"]
     if lora:
-        wa = load_file(fresh / "final" / "pytorch_lora_weights.safetensors")
-        wb = load_file(resumed / "final" / "pytorch_lora_weights.safetensors")
+        wa = load_file(fresh / "checkpoints" / "step-6" / "adapter_model.safetensors")
+        wb = load_file(resumed / "checkpoints" / "step-6" / "adapter_model.safetensors")
     else:
-        wa, wb = unet_weights(fresh / "final"), unet_weights(resumed / "final")
+        wa, wb = (
+            unet_weights(fresh / "checkpoints" / "step-6"),
+            unet_weights(resumed / "checkpoints" / "step-6"),
+        )
     assert wa.keys() == wb.keys()
     for k in wa:  # exact on CPU: all randomness is derived from (seed, step)
         assert torch.equal(wa[k], wb[k]), k
@@ -240,3 +253,47 @@ def test_two_processes_with_torchrun(tmp_path, tiny_pipeline_dir, pairs_parquet)
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-3"
     assert (ckpt / "random_states_1.pkl").is_file()
     assert (tmp_path / "ddp" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_lora_alpha_survives_the_final_save(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """lora_alpha != rank: the weights diffusers loads from final/ reproduce the trained adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    from xdpo.models.load import add_lora
+
+    out = run(
+        tmp_path,
+        tiny_pipeline_dir,
+        pairs_parquet,
+        **{"model.lora_rank": 4, "model.lora_alpha": 16, "train.max_steps": 2, "train.learning_rate": 1e-2},
+    )
+    trained = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    add_lora(
+        trained,
+        load_config(
+            None, ["model.pretrained=x", "data.path=y", "model.lora_rank=4", "model.lora_alpha=16"]
+        ).model,
+    )
+    set_peft_model_state_dict(
+        trained, load_file(out / "checkpoints" / "step-2" / "adapter_model.safetensors")
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    pipe.load_lora_weights(out / "final")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = trained(x, torch.tensor([500]), encoder_hidden_states=cond).sample
+        b = pipe.unet(x, torch.tensor([500]), encoder_hidden_states=cond).sample
+        plain = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")(
+            x, torch.tensor([500]), encoder_hidden_states=cond
+        ).sample
+    assert (a - plain).abs().max() > 1e-4  # the adapter does something
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_reference_next_to_fp32_policy(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    out = run(
+        tmp_path, tiny_pipeline_dir, pairs_parquet, **{"model.reference_dtype": "bf16", "train.max_steps": 1}
+    )
+    # the reference is the initial model in bf16: near log 2 up to bf16 rounding of its errors (x beta/2 = 50)
+    assert 0.55 < read_metrics(out)[0]["loss"] < 0.85

@@ -32,19 +32,29 @@ from xdpo.objectives.divergences import DIVERGENCES
 
 @dataclass
 class LossOutput:
-    """Per-sample loss and the quantities every objective logs."""
+    """Per-sample loss and the quantities every objective logs (tensors: no device sync until read)."""
 
     loss: Tensor  # [B] per-sample loss (float32)
     reward_w: Tensor  # [B] (beta/2) * lambda * f'(z_w), detached
     reward_l: Tensor  # [B]
-    implicit_acc: float  # fraction with reward_w > reward_l, ties count 0.5
-    clamp_fraction: float  # fraction of exponent arguments clamped
+    clamped: Tensor  # [2B] bool: exponent argument clamped (w then l)
     delta_w: Tensor  # [B] e_theta(w) - e_ref(w), detached
     delta_l: Tensor  # [B]
 
     @property
     def reward_margin(self) -> Tensor:
         return self.reward_w - self.reward_l
+
+    @property
+    def implicit_acc(self) -> float:
+        """Fraction of pairs with reward_w > reward_l; ties count 0.5."""
+        m = self.reward_margin
+        return ((m > 0).float() + 0.5 * (m == 0).float()).mean().item()
+
+    @property
+    def clamp_fraction(self) -> float:
+        """Fraction of exponent arguments clamped."""
+        return self.clamped.float().mean().item()
 
 
 def _sigmoid(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
@@ -155,7 +165,7 @@ def kto_loss(
     g = e_ref - e_theta per image (the implicit reward); z0 = max(mean g over the global batch, 0),
     detached (pass it as `reference_point` after gathering across processes; default: this batch);
     loss = 1 - sigma(beta * lambda * sign * (g - z0)), sign = +1 (desirable) / -1 (undesirable).
-    The per-pair loss is the sum of the two per-image losses.
+    The per-pair loss is the mean of its two per-image losses (so the batch mean is the per-image mean).
     """
     dtype = torch.promote_types(e_w.dtype, torch.float32)
     g_w = e_ref_w.to(dtype) - e_w.to(dtype)
@@ -164,22 +174,17 @@ def kto_loss(
         reference_point = torch.cat([g_w, g_l]).mean()
     z0 = reference_point.detach().to(dtype).clamp(min=0)
     lam = torch.ones_like(g_w) if weight is None else weight.to(dtype)
-    loss = (1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0)))
+    loss = 0.5 * ((1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0))))
     none = torch.zeros(2 * e_w.shape[0], dtype=torch.bool, device=e_w.device)
     return _record(loss, beta * lam * g_w, beta * lam * g_l, none, -g_w, -g_l)
 
 
-def _record(
-    loss: Tensor, reward_w: Tensor, reward_l: Tensor, clamped: Tensor, d_w: Tensor, d_l: Tensor
-) -> LossOutput:
-    reward_w, reward_l = reward_w.detach(), reward_l.detach()
-    wins = (reward_w > reward_l).float() + 0.5 * (reward_w == reward_l).float()
+def _record(loss: Tensor, reward_w: Tensor, reward_l: Tensor, clamped: Tensor, d_w: Tensor, d_l: Tensor) -> LossOutput:
     return LossOutput(
         loss=loss,
-        reward_w=reward_w,
-        reward_l=reward_l,
-        implicit_acc=wins.mean().item(),
-        clamp_fraction=clamped.float().mean().item(),
+        reward_w=reward_w.detach(),
+        reward_l=reward_l.detach(),
+        clamped=clamped,
         delta_w=d_w.detach(),
         delta_l=d_l.detach(),
     )

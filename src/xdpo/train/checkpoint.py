@@ -49,6 +49,19 @@ def resolve_resume(output_dir: str | Path, resume_from: str) -> Path | None:
     return path
 
 
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Resuming from an older checkpoint: rename newer ones to `abandoned-step-N` (kept, but never resumed
+    from or pruned in place of the new run's own)."""
+    moved = []
+    for s, path in list_checkpoints(output_dir):
+        if s > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            path.rename(target)
+            moved.append(target)
+    return moved
+
+
 def register_model_hooks(accelerator: Any, lora: bool) -> None:
     """Save only what is trained: LoRA adapter weights, or the UNet in diffusers format."""
 
@@ -139,7 +152,14 @@ def save_final(accelerator: Any, unet: Any, cfg: Any, out: Path, step: int) -> N
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(
+            out,
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=unet.peft_config[
+                "default"
+            ].to_dict(),  # keeps lora_alpha != rank right
+            safe_serialization=True,
+        )
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
             cfg.model.pretrained, unet=unet, revision=cfg.model.revision

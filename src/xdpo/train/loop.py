@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -32,9 +34,10 @@ from xdpo.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
     save_final,
+    set_aside_newer,
 )
 from xdpo.train.metrics import MetricsLog, summarize
-from xdpo.train.reference import Reference
+from xdpo.train.reference import Reference, eval_mode
 from xdpo.train.step import (
     denoising_errors,
     divergence_estimate,
@@ -65,7 +68,14 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
+    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        raise XdpoError(
+            f"{accelerator.distributed_type.name} is not supported yet (sharded parameters need its own reference "
+            "and checkpoint handling); run `accelerate config` with multi-GPU DDP instead"
+        )
     resume = resolve_resume(out, t.resume_from)
+    if t.resume_from == "latest" and resume is None:
+        accelerator.print(f"No checkpoint in {out / 'checkpoints'}: starting fresh")
     if resume is None and list_checkpoints(out):
         raise XdpoError(
             f"{out} already has checkpoints; set train.resume_from=latest to continue, or choose a new output_dir"
@@ -106,6 +116,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     sched = comps.noise_scheduler
+    if ts.sampling == "skewed" and ts.bins > sched.config.num_train_timesteps:
+        raise XdpoError(f"timesteps.bins: {ts.bins} bins for {sched.config.num_train_timesteps} timesteps")
     lam_table = snr_lambda_table(sched.alphas_cumprod) if ts.weighting == "snr" else None
 
     lr = t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
@@ -116,15 +128,34 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     accelerator.register_for_checkpointing(lr_scheduler)
     base = accelerator.unwrap_model(unet)  # for reference passes: no DDP hooks
 
-    start_step, state = 0, {"pairs_seen": 0}
+    setup = {
+        "world": world,
+        "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "lora_rank": cfg.model.lora_rank,
+    }
+    start_step, state = 0, {"pairs_seen": 0, "setup": setup}
     if resume is not None:
+        saved = json.loads((resume / "trainer_state.json").read_text()).get("setup", setup)
+        if saved["lora_rank"] != setup["lora_rank"]:
+            raise XdpoError(
+                f"train.resume_from: {resume} was trained with model.lora_rank={saved['lora_rank']}, "
+                f"not {setup['lora_rank']}"
+            )
+        if saved != setup:
+            accelerator.print(f"Warning: resuming with {setup} instead of {saved}: the data order changes")
         state, ref_tensors = load_checkpoint(accelerator, resume)
-        start_step = state["step"]
+        start_step = state.pop("step")
+        state["setup"] = setup
         if "reference" in state:
             reference.load(state["reference"], ref_tensors)
         accelerator.print(f"Resuming from {resume} at step {start_step}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for moved in set_aside_newer(out, start_step) if resume is not None else []:
+            accelerator.print(f"Set aside {moved} (newer than the checkpoint resumed from)")
+        if resume is not None and (out / "config.yaml").is_file():
+            (out / "config.yaml").replace(out / f"config.before-resume-{start_step}.yaml")
         dump_yaml(cfg, out / "config.yaml")
         if t.report_to != "none":
             accelerator.init_trackers("xdpo")
@@ -164,13 +195,26 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         return reference.initial_forward(base, noisy, tt, cond)
 
     def policy_forward(noisy, tt, cond):
-        return base(noisy, tt, encoder_hidden_states=cond).sample
+        with eval_mode(base):  # the divergence check: no dropout
+            return base(noisy, tt, encoder_hidden_states=cond).sample
 
-    step, last_saved = start_step, start_step
+    # Ctrl-C (one process): finish the step, save a checkpoint, then stop; a second Ctrl-C stops at once
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nxdpo train: stopping after this step (Ctrl-C again to stop now)", flush=True)
+
+    graceful = world == 1 and threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if graceful else None
+
+    step, last_saved, in_update = start_step, start_step, False
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train", dynamic_ncols=True)
     try:
         while step < t.max_steps:
-            t0, records = time.perf_counter(), []
+            t0, records, finite = time.perf_counter(), [], []
             for micro in range(t.grad_accum):
                 batch = next(batches)
                 gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, micro, rank))
@@ -205,15 +249,20 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
                         lc.objective, err[:b], err[b:], ref_err[:b], ref_err[b:], **loss_kw, **extra
                     )
                     loss = rec.loss.mean()
-                    if not torch.isfinite(loss):
-                        raise XdpoError(
-                            f"non-finite loss at step {step + 1}; lower train.learning_rate or loss.beta "
-                            f"(checkpoints so far are intact)"
-                        )
                     accelerator.backward(loss / t.grad_accum)
+                finite.append(torch.isfinite(loss.detach()))
                 records.append((rec, timesteps, weight))
+            # one check per step, on every process alike (a rank raising alone would hang the others)
+            if not bool(accelerator.gather(torch.stack(finite)).all()):
+                optimizer.zero_grad(set_to_none=True)
+                raise XdpoError(
+                    f"non-finite loss at step {step + 1} (weights not updated; checkpoints intact): lower "
+                    "train.learning_rate or loss.beta, or use bf16 / mixed_precision=no if fp16 overflows"
+                )
 
+            in_update = True  # from here until the bookkeeping is done, the state is between two steps
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+            lr_now = lr_scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -239,33 +288,43 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
                 ),
                 lambda x: accelerator.reduce(x, "mean"),
             )
-
             state["pairs_seen"] = step * t.batch_size * t.grad_accum * world
             state["reference"] = reference.state()
             row = {"step": step, **summarize(accelerator, records)}
             row.update(
-                lr=lr_scheduler.get_last_lr()[0],
+                lr=lr_now,
                 grad_norm=None if grad_norm is None else float(grad_norm),
                 pairs_seen=state["pairs_seen"],
                 step_time=time.perf_counter() - t0,
                 **reference.metrics(divergence),
             )
+            if accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
+                row["skipped"] = True
             log.write(row)
+            in_update = False
+
             if main and t.report_to != "none":
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}", refresh=False)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps) or stop[
+                "requested"
+            ]:
                 save_checkpoint(accelerator, out, step, state, t.checkpoints_keep, reference.tensors())
                 last_saved = step
+            if stop["requested"]:
+                print(f"xdpo train: stopped at step {step}; resume with train.resume_from=latest", flush=True)
+                raise KeyboardInterrupt
     except BaseException:
-        # keep what was trained: the weights after the last completed step are consistent
-        if world == 1 and step > last_saved:
+        # keep what was trained: between steps the weights, optimizer and reference agree with `step`
+        if world == 1 and step > last_saved and not in_update:
             path = save_checkpoint(accelerator, out, step, state, t.checkpoints_keep, reference.tensors())
-            print(f"xdpo train: interrupted; saved {path} (resume with train.resume_from=latest)")
+            print(f"xdpo train: interrupted; saved {path} (resume with train.resume_from=latest)", flush=True)
         raise
     finally:
+        if graceful:
+            signal.signal(signal.SIGINT, previous_handler or signal.SIG_DFL)
         bar.close()
         log.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,42 +12,68 @@ import torch
 
 from xdpo.objectives import LossOutput
 
+ROWS = ("loss", "reward_w", "reward_l", "delta_w", "delta_l", "timestep", "lambda", "clamp_w", "clamp_l")
+
 
 def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor, torch.Tensor | None]]) -> dict:
-    """Means over all pairs of the optimizer step (all micro-batches, all processes).
+    """Means over all pairs of the optimizer step (all micro-batches, all processes): one gather, one sync.
 
     `records` holds (loss record, timesteps [B], lambda(t) [B] or None) per micro-batch.
     """
-    cat = {
-        "loss": torch.cat([r.loss.detach().float() for r, _, _ in records]),
-        "reward_w": torch.cat([r.reward_w for r, _, _ in records]),
-        "reward_l": torch.cat([r.reward_l for r, _, _ in records]),
-        "delta_w": torch.cat([r.delta_w for r, _, _ in records]),
-        "delta_l": torch.cat([r.delta_l for r, _, _ in records]),
-        "timestep": torch.cat([ts.float() for _, ts, _ in records]),
-        "lambda": torch.cat(
-            [torch.ones_like(ts, dtype=torch.float32) if w is None else w.float() for _, ts, w in records]
-        ),
-        "clamp": torch.tensor([r.clamp_fraction for r, _, _ in records], device=records[0][0].loss.device),
-    }
-    g = {k: accelerator.gather(v.contiguous()).float() for k, v in cat.items()}
-    margin = g["reward_w"] - g["reward_l"]
-    acc = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
-    deltas = torch.cat([g["delta_w"], g["delta_l"]])
-    return {
-        "loss": g["loss"].mean().item(),
-        "implicit_acc": acc.item(),
-        "reward_margin": margin.mean().item(),
-        "reward_w": g["reward_w"].mean().item(),
-        "reward_l": g["reward_l"].mean().item(),
-        "clamp_fraction": g["clamp"].mean().item(),
+    parts = []
+    for r, ts, w in records:
+        b = ts.shape[0]
+        lam = torch.ones(b, device=ts.device) if w is None else w.float()
+        clamped = r.clamped.float().view(2, b)
+        parts.append(
+            torch.stack(
+                [
+                    r.loss.detach().float(),
+                    r.reward_w.float(),
+                    r.reward_l.float(),
+                    r.delta_w.float(),
+                    r.delta_l.float(),
+                    ts.float(),
+                    lam,
+                    clamped[0],
+                    clamped[1],
+                ]
+            )
+        )
+    g = accelerator.gather(torch.cat(parts, dim=1).T.contiguous()).T  # [rows, all pairs of the step]
+    v = dict(zip(ROWS, g, strict=True))
+    margin = v["reward_w"] - v["reward_l"]
+    deltas = torch.cat([v["delta_w"], v["delta_l"]])
+    stats = torch.stack(
+        [
+            v["loss"].mean(),
+            ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
+            margin.mean(),
+            v["reward_w"].mean(),
+            v["reward_l"].mean(),
+            torch.cat([v["clamp_w"], v["clamp_l"]]).mean(),
+            v["delta_w"].mean(),
+            v["delta_l"].mean(),
+            deltas.abs().max(),
+            v["timestep"].mean(),
+            v["lambda"].mean(),
+        ]
+    ).tolist()
+    keys = (
+        "loss",
+        "implicit_acc",
+        "reward_margin",
+        "reward_w",
+        "reward_l",
+        "clamp_fraction",
         # where the log-ratios live (DESIGN.md §3.2): xDPO differs from DPO only where |n*delta| is large
-        "delta_w": g["delta_w"].mean().item(),
-        "delta_l": g["delta_l"].mean().item(),
-        "delta_abs_max": deltas.abs().max().item(),
-        "timestep_mean": g["timestep"].mean().item(),
-        "lambda_mean": g["lambda"].mean().item(),
-    }
+        "delta_w",
+        "delta_l",
+        "delta_abs_max",
+        "timestep_mean",
+        "lambda_mean",
+    )
+    return dict(zip(keys, stats, strict=True))
 
 
 class MetricsLog:
@@ -66,7 +93,9 @@ class MetricsLog:
                 if row.get("step", math.inf) <= resume_step:
                     kept.append(line)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)  # a crash here leaves the old file or the new one, never neither
         self.file = self.path.open("a")
 
     def write(self, row: dict[str, Any]) -> None:

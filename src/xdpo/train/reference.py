@@ -20,6 +20,7 @@ resets it to the initial model (checks continue).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,6 +29,25 @@ from torch.func import functional_call
 
 from xdpo.config import ReferenceConfig
 from xdpo.models.load import adapters_disabled, frozen_copy
+
+
+def _call(unet: Any, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    """A frozen copy in its own dtype (e.g. an fp16 reference next to an fp32 policy without autocast)."""
+    dtype = next(unet.parameters()).dtype
+    return unet(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+
+
+@contextmanager
+def eval_mode(module: Any):
+    """Dropout off inside the block (the reference and the divergence check are deterministic)."""
+    was_training = module.training
+    if was_training:
+        module.eval()
+    try:
+        yield module
+    finally:
+        if was_training:
+            module.train()
 
 
 def _trainable_state(unet: Any) -> dict[str, Tensor]:
@@ -48,21 +68,22 @@ class Reference:
             if cfg.strategy == "ema":
                 self.snapshot = _trainable_state(unet)  # starts at the initial adapters
         else:
-            self.ref_unet = frozen_copy(unet, dtype, device)
-            if cfg.strategy != "frozen":
+            # an EMA moves by (1 - decay) x small steps each update: below half precision's resolution
+            self.ref_unet = frozen_copy(unet, torch.float32 if cfg.strategy == "ema" else dtype, device)
+            if cfg.strategy == "periodic":
                 self.init_unet = frozen_copy(unet, dtype, torch.device("cpu") if cfg.offload else device)
 
     # ---- forward passes (call under torch.inference_mode) --------------------------------------
     def forward(self, base: Any, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The reference prediction; `base` is the unwrapped policy UNet (used with LoRA)."""
         if not self.lora:
-            return self.ref_unet(noisy, t, encoder_hidden_states=cond).sample
+            return _call(self.ref_unet, noisy, t, cond)
         if self.snapshot is None:
             with adapters_disabled(base):
                 return base(noisy, t, encoder_hidden_states=cond).sample
-        return functional_call(
-            base, self.snapshot, (noisy, t), {"encoder_hidden_states": cond}, strict=False
-        ).sample
+        with eval_mode(base):  # no LoRA dropout in the reference
+            args, kwargs = (noisy, t), {"encoder_hidden_states": cond}
+            return functional_call(base, self.snapshot, args, kwargs, strict=False).sample
 
     def initial_forward(self, base: Any, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         if self.lora:
@@ -73,7 +94,7 @@ class Reference:
         if offloaded:
             init.to(noisy.device)
         try:
-            return init(noisy, t, encoder_hidden_states=cond).sample
+            return _call(init, noisy, t, cond)
         finally:
             if offloaded:
                 init.to("cpu")
