@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpo.errors import ConfigError
+from xdpo.models.load import resolve_pretrained
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -147,29 +148,18 @@ def save_final(accelerator: Any, unet: Any, cfg: Any, out: Path, step: int) -> N
 
     unet = accelerator.unwrap_model(unet)
     out.mkdir(parents=True, exist_ok=True)
+    pretrained = resolve_pretrained(cfg.model.pretrained)
     if cfg.model.lora_rank > 0:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        metadata = unet.peft_config["default"].to_dict()  # keeps lora_alpha != rank right on loading
         StableDiffusionPipeline.save_lora_weights(
-            out,
-            unet_lora_layers=layers,
-            unet_lora_adapter_metadata=unet.peft_config[
-                "default"
-            ].to_dict(),  # keeps lora_alpha != rank right
-            safe_serialization=True,
+            out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
         )
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            cfg.model.pretrained, unet=unet, revision=cfg.model.revision
-        )
+        pipe = StableDiffusionPipeline.from_pretrained(pretrained, unet=unet, revision=cfg.model.revision)
         pipe.save_pretrained(out)
-    from xdpo.models.load import resolve_pretrained
-
-    info = {
-        "base_model": resolve_pretrained(cfg.model.pretrained),
-        "step": step,
-        "lora": cfg.model.lora_rank > 0,
-    }
+    info = {"base_model": pretrained, "step": step, "lora": cfg.model.lora_rank > 0}
     (out / "xdpo.json").write_text(json.dumps(info, indent=2))

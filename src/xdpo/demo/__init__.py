@@ -1,0 +1,1 @@
+"""`xdpo demo`: the digits world end to end (pairs, training, curves, evaluation, report)."""

@@ -1,0 +1,280 @@
+"""`xdpo demo`: the digits world end to end, in stages that each resume from what is on disk.
+
+base (shipped) -> preference pairs (hidden labeller) -> train each method (the shipped digits configs)
+-> reward-vs-step curves from the checkpoints -> same-seed samples of the final models (`xdpo sample`)
+-> scores (`xdpo evaluate` scorers) -> report (report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # row label in the report
+    slug: str  # folder name
+    config: str  # file in xdpo/configs
+    overrides: tuple[str, ...] = ()
+
+
+METHODS = (
+    Method("Diffusion-DPO", "dpo", "digits-dpo.yaml"),
+    Method("xDPO (Appendix C)", "xdpo", "digits-xdpo.yaml"),
+    Method("xDPO (Eq. 9)", "xdpo-eq9", "digits-xdpo-eq9.yaml"),
+    Method("SFT", "sft", "digits-sft.yaml"),
+)
+REF_UPDATE = ("reference.strategy=periodic",)
+TIMESTEP_AWARE = ("timesteps.sampling=skewed", "timesteps.weighting=snr")
+ABLATION = (  # Kang et al. 2025, Tables 3-4
+    Method("Diffusion-DPO", "dpo", "digits-dpo.yaml"),
+    Method("+ reference update", "dpo-ref", "digits-dpo.yaml", REF_UPDATE),
+    Method("+ timestep-aware", "dpo-ts", "digits-dpo.yaml", TIMESTEP_AWARE),
+    Method("+ both", "dpo-both", "digits-dpo.yaml", REF_UPDATE + TIMESTEP_AWARE),
+    Method(
+        "+ reference update, tau 4, no guard",
+        "dpo-ref-noguard",
+        "digits-dpo.yaml",
+        ("reference.strategy=periodic", "reference.update_every=4", "reference.max_divergence=1e9"),
+    ),
+    Method("xDPO (Appendix C)", "xdpo", "digits-xdpo.yaml"),
+    Method("xDPO + both", "xdpo-both", "digits-xdpo.yaml", REF_UPDATE + TIMESTEP_AWARE),
+    Method("Diffusion-KTO", "kto", "digits-kto.yaml"),
+    Method("SFT", "sft", "digits-sft.yaml"),
+)
+
+
+@dataclass
+class DemoSettings:
+    out: Path
+    quick: bool = False
+    ablation: bool = False
+    n_pairs: int = 2000
+    pair_seed: int = 0
+    train_seeds: tuple[int, ...] = (0, 1)
+    eval_seeds: int = 10  # seeds per held-out prompt for the final evaluation
+    curve_seeds: int = 3  # seeds per held-out prompt for the reward-vs-step curves
+    curve_points: int = 6  # checkpoints per run
+    max_steps: int | None = None  # None: the configs' own
+    methods: tuple[Method, ...] = METHODS
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, out: str | Path, *, quick: bool = False, ablation: bool = False) -> DemoSettings:
+        methods = ABLATION if ablation else METHODS
+        if quick:
+            return cls(
+                Path(out),
+                quick=True,
+                ablation=ablation,
+                n_pairs=128,
+                train_seeds=(0,),
+                eval_seeds=2,
+                curve_seeds=1,
+                curve_points=2,
+                max_steps=30,
+                methods=methods,
+            )
+        return cls(Path(out), ablation=ablation, methods=methods)
+
+
+def stage(name: str, settings: DemoSettings):
+    """Context manager printing a stage line and recording its time."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _run():
+        print(f"== {name}", flush=True)
+        t0 = time.time()
+        yield
+        settings.timings[name] = round(time.time() - t0, 1)
+        print(f"   {name}: {settings.timings[name]:.0f} s", flush=True)
+
+    return _run()
+
+
+def make_pairs_once(s: DemoSettings) -> Path:
+    from xdpo.digits.pairs import make_pairs, sidecar_path
+
+    path = s.out / "pairs.parquet"
+    side = sidecar_path(path)
+    if path.is_file() and side.is_file():
+        rec = json.loads(side.read_text())
+        if rec.get("n_pairs") == s.n_pairs and rec.get("seed") == s.pair_seed:
+            print(f"   reusing {path}")
+            return path
+    make_pairs(path, s.n_pairs, seed=s.pair_seed)
+    return path
+
+
+def run_config(s: DemoSettings, m: Method, seed: int, pairs: Path):
+    from xdpo.config import load_config
+
+    cfg = load_config(CONFIGS / m.config, [f"data.path={pairs}", f"seed={seed}", *m.overrides])
+    if s.max_steps:
+        cfg.train.max_steps = s.max_steps
+        cfg.train.warmup_steps = min(cfg.train.warmup_steps, s.max_steps // 5)
+    cfg.output_dir = str(s.out / "runs" / f"{m.slug}-s{seed}")
+    cfg.train.checkpoint_every = max(1, cfg.train.max_steps // s.curve_points)
+    cfg.train.checkpoints_keep = 0  # the curves read every checkpoint
+    return cfg
+
+
+def train_all(s: DemoSettings, pairs: Path) -> dict[tuple[str, int], Path]:
+    """Train every method x seed; a finished run is reused, an interrupted one resumed."""
+    from xdpo.train.checkpoint import list_checkpoints
+    from xdpo.train.loop import train
+
+    runs = {}
+    for m in s.methods:
+        for seed in s.train_seeds:
+            cfg = run_config(s, m, seed, pairs)
+            out = Path(cfg.output_dir)
+            runs[(m.slug, seed)] = out
+            if (out / "final" / "train_summary.json").is_file():
+                print(f"   {m.name} (seed {seed}): reusing {out}")
+                continue
+            print(f"   {m.name} (seed {seed}): {cfg.train.max_steps} steps -> {out}", flush=True)
+            if list_checkpoints(out):
+                cfg.train.resume_from = "latest"
+            train(cfg)
+    return runs
+
+
+def eval_prompts_and_seeds(n_seeds: int) -> tuple[list[str], list[int]]:
+    from xdpo.digits.data import eval_prompts
+
+    return eval_prompts(), list(range(1000, 1000 + n_seeds))  # seeds apart from the pairs' seeds
+
+
+class SameSeedEvaluator:
+    """Mean hidden reward and prompt alignment of a UNet's samples at fixed (prompt, seed) noise.
+
+    Loads the digits base once; `score(unet)` swaps the UNet in, samples the held-out prompts with the
+    digits sampling settings and the same initial noise every time, and scores with the hidden labeller.
+    """
+
+    def __init__(self, n_seeds: int, model: str | Path | None = None) -> None:
+        import torch
+
+        from xdpo.digits.sampling import load_pipeline
+
+        prompts, seeds = eval_prompts_and_seeds(n_seeds)
+        self.prompts = [p for sd in seeds for p in prompts]
+        self.pipe = load_pipeline(model)
+        self.base_unet = self.pipe.unet
+        c = self.base_unet.config
+        shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.latents = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(sd)) for sd in seeds for _ in prompts]
+        )
+
+    def score(self, unet=None) -> tuple[float, float]:
+        from xdpo.digits import DIGITS_SAMPLING
+        from xdpo.digits.labeller import alignment, hidden_reward
+        from xdpo.digits.sampling import generate
+
+        self.pipe.unet = unet if unet is not None else self.base_unet
+        images = generate(
+            self.pipe,
+            self.prompts,
+            latents=self.latents,
+            steps=DIGITS_SAMPLING["steps"],
+            guidance=DIGITS_SAMPLING["guidance"],
+            progress=False,
+        )
+        self.pipe.unet = self.base_unet
+        return float(np.mean(hidden_reward(images, self.prompts))), float(
+            np.mean(alignment(images, self.prompts))
+        )
+
+
+def checkpoint_unet(ckpt: Path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(ckpt / "unet").eval()
+
+
+def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
+    """Mean hidden reward of same-seed samples at every checkpoint of every run (step 0 = the base)."""
+    from xdpo.train.checkpoint import list_checkpoints
+
+    ev = SameSeedEvaluator(s.curve_seeds)
+    base_reward, base_align = ev.score()
+    curves: dict[str, Any] = {"base": {"reward": base_reward, "alignment": base_align}, "runs": {}}
+    for (slug, seed), out in runs.items():
+        points = [(0, base_reward, base_align)]
+        for step, ckpt in list_checkpoints(out):
+            points.append((step, *ev.score(checkpoint_unet(ckpt))))
+        curves["runs"][f"{slug}-s{seed}"] = points
+        print(f"   {slug} (seed {seed}): " + ", ".join(f"{st}:{r:.3f}" for st, r, _ in points), flush=True)
+    (s.out / "curves.json").write_text(json.dumps(curves, indent=2))
+    return curves
+
+
+def sample_and_score(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
+    """`xdpo sample` the base and every final model at the same seeds; score with the digits scorers."""
+    from xdpo.digits import DIGITS_SAMPLING, base_model_path
+    from xdpo.evaluate.evaluate import score_folder
+    from xdpo.evaluate.sample import sample_images
+    from xdpo.evaluate.scorers import load_scorers
+
+    prompts, seeds = eval_prompts_and_seeds(s.eval_seeds)
+    scorers = load_scorers("digits-reward,digits-alignment")
+    models = {"base": base_model_path()} | {
+        f"{slug}-s{seed}": out / "final" for (slug, seed), out in runs.items()
+    }
+    tables = {}
+    for name, model in models.items():
+        folder = s.out / "samples" / name
+        if not (folder / "manifest.jsonl").is_file() or _stale(folder, model):
+            sample_images(
+                model,
+                prompts,
+                seeds,
+                out_dir=folder,
+                steps=DIGITS_SAMPLING["steps"],
+                guidance=DIGITS_SAMPLING["guidance"],
+                scheduler=DIGITS_SAMPLING["scheduler"],
+                batch_size=128,
+                progress=False,
+            )
+        tables[name] = score_folder(folder, scorers, progress=False)
+        print(f"   {name}: mean hidden reward {tables[name]['digits-reward'].mean():.3f}", flush=True)
+    return tables
+
+
+def _stale(folder: Path, model: Path) -> bool:
+    """Re-sample when the model was written after the samples (a run that was trained again)."""
+    manifest = folder / "manifest.jsonl"
+    newest = max((p.stat().st_mtime for p in Path(model).rglob("*.safetensors")), default=0.0)
+    return newest > manifest.stat().st_mtime
+
+
+def run_demo(out: str | Path, *, quick: bool = False, ablation: bool = False) -> Path:
+    """Run (or continue) the demo into `out`; return the report path."""
+    from xdpo.demo.report import write_report
+
+    s = DemoSettings.make(out, quick=quick, ablation=ablation)
+    s.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with stage("1/5 preference pairs from the digits base (hidden labeller)", s):
+        pairs = make_pairs_once(s)
+    with stage("2/5 training", s):
+        runs = train_all(s, pairs)
+    with stage("3/5 reward-vs-step curves", s):
+        curves = reward_curves(s, runs)
+    with stage("4/5 sampling and scoring the final models", s):
+        tables = sample_and_score(s, runs)
+    with stage("5/5 report", s):
+        report = write_report(s, pairs, runs, curves, tables)
+    print(f"Demo finished in {time.time() - t0:.0f} s. Report: {report}", flush=True)
+    return report
