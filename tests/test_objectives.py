@@ -167,7 +167,9 @@ def kto_closed_form(e_w, e_l, r_w, r_l, beta, z0=None, lam=1.0):
     g_w, g_l = r_w - e_w, r_l - e_l
     z0 = torch.cat([g_w, g_l]).mean() if z0 is None else z0
     z0 = max(float(z0), 0.0)
-    return 0.5 * ((1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0))))
+    return 0.5 * (
+        (1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0)))
+    )
 
 
 def test_kto_matches_closed_form(errs):

@@ -174,12 +174,16 @@ def kto_loss(
         reference_point = torch.cat([g_w, g_l]).mean()
     z0 = reference_point.detach().to(dtype).clamp(min=0)
     lam = torch.ones_like(g_w) if weight is None else weight.to(dtype)
-    loss = 0.5 * ((1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0))))
+    loss = 0.5 * (
+        (1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0)))
+    )
     none = torch.zeros(2 * e_w.shape[0], dtype=torch.bool, device=e_w.device)
     return _record(loss, beta * lam * g_w, beta * lam * g_l, none, -g_w, -g_l)
 
 
-def _record(loss: Tensor, reward_w: Tensor, reward_l: Tensor, clamped: Tensor, d_w: Tensor, d_l: Tensor) -> LossOutput:
+def _record(
+    loss: Tensor, reward_w: Tensor, reward_l: Tensor, clamped: Tensor, d_w: Tensor, d_l: Tensor
+) -> LossOutput:
     return LossOutput(
         loss=loss,
         reward_w=reward_w.detach(),
