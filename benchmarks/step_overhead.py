@@ -52,13 +52,12 @@ def loop_step_time(model: str, pairs: Path, batch: int, steps: int, out: Path) -
     from xdpo.config import load_config
     from xdpo.train.loop import train
 
-    res = 32 if model == "digits" else 32
     cfg = load_config(
         None,
         [
             f"model.pretrained={model}",
             f"data.path={pairs}",
-            f"data.resolution={res}",
+            "data.resolution=32",
             f"output_dir={out}",
             f"train.max_steps={steps + 3}",
             f"train.batch_size={batch}",

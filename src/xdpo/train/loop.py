@@ -43,7 +43,6 @@ from xdpo.train.step import (
     divergence_estimate,
     encode_batch,
     make_optimizer,
-    per_sample_error,
 )
 
 LOSS_KEYS = ("beta", "eta", "gamma", "n", "alpha", "label_smoothing", "logratio_scale", "clamp")
@@ -339,6 +338,3 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         f"Done: {step} steps; final model in {out / 'final'}; metrics in {out / 'metrics.jsonl'}"
     )
     return out
-
-
-__all__ = ["train", "per_sample_error"]
