@@ -10,11 +10,13 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from xdpo.config import ReferenceConfig, load_config
+from xdpo.models.families import get_family
 from xdpo.models.load import add_lora
 from xdpo.train.reference import Reference
 from xdpo.train.step import divergence_estimate
 
 CPU = torch.device("cpu")
+SD = get_family("sd")
 
 
 @pytest.fixture
@@ -45,21 +47,19 @@ def policy_out(unet, x, t, c):
 
 def ref_out(ref, unet, x, t, c):
     with torch.inference_mode():
-        return ref.forward(unet, x, t, c).clone()
+        return ref.predict(x, t, {"encoder_hidden_states": c}).clone()
 
 
 def make(unet, lora, **kw):
     if lora:
         add_lora(unet, load_config(None, ["model.pretrained=x", "data.path=y", "model.lora_rank=4"]).model)
-    return Reference(ReferenceConfig(**kw), unet, lora=lora, dtype=torch.float32, device=CPU)
+    return Reference(ReferenceConfig(**kw), SD, unet, lora=lora, dtype=torch.float32, device=CPU)
 
 
-def accept(d=0.0):
-    return lambda: torch.tensor([d])
-
-
-def same(x):
-    return x
+def update(ref, step, d=0.0):
+    """`maybe_update` with the probe-set estimate replaced by a fixed D (the decision logic alone)."""
+    ref.estimate = lambda *args: (d, 0.01)
+    return ref.maybe_update(step, None, seed=0)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -69,14 +69,14 @@ def test_periodic_copies_policy_every_tau_steps_only(unet, lora):
     initial = policy_out(unet, x, t, c)
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), initial)
     perturb(unet, seed=1)
-    assert ref.maybe_update(1, unet, accept(), same) is None  # not a check step
+    assert update(ref, 1, 0.0) is None  # not a check step
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), initial)
-    assert ref.maybe_update(2, unet, accept(0.5), same) == 0.5  # within delta: update
+    assert update(ref, 2, 0.5) == 0.5  # within delta: update
     after_first = policy_out(unet, x, t, c)
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), after_first)
     assert not torch.allclose(after_first, initial)
     perturb(unet, seed=2)
-    ref.maybe_update(3, unet, accept(), same)
+    update(ref, 3, 0.0)
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), after_first)  # unchanged between updates
     assert ref.updates == 1 and ref.frozen_step is None
 
@@ -87,11 +87,11 @@ def test_exceeding_delta_freezes_for_good(unet, lora):
     x, t, c = inputs(unet)
     initial = policy_out(unet, x, t, c)
     perturb(unet)
-    assert ref.maybe_update(1, unet, accept(1.0), same) == 1.0
+    assert update(ref, 1, 1.0) == 1.0
     assert ref.frozen_step == 1
     for step in range(2, 5):
         perturb(unet, seed=step)
-        assert ref.maybe_update(step, unet, accept(0.0), same) is None  # no more checks once frozen
+        assert update(ref, step, 0.0) is None  # no more checks once frozen
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), initial)
     assert ref.updates == 0
 
@@ -102,20 +102,27 @@ def test_reinit_restores_the_initial_model(unet, lora):
     x, t, c = inputs(unet)
     initial = policy_out(unet, x, t, c)
     perturb(unet)
-    ref.maybe_update(1, unet, accept(0.0), same)
+    update(ref, 1, 0.0)
     assert not torch.allclose(ref_out(ref, unet, x, t, c), initial)
     perturb(unet, seed=3)
-    ref.maybe_update(2, unet, accept(5.0), same)
+    update(ref, 2, 5.0)
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), initial)
     assert ref.frozen_step is None  # reinit keeps checking
 
 
-@pytest.mark.parametrize("lora", [False, True])
+def test_lora_ema_is_refused_with_one_line():
+    from xdpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reference.strategy.*not an average of the weights"):
+        load_config(None, ["model.pretrained=x", "data.path=y", "model.lora_rank=4", "reference.strategy=ema"])
+
+
+@pytest.mark.parametrize("lora", [False])
 def test_ema_blends(unet, lora):
     ref = make(unet, lora, strategy="ema", update_every=1, ema_decay=0.75)
     params0 = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
     perturb(unet)
-    ref.maybe_update(1, unet, accept(), same)
+    update(ref, 1, 0.0)
     current = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
     saved = ref.tensors()
     name = next(n for n in current if (not lora) or "lora_B" in n)
@@ -127,35 +134,33 @@ def test_ema_blends(unet, lora):
 def test_state_round_trip(unet, lora):
     ref = make(unet, lora, strategy="periodic", update_every=1, max_divergence=1.0)
     perturb(unet)
-    ref.maybe_update(1, unet, accept(0.2), same)
+    update(ref, 1, 0.2)
     x, t, c = inputs(unet)
     before = ref_out(ref, unet, x, t, c)
     state, tensors = ref.state(), ref.tensors()
     perturb(unet, seed=5)
-    other = Reference(ref.cfg, unet, lora=lora, dtype=torch.float32, device=CPU)
+    other = Reference(ref.cfg, SD, unet, lora=lora, dtype=torch.float32, device=CPU)
     other.load(state, tensors)
     torch.testing.assert_close(ref_out(other, unet, x, t, c), before)
     assert other.updates == 1 and other.last_divergence == pytest.approx(0.2)
 
 
 def test_divergence_estimate_is_zero_for_the_same_model_and_grows_with_drift(unet, tiny_pipeline_dir):
-    from xdpo.models.load import load_components
+    from types import SimpleNamespace
 
-    comps = load_components(load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=y"]).model)
+    from xdpo.models.load import load_components
+    from xdpo.models.noise import DDPMProcess
+
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=y"])
+    comps = load_components(cfg.model)
+    m = SimpleNamespace(process=DDPMProcess(comps.scheduler), loss_cfg=cfg.loss, autocast=torch.no_grad)
     ref = make(unet, False, strategy="periodic")
     lat = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    cond = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))
-
-    def cand(x, t, c):
-        return unet(x, t, encoder_hidden_states=c).sample
-
-    def init(x, t, c):
-        return ref.initial_forward(unet, x, t, c)
+    cond = {"encoder_hidden_states": torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))}
 
     def d(est):
-        return divergence_estimate(
-            comps, cand, init, lat, cond, torch.Generator().manual_seed(2), estimator=est
-        )
+        gen = torch.Generator().manual_seed(2)
+        return divergence_estimate(m, ref.policy_predict, ref.initial_predict, lat, cond, gen, estimator=est)
 
     assert d("pred_mse").abs().max().item() == 0.0
     perturb(unet, 0.01)

@@ -10,8 +10,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from xdpo.config import load_config
-from xdpo.models.load import load_components
-from xdpo.objectives import preference_loss
 from xdpo.train.loop import train
 
 REQUIRED_METRICS = {
@@ -87,35 +85,30 @@ def test_lora_writes_adapter_that_diffusers_loads(tmp_path, tiny_pipeline_dir, p
 @pytest.mark.parametrize("lora", [0, 4])
 @pytest.mark.parametrize("divergence", ["reverse_kl", "xdpo"])
 def test_fixed_batch_loss_falls_and_accuracy_rises(tiny_pipeline_dir, pairs_parquet, lora, divergence):
-    """The loop's step (`denoising_errors` + objective + AdamW) on one fixed batch and fixed (t, noise)."""
-    from xdpo.config import ReferenceConfig
+    """The loop's own step (`preference_step` + AdamW) on one fixed batch and fixed (t, noise)."""
     from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
-    from xdpo.models.load import add_lora
-    from xdpo.train.reference import Reference
-    from xdpo.train.step import denoising_errors, encode_batch
+    from xdpo.train.setup import load_models, loss_kwargs
+    from xdpo.train.step import TrainModels, preference_step
 
     cfg = load_config(
         None,
-        [f"model.pretrained={tiny_pipeline_dir}", f"data.path={pairs_parquet}", f"model.lora_rank={lora}"],
+        [
+            f"model.pretrained={tiny_pipeline_dir}",
+            f"data.path={pairs_parquet}",
+            f"model.lora_rank={lora}",
+            f"loss.divergence={divergence}",
+            "loss.beta=1000",
+        ],
     )
-    comps = load_components(cfg.model)
+    comps, process, unet, ref, params = load_models(cfg, torch.device("cpu"))
+    m = TrainModels(comps, process, unet, ref, cfg.loss, cfg.timesteps, loss_kwargs(cfg))
     pairs = PreferencePairs(load_preference_table(str(pairs_parquet)), resolution=32)
     batch = collate_pairs([pairs[(i, 0)] for i in range(4)])
-    unet = comps.unet
-    if lora:
-        add_lora(unet, cfg.model)
-    ref = Reference(ReferenceConfig(), unet, lora=bool(lora), dtype=torch.float32, device=torch.device("cpu"))
-    params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3 if lora else 1e-4)
     history = []
     for _ in range(12):
         gen = torch.Generator().manual_seed(7)  # the same t and noise every step
-        latents, cond = encode_batch(comps, batch, gen)
-        t = torch.randint(0, 1000, (4,), generator=gen)
-        err, ref_err = denoising_errors(
-            comps, unet, lambda x, tt, c: ref.forward(unet, x, tt, c), latents, cond, t, gen
-        )
-        out = preference_loss(err[:4], err[4:], ref_err[:4], ref_err[4:], divergence=divergence, beta=1000.0)
+        out = preference_step(m, batch, gen).out
         out.loss.mean().backward()
         opt.step()
         opt.zero_grad()
@@ -191,7 +184,7 @@ def test_interrupted_run_keeps_its_progress(tmp_path, tiny_pipeline_dir, pairs_p
     """Ctrl-C in step 3 of a run without periodic checkpoints: steps 1-2 are saved and resumable."""
     import xdpo.train.loop as loop
 
-    real, calls = loop.objective_loss, {"n": 0}
+    real, calls = loop.preference_step, {"n": 0}
 
     def interrupt_on_third_call(*args, **kw):
         calls["n"] += 1
@@ -199,12 +192,12 @@ def test_interrupted_run_keeps_its_progress(tmp_path, tiny_pipeline_dir, pairs_p
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(loop, "objective_loss", interrupt_on_third_call)
+    monkeypatch.setattr(loop, "preference_step", interrupt_on_third_call)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 5, "train.checkpoint_every": 0})
     out = tmp_path / "run"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
-    monkeypatch.setattr(loop, "objective_loss", real)
+    monkeypatch.setattr(loop, "preference_step", real)
     run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 5, "train.resume_from": "latest"})
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
 

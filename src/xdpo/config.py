@@ -28,16 +28,27 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     pretrained: str = _f(
-        "", "diffusers pipeline folder or hub id (SD 1.x/2.x); `digits` = the shipped digits base"
+        "",
+        "diffusers pipeline folder or hub id (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1); "
+        "`digits` / `digits-flow` = the shipped digits bases",
     )
     revision: str | None = _f(None, "hub revision of `pretrained`")
-    lora_rank: int = _f(0, "LoRA rank on the UNet attention projections; 0 = full fine-tune")
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = _f(
+        "auto", "model family; auto = read from model_index.json (_class_name)"
+    )
+    vae: str = _f("", "another VAE folder or hub id (e.g. SDXL's fp16-fix VAE); empty = the pipeline's")
+    text_encoder_3: bool = _f(True, "SD3: load the T5 text encoder (false drops it, as diffusers allows)")
+    max_sequence_length: int = _f(0, "SD3/Flux: T5 tokens; 0 = the pipeline's default (SD3 256, Flux 512)")
+    guidance: float = _f(3.5, "Flux guidance-distilled checkpoints (FLUX.1-dev): the guidance embedding's scale")
+    lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     lora_alpha: float | None = _f(None, "LoRA alpha; empty = lora_rank (scale 1)")
     lora_dropout: float = _f(0.0, "LoRA dropout")
-    lora_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    lora_targets: list[str] = _f(
+        ["to_q", "to_k", "to_v", "to_out.0"], "denoiser modules that get LoRA adapters (attention q, k, v, out)"
+    )
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the denoiser")
     reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f(
-        "auto", "dtype of the frozen reference UNet (full fine-tune); auto = the mixed-precision dtype"
+        "auto", "dtype of the frozen reference denoiser (full fine-tune); auto = the mixed-precision dtype"
     )
 
 
@@ -78,6 +89,13 @@ class LossConfig:
     error_reduction: Literal["mean", "sum"] = _f(
         "mean", "per-sample error: mean over C,H,W (Diffusion-DPO) or sum (xDPO appendix; overflows)"
     )
+    error_space: Literal["native", "epsilon"] = _f(
+        "native",
+        "errors of the model's own prediction (eps, v, x0, flow velocity) or converted to noise predictions",
+    )
+    beta_schedule: Literal["constant", "flow"] = _f(
+        "constant", "flow models: constant beta (Flow-DPO), or beta (1 - sigma)^2 (derived, reward-hacks)"
+    )
 
 
 @dataclass
@@ -94,9 +112,8 @@ class ReferenceConfig:
         "freeze",
         "periodic, divergence > delta: freeze the reference for good, or reset it to the initial model",
     )
-    divergence_samples: int = _f(
-        4, "preferred images of the last micro-batch used for the divergence estimate"
-    )
+    probe_size: int = _f(32, "preferred images drawn once from the data on which the divergence is estimated")
+    probe_draws: int = _f(4, "(t, eps) draws per probe image for each divergence estimate")
     divergence: Literal["pred_mse", "error_gap"] = _f(
         "pred_mse", "divergence estimate: mean (pred - pred_initial)^2, or e - e_initial (signed)"
     )
@@ -106,9 +123,13 @@ class ReferenceConfig:
 
 @dataclass
 class TimestepConfig:
-    sampling: Literal["uniform", "skewed"] = _f(
-        "uniform", "uniform over [0, T) (Diffusion-DPO) or skewed toward noisy t (Kang et al. 2025)"
+    sampling: Literal["auto", "uniform", "skewed", "logit_normal"] = _f(
+        "auto",
+        "auto = uniform (UNet families, Diffusion-DPO) or logit_normal (flow families, SD3); "
+        "skewed = toward noisy t (Kang et al. 2025)",
     )
+    mean: float = _f(0.0, "logit_normal: location m of u = sigmoid(m + s n)")
+    std: float = _f(1.0, "logit_normal: scale s")
     bins: int = _f(10, "skewed: number of equal bins over [0, T)")
     gamma: float = _f(
         0.9, "skewed: bin k (k = 0 the noisiest) drawn with probability proportional to gamma^k"
@@ -141,6 +162,10 @@ class TrainConfig:
     resume_from: str = _f("", "`latest`, a checkpoint folder, or empty for a fresh start")
     report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "accelerate tracker for metrics")
     log_every: int = _f(1, "progress-bar refresh every N steps (metrics.jsonl has every step)")
+    nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "non-finite loss: stop the run (weights untouched), or skip the step and count it"
+    )
+    max_nonfinite: int = _f(10, "skip: stop after this many non-finite steps in a row")
 
 
 @dataclass
@@ -351,7 +376,17 @@ def validate(cfg: Config) -> None:
     _require(lo.clamp > 0, "loss.clamp", "must be > 0", lo.clamp)
     _require(r.update_every >= 1, "reference.update_every", "must be >= 1", r.update_every)
     _require(r.max_divergence > 0, "reference.max_divergence", "must be > 0", r.max_divergence)
-    _require(r.divergence_samples >= 1, "reference.divergence_samples", "must be >= 1", r.divergence_samples)
+    _require(r.probe_size >= 1, "reference.probe_size", "must be >= 1", r.probe_size)
+    _require(r.probe_draws >= 1, "reference.probe_draws", "must be >= 1", r.probe_draws)
+    _require(
+        not (m.lora_rank > 0 and r.strategy == "ema"),
+        "reference.strategy",
+        "ema with LoRA would average the factors A and B separately, which is not an average of the "
+        "weights B A; use periodic, or a full fine-tune (model.lora_rank=0)",
+        r.strategy,
+    )
+    _require(m.max_sequence_length >= 0, "model.max_sequence_length", "must be >= 0", m.max_sequence_length)
+    _require(ts.std > 0, "timesteps.std", "must be > 0", ts.std)
     _require(0 <= r.ema_decay < 1, "reference.ema_decay", "must be in [0, 1)", r.ema_decay)
     _require(ts.bins >= 1, "timesteps.bins", "must be >= 1", ts.bins)
     _require(0 < ts.gamma <= 1, "timesteps.gamma", "must be in (0, 1]", ts.gamma)
@@ -364,6 +399,7 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
     _require(t.checkpoints_keep >= 0, "train.checkpoints_keep", "must be >= 0", t.checkpoints_keep)
     _require(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1", t.max_nonfinite)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,97 +1,166 @@
-"""Load Stable Diffusion components from a diffusers pipeline folder or hub id; LoRA; targets.
+"""Load a diffusers pipeline of any family (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1); LoRA; latents.
 
-The policy is the pipeline's UNet (full fine-tune) or the UNet with peft LoRA adapters; the
-reference is a frozen copy (full) or the same UNet with adapters disabled (LoRA, no second copy).
+The family is read from `model_index.json` (`_class_name`) unless `model.family` names it. The pipeline
+is loaded with its own diffusers class, so every component gets the class and config it was saved
+with; the trainer keeps the pipeline for its `encode_prompt` (train and sample condition alike).
+The policy is the family's denoiser (full fine-tune) or the denoiser with peft LoRA adapters; the
+reference is a frozen copy (full) or the same denoiser with adapters disabled (LoRA, no second copy).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from xdpo.config import ModelConfig
 from xdpo.errors import ConfigError
+from xdpo.models.families import Family, family_of_class, get_family
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Components:
-    unet: Any
+    family: Family
+    path: str  # the resolved pipeline folder or hub id
+    pipe: Any  # the loaded pipeline (its encode_prompt is used for the conditions)
+    denoiser: Any
     vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    noise_scheduler: Any
+    scheduler: Any  # the training scheduler (DDPM for UNet families, the flow scheduler otherwise)
+    text_encoders: dict[str, Any] = field(default_factory=dict)
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+    max_sequence_length: int = 0
+    guidance: float = 3.5
+
+    @property
+    def unet(self) -> Any:  # SD-era name of the denoiser
+        return self.denoiser
 
 
-NAMED_MODELS = {"digits": "the digits-world base shipped with xdpo"}
+def named_models() -> dict[str, Path]:
+    """Pipelines shipped with xdpo, by the name `model.pretrained` and `--model` accept."""
+    from xdpo.digits import base_model_path
+
+    named = {"digits": base_model_path}
+    try:
+        from xdpo.digits import flow_base_model_path
+
+        named["digits-flow"] = flow_base_model_path
+    except ImportError:  # pragma: no cover - older installs
+        pass
+    return named
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """`digits` -> the shipped digits base folder; anything else unchanged (a folder or hub id)."""
-    if pretrained == "digits" and not Path(pretrained).exists():
-        from xdpo.digits import base_model_path
-
-        return str(base_model_path())
+    """`digits` / `digits-flow` -> the shipped folder; anything else unchanged (a folder or hub id)."""
+    if not Path(pretrained).exists():
+        resolver = named_models().get(pretrained)
+        if resolver is not None:
+            return str(resolver())
     return pretrained
 
 
-def check_pipeline(pretrained: str) -> None:
-    """Clear errors for a folder that is not an SD 1.x/2.x pipeline (hub ids are left to diffusers)."""
+def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
+    """model_index.json of a folder or hub id (offline: the hub cache); ConfigError when unreadable."""
     path = Path(resolve_pretrained(pretrained))
-    pretrained = str(path)
-    if not path.exists():
-        if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-            raise ConfigError(f"model.pretrained: {pretrained} is neither a folder nor a hub id (owner/name)")
-        return
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(
-            f"model.pretrained: {path} has no model_index.json (not a diffusers pipeline folder)"
-        )
-    info = json.loads(index.read_text())
-    if "text_encoder_2" in info:
-        raise ConfigError(f"model.pretrained: {path} is an SDXL pipeline; SDXL training is not supported yet")
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in info]
-    if missing:
-        raise ConfigError(f"model.pretrained: {path} lacks component(s) {', '.join(missing)}")
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ConfigError(
+                f"model.pretrained: {path} has no model_index.json (not a diffusers pipeline folder)"
+            )
+        import json
 
+        return json.loads(index.read_text())
+    name = str(pretrained)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ConfigError(f"model.pretrained: {name} is neither a folder nor a hub id (owner/name)")
+    from diffusers import DiffusionPipeline
 
-def load_components(cfg: ModelConfig) -> Components:
-    """UNet, VAE, text encoder, tokenizer and the training noise scheduler (DDPM, from the pipeline's config)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    check_pipeline(cfg.pretrained)
-    pretrained = resolve_pretrained(cfg.pretrained)
-    kw = {"revision": cfg.revision}
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
-    except OSError as e:
+        return DiffusionPipeline.load_config(name, revision=revision)
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; all mean "cannot read it"
         raise ConfigError(
-            f"model.pretrained: cannot load {cfg.pretrained}: {str(e).splitlines()[0]}"
+            f"model.pretrained: cannot read model_index.json of {name}: {str(e).splitlines()[0]}"
         ) from None
-    for m in (vae, text_encoder):
+
+
+def check_pipeline(pretrained: str, family: str = "auto", revision: str | None = None) -> Family:
+    """The pipeline's family, with one clear line for a folder that no family can train."""
+    info = read_model_index(pretrained, revision)
+    class_name = info.get("_class_name", "?")
+    fam = get_family(family) if family != "auto" else family_of_class(class_name)
+    if fam is None:
+        raise ConfigError(
+            f"model.pretrained: {resolve_pretrained(pretrained)} is a {class_name}, not a family xdpo trains "
+            "(StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline); "
+            "set model.family to force one"
+        )
+    missing = [c for c in (fam.denoiser, "vae", "scheduler", "text_encoder", "tokenizer") if c not in info]
+    if missing:
+        raise ConfigError(
+            f"model.pretrained: {resolve_pretrained(pretrained)} lacks component(s) {', '.join(missing)} "
+            f"of a {fam.pipeline_class}"
+        )
+    return fam
+
+
+def pipeline_kwargs(model_cfg: Any, fam: Family) -> dict[str, Any]:
+    """Component overrides for loading (and for saving final/): the family's, plus `model.vae`."""
+    kw: dict[str, Any] = {"revision": model_cfg.revision, **fam.load_kwargs(model_cfg)}
+    if model_cfg.vae:
+        from diffusers import AutoencoderKL
+
+        try:
+            kw["vae"] = AutoencoderKL.from_pretrained(resolve_pretrained(model_cfg.vae))
+        except OSError as e:
+            raise ConfigError(f"model.vae: cannot load {model_cfg.vae}: {str(e).splitlines()[0]}") from None
+    return kw
+
+
+def load_components(model_cfg: Any) -> Components:
+    """The pipeline of `model.pretrained` through its family's diffusers class, and its training scheduler."""
+    fam = check_pipeline(model_cfg.pretrained, model_cfg.family, model_cfg.revision)
+    path = resolve_pretrained(model_cfg.pretrained)
+    try:
+        pipe = fam.pipeline_cls().from_pretrained(path, **pipeline_kwargs(model_cfg, fam))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.pretrained: cannot load {path}: {str(e).splitlines()[0]}") from None
+    parts = pipe.components
+    if fam.process == "ddpm":
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    else:
+        scheduler = parts["scheduler"]
+    encoders = {k: v for k, v in parts.items() if k.startswith("text_encoder") and v is not None}
+    tokenizers = {k: v for k, v in parts.items() if k.startswith("tokenizer") and v is not None}
+    for m in (parts["vae"], *encoders.values()):
         m.requires_grad_(False).eval()
-    return Components(unet, vae, text_encoder, tokenizer, noise_scheduler)
+    return Components(
+        family=fam,
+        path=path,
+        pipe=pipe,
+        denoiser=parts[fam.denoiser],
+        vae=parts["vae"],
+        scheduler=scheduler,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        max_sequence_length=model_cfg.max_sequence_length,
+        guidance=model_cfg.guidance,
+    )
 
 
-def add_lora(unet: Any, cfg: ModelConfig) -> None:
+def add_lora(model: Any, cfg: Any) -> None:
     """Attach LoRA adapters (peft, through diffusers' integration); only they are trainable."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
+    model.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha or cfg.lora_rank,
@@ -100,59 +169,44 @@ def add_lora(unet: Any, cfg: ModelConfig) -> None:
         target_modules=list(cfg.lora_targets),
     )
     try:
-        unet.add_adapter(lora)
+        model.add_adapter(lora)
     except ValueError as e:
         raise ConfigError(f"model.lora_targets: {e}") from None
-    for p in unet.parameters():
+    for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable adapter weights in fp32 under mixed precision
 
 
-def frozen_copy(unet: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """The reference UNet for full fine-tuning: a frozen copy in `dtype`."""
-    ref = copy.deepcopy(unet).to(device=device, dtype=dtype)
+def frozen_copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """The reference denoiser for full fine-tuning: a frozen copy in `dtype`."""
+    ref = copy.deepcopy(model).to(device=device, dtype=dtype)
     return ref.requires_grad_(False).eval()
 
 
 @contextmanager
-def adapters_disabled(unet: Any):
-    """Reference = the base UNet: LoRA adapters off inside the block."""
-    unet.disable_adapters()
+def adapters_disabled(model: Any):
+    """Reference = the base denoiser: LoRA adapters off inside the block."""
+    model.disable_adapters()
     try:
-        yield unet
+        yield model
     finally:
-        unet.enable_adapters()
+        model.enable_adapters()
 
 
-def prediction_target(noise_scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """Regression target by the scheduler's prediction type: eps, v (Salimans & Ho 2022) or x0."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
+def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """The VAE posterior's (mean, logvar), unscaled, float32."""
+    dist = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
+    return dist.mean.float(), dist.logvar.float()
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer: Any, text_encoder: Any, captions: list[str], device: torch.device) -> Tensor:
-    """CLIP last hidden states [B, 77, D] as SD 1.x/2.x condition on them."""
-    ids = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
+def scale_latents(vae: Any, z: Tensor) -> Tensor:
+    """(z - shift_factor) * scaling_factor, the space the denoiser works in (shift: SD3, Flux)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def encode_images(vae: Any, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """VAE latents (a sample of the posterior, as Diffusion-DPO) times `scaling_factor`."""
+    """Scaled VAE latents: a sample of the posterior, as Diffusion-DPO."""
     dist = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
-    latents = dist.sample(generator=generator)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return scale_latents(vae, dist.sample(generator=generator))

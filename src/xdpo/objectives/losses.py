@@ -5,13 +5,23 @@ dispreferred (l) images, shape [B], computed with the same (t, eps) for both ima
 With delta = e_theta - e_ref, log z = -s * delta and r = f'(z) (see `divergences.py`):
 
     h      = lambda(t) * (r_w - r_l)                   (reward difference, before beta)
-    logits = (beta / 2) * h                            (DESIGN.md §3.2)
+    logits = (beta / 2) * h                            (docs/math.md §3)
 
-Outer losses over the logits x (DESIGN.md §3.3):
+Outer losses over the logits x (docs/math.md §4):
     sigmoid  -(1 - eps) log sigma(x) - eps log sigma(-x)           (DPO; eps > 0 = conservative DPO)
     hinge    relu(1 - x)                                           (SLiC / RSO)
-    ipo      (h - 1 / (2 beta))^2                                  (IPO, Azar et al. 2024, diffusion form)
+    ipo      (h - 1 / beta)^2                                      (IPO, Azar et al. 2024, tau = beta / 2)
     robust   (-(1 - eps) log sigma(x) + eps log sigma(-x)) / (1 - 2 eps)   (rDPO, Chowdhury et al. 2024)
+
+IPO's regularisation tau plays the role of DPO's beta in logits = tau * h; here the logits are
+(beta / 2) * h, so IPO takes tau = beta / 2: (h - 1 / (2 tau))^2 = (h - 1 / beta)^2, optimum at
+h* = 1 / beta, i.e. logits x* = 1/2 for every beta. (Earlier versions used (h - 1 / (2 beta))^2,
+which at equal beta regularised twice as hard as the other outer losses.)
+
+Soft labels: with `label` p = P(first image preferred) per pair (1 for an ordinary pair, 0.5 for a
+tie kept with `data.ties=keep`), loss = p * outer(x) + (1 - p) * outer(-x), with h -> -h for `ipo`:
+the expected loss under the label, so a tie is the mean of both orderings (its gradient pulls the
+logits toward 0 instead of training the tie as a win). `sft` and `kto` ignore `label`.
 
 The reported rewards are scaled like the logits, reward_w = (beta / 2) * lambda * r_w, so that
 reward_w - reward_l = logits (the Diffusion-DPO convention: the loss looks flat near log 2 while the
@@ -66,7 +76,7 @@ def _hinge(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
 
 
 def _ipo(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
-    return (h - 1 / (2 * beta)) ** 2
+    return (h - 1 / beta) ** 2  # IPO with tau = beta / 2, the scale of the logits (module docstring)
 
 
 def _robust(x: Tensor, h: Tensor, beta: float, eps: float) -> Tensor:
@@ -79,6 +89,16 @@ OUTER_LOSSES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
     "ipo": _ipo,
     "robust": _robust,
 }
+
+
+def soft_outer(outer: str, x: Tensor, h: Tensor, beta: float, eps: float, label: Tensor | None) -> Tensor:
+    """label * outer(x, h) + (1 - label) * outer(-x, -h); `label=None` is 1 (the first image preferred)."""
+    fn = OUTER_LOSSES[outer]
+    loss = fn(x, h, beta, eps)
+    if label is None:
+        return loss
+    p = torch.as_tensor(label, dtype=loss.dtype, device=loss.device)
+    return p * loss + (1 - p) * fn(-x, -h, beta, eps)
 
 
 def _rewards(
@@ -107,11 +127,14 @@ def preference_loss(
     logratio_scale: float = 1.0,
     clamp: float = 50.0,
     weight: Tensor | None = None,
+    label: Tensor | None = None,
 ) -> LossOutput:
     """Pairwise preference loss: outer((beta/2) * weight * (f'(z_w) - f'(z_l))), in float32 (or float64 inputs).
 
     `reverse_kl` + `sigmoid` is Diffusion-DPO: -logsigmoid(-0.5 beta ((e_w - e_l) - (e_ref_w - e_ref_l))).
     `weight` is an optional per-sample lambda(t) multiplying beta (Kang et al. 2025).
+    `label` [B] is the probability that the first image (w) is preferred (None = 1): the loss is
+    label * outer(x) + (1 - label) * outer(-x), so a tie (0.5) averages both orderings.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose from {sorted(DIVERGENCES)}")
@@ -123,7 +146,7 @@ def preference_loss(
     lam = torch.ones_like(r_w) if weight is None else weight.to(r_w.dtype)
     h = lam * (r_w - r_l)
     logits = 0.5 * beta * h
-    loss = OUTER_LOSSES[outer](logits, h, beta, label_smoothing)
+    loss = soft_outer(outer, logits, h, beta, label_smoothing, label)
     return _record(loss, 0.5 * beta * lam * r_w, 0.5 * beta * lam * r_l, torch.cat([c_w, c_l]), d_w, d_l)
 
 
@@ -135,11 +158,13 @@ def sft_loss(
     *,
     beta: float = 5000.0,
     weight: Tensor | None = None,
+    label: Tensor | None = None,
     **_: float,
 ) -> LossOutput:
     """Supervised fine-tuning on the preferred image: loss = lambda(t) * e_theta(w) (plain denoising loss).
 
     The rewards are the Diffusion-DPO ones, logged only to show how SFT moves the implicit preference.
+    `label` is ignored: SFT trains on the first image whatever its preference probability.
     """
     dtype = torch.promote_types(e_w.dtype, torch.float32)
     lam = torch.ones_like(e_w, dtype=dtype) if weight is None else weight.to(dtype)
@@ -158,14 +183,17 @@ def kto_loss(
     beta: float = 1000.0,
     weight: Tensor | None = None,
     reference_point: Tensor | None = None,
+    label: Tensor | None = None,
     **_: float,
 ) -> LossOutput:
     """Diffusion-KTO (Li et al., NeurIPS 2024) with the winner desirable and the loser undesirable.
 
     g = e_ref - e_theta per image (the implicit reward); z0 = max(mean g over the global batch, 0),
-    detached (pass it as `reference_point` after gathering across processes; default: this batch);
+    detached (pass it as `reference_point`, e.g. a running mean over an optimizer step's images of all
+    processes; default: this batch); `weight` is lambda per pair [B] or per image [2B] (w then l);
     loss = 1 - sigma(beta * lambda * sign * (g - z0)), sign = +1 (desirable) / -1 (undesirable).
     The per-pair loss is the mean of its two per-image losses (so the batch mean is the per-image mean).
+    `label` is ignored: KTO needs each image desirable or undesirable (drop ties with `data.ties=drop`).
     """
     dtype = torch.promote_types(e_w.dtype, torch.float32)
     g_w = e_ref_w.to(dtype) - e_w.to(dtype)
@@ -174,11 +202,12 @@ def kto_loss(
         reference_point = torch.cat([g_w, g_l]).mean()
     z0 = reference_point.detach().to(dtype).clamp(min=0)
     lam = torch.ones_like(g_w) if weight is None else weight.to(dtype)
+    lam_w, lam_l = lam.chunk(2) if lam.shape[0] == 2 * g_w.shape[0] else (lam, lam)  # per image or per pair
     loss = 0.5 * (
-        (1 - torch.sigmoid(beta * lam * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam * (g_l - z0)))
+        (1 - torch.sigmoid(beta * lam_w * (g_w - z0))) + (1 - torch.sigmoid(-beta * lam_l * (g_l - z0)))
     )
     none = torch.zeros(2 * e_w.shape[0], dtype=torch.bool, device=e_w.device)
-    return _record(loss, beta * lam * g_w, beta * lam * g_l, none, -g_w, -g_l)
+    return _record(loss, beta * lam_w * g_w, beta * lam_l * g_l, none, -g_w, -g_l)
 
 
 def _record(
@@ -200,5 +229,8 @@ OBJECTIVES: dict[str, Callable[..., LossOutput]] = {"pair": preference_loss, "sf
 def objective_loss(
     objective: str, e_w: Tensor, e_l: Tensor, e_ref_w: Tensor, e_ref_l: Tensor, **kw
 ) -> LossOutput:
-    """Dispatch by `loss.objective` name; keyword arguments are the `loss.*` config values."""
+    """Dispatch by `loss.objective` name; keyword arguments are the `loss.*` config values.
+
+    Pass `label=batch["label_w"]` for soft preference targets (ties); `sft` and `kto` ignore it.
+    """
     return OBJECTIVES[objective](e_w, e_l, e_ref_w, e_ref_l, **kw)

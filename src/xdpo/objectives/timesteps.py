@@ -1,10 +1,16 @@
 """Timestep sampling and weighting (Kang et al. 2025, "Rethinking DPO in Diffusion Models", AAAI-26).
 
+Timesteps are integer indices t in [0, T), larger = noisier, for every noise process (see
+`xdpo.models.noise`: DDPM timesteps, or indices into a flow model's ascending sigma table).
+
 - `uniform`: t ~ U{0, ..., T-1}, as Diffusion-DPO.
+- `logit_normal`: u = sigmoid(m + s n), n ~ N(0, 1), t = floor(u T) (SD3's training density, Esser et
+  al. 2024 §3.1, on the noise level u before the scheduler's shift; flow_grpo's SD3 DPO uses (0, 1)).
 - `skewed`: [0, T) is split into K equal bins; bin k (k = 0 the noisiest, i.e. the highest t) is drawn
   with probability gamma^k / sum_j gamma^j, then t is uniform inside the bin. The paper's exact
   indexing is in an appendix we could not read: this is our reading of its main text.
-- `snr` weighting: lambda(t) = 1 + minmax(1 / sqrt(SNR(t))) with SNR(t) = abar_t / (1 - abar_t) and the
+- `snr` weighting: lambda(t) = 1 + minmax(1 / sqrt(SNR(t))) with SNR(t) = abar_t / (1 - abar_t) (DDPM)
+  or ((1 - s) / s)^2 (flow matching, on sigma s) and the
   min-max over the scheduler's T timesteps, so lambda runs from 2 (noisiest) to 1 (cleanest);
   lambda multiplies beta inside the outer loss. `constant`: lambda = 1.
 """
@@ -28,15 +34,20 @@ def sample_timesteps(
     sampling: str = "uniform",
     bins: int = 10,
     gamma: float = 0.9,
+    mean: float = 0.0,
+    std: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """n integer timesteps in [0, T) by `sampling` (uniform | skewed)."""
+    """n integer timesteps in [0, T) by `sampling` (uniform | skewed | logit_normal)."""
     T = num_train_timesteps
     if sampling == "uniform":
         return torch.randint(0, T, (n,), generator=generator, device=device)
+    if sampling == "logit_normal":
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+        return (u * T).long().clamp_(0, T - 1)
     if sampling != "skewed":
-        raise ValueError(f"unknown timestep sampling {sampling!r} (uniform, skewed)")
+        raise ValueError(f"unknown timestep sampling {sampling!r} (uniform, skewed, logit_normal)")
     edges = torch.linspace(0, T, bins + 1).round().long()  # bin j covers [edges[j], edges[j+1])
     probs = bin_probabilities(bins, gamma).to(device=device, dtype=torch.float32)
     k = torch.multinomial(probs, n, replacement=True, generator=generator)  # 0 = noisiest
@@ -46,10 +57,9 @@ def sample_timesteps(
     return torch.minimum(lo + (u * (hi - lo).float()).long(), hi - 1)
 
 
-def snr_lambda_table(alphas_cumprod: Tensor) -> Tensor:
-    """lambda(t) = 1 + minmax(1/sqrt(SNR(t))) for every t of the scheduler (float32, shape [T])."""
-    a = alphas_cumprod.double()
-    inv = torch.sqrt((1 - a) / a)
+def snr_lambda_table(snr: Tensor) -> Tensor:
+    """lambda(t) = 1 + minmax(1/sqrt(SNR(t))) for every t of the process (float32, shape [T])."""
+    inv = snr.double().rsqrt()
     return (1 + (inv - inv.min()) / (inv.max() - inv.min())).float()
 
 

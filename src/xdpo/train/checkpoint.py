@@ -1,10 +1,10 @@
 """Resumable checkpoints (accelerate state + compact model weights), pruning, and the final model.
 
 Layout of `output_dir/checkpoints/step-N/`:
-  unet/ (full fine-tune, diffusers format) or adapter_model.safetensors (LoRA, peft keys),
+  unet/ or transformer/ (full fine-tune, diffusers format) or adapter_model.safetensors (LoRA, peft keys),
   optimizer.bin, custom_checkpoint_0.pkl (lr scheduler), random_states_*.pkl   (accelerate)
   trainer_state.json                                           (step, pairs_seen, reference state, ...)
-  reference.safetensors       (periodic/ema reference: its UNet weights, or its LoRA snapshot)
+  reference.safetensors       (periodic/ema reference: its denoiser weights, or its LoRA snapshot)
 A checkpoint is written to `step-N.tmp` and renamed when complete, so a crash never leaves a
 half-written checkpoint that `resume_from=latest` would pick.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpo.errors import ConfigError
-from xdpo.models.load import resolve_pretrained
+from xdpo.models.load import pipeline_kwargs
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -63,8 +63,8 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
     return moved
 
 
-def register_model_hooks(accelerator: Any, lora: bool) -> None:
-    """Save only what is trained: LoRA adapter weights, or the UNet in diffusers format."""
+def register_model_hooks(accelerator: Any, lora: bool, denoiser: str = "unet") -> None:
+    """Save only what is trained: LoRA adapter weights, or the denoiser in diffusers format."""
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for model in models:
@@ -77,7 +77,7 @@ def register_model_hooks(accelerator: Any, lora: bool) -> None:
                     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
                     save_file(state, str(Path(output_dir) / ADAPTER_FILE))
                 else:
-                    unet.save_pretrained(Path(output_dir) / "unet")
+                    unet.save_pretrained(Path(output_dir) / denoiser)
             if weights:
                 weights.pop()
 
@@ -92,9 +92,7 @@ def register_model_hooks(accelerator: Any, lora: bool) -> None:
                 if getattr(result, "unexpected_keys", None):
                     raise ConfigError(f"train.resume_from: {input_dir} has adapter keys this model lacks")
             else:
-                from diffusers import UNet2DConditionModel
-
-                saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / "unet")
+                saved = type(unet).from_pretrained(Path(input_dir) / denoiser)
                 unet.load_state_dict(saved.state_dict())
                 del saved
 
@@ -139,27 +137,40 @@ def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict, dict]:
     return json.loads((path / "trainer_state.json").read_text()), tensors
 
 
-def save_final(accelerator: Any, unet: Any, cfg: Any, out: Path, step: int) -> None:
-    """LoRA: final/pytorch_lora_weights.safetensors (pipe.load_lora_weights(final)).
-    Full: a complete pipeline folder with the new UNet (StableDiffusionPipeline.from_pretrained(final))."""
+def save_final(accelerator: Any, model: Any, cfg: Any, comps: Any, out: Path, step: int) -> None:
+    """LoRA: final/pytorch_lora_weights.safetensors (the family pipeline's `load_lora_weights(final)`).
+    Full: a complete pipeline folder with the trained denoiser (`<FamilyPipeline>.from_pretrained(final)`,
+    or `DiffusionPipeline.from_pretrained(final)`), with the components the run trained with."""
     if not accelerator.is_main_process:
         return
-    from diffusers import StableDiffusionPipeline
-
-    unet = accelerator.unwrap_model(unet)
+    fam = comps.family
+    pipeline_cls = fam.pipeline_cls()
+    model = accelerator.unwrap_model(model)
     out.mkdir(parents=True, exist_ok=True)
-    pretrained = resolve_pretrained(cfg.model.pretrained)
     if cfg.model.lora_rank > 0:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        metadata = unet.peft_config["default"].to_dict()  # keeps lora_alpha != rank right on loading
-        StableDiffusionPipeline.save_lora_weights(
-            out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        layers = get_peft_model_state_dict(model)
+        if fam.denoiser == "unet":  # peft -> diffusers key names, as diffusers' UNet LoRA scripts save
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            layers = convert_state_dict_to_diffusers(layers)
+        metadata = model.peft_config["default"].to_dict()  # keeps lora_alpha != rank right on loading
+        pipeline_cls.save_lora_weights(
+            out,
+            **{f"{fam.denoiser}_lora_layers": layers, f"{fam.denoiser}_lora_adapter_metadata": metadata},
+            safe_serialization=True,
         )
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(pretrained, unet=unet, revision=cfg.model.revision)
+        kw = pipeline_kwargs(cfg.model, fam)
+        pipe = pipeline_cls.from_pretrained(comps.path, **{fam.denoiser: model}, **kw)
         pipe.save_pretrained(out)
-    info = {"base_model": pretrained, "step": step, "lora": cfg.model.lora_rank > 0}
+    info = {
+        "base_model": comps.path,
+        "family": fam.name,
+        "pipeline_class": fam.pipeline_class,
+        "step": step,
+        "lora": cfg.model.lora_rank > 0,
+        "vae": cfg.model.vae or None,
+    }
     (out / "xdpo.json").write_text(json.dumps(info, indent=2))

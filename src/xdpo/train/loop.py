@@ -1,10 +1,11 @@
-"""The training recipe: preference fine-tuning of a Stable Diffusion UNet, top to bottom.
+"""The training recipe: preference fine-tuning of a diffusion model of any family, top to bottom.
 
-One optimizer step (DESIGN.md §2), per micro-batch of B pairs:
+One optimizer step (docs/design.md §2), per micro-batch of B pairs (`step.preference_step`):
   latents z_w, z_l (VAE)  ->  t ~ timestep sampler, one t and one eps per pair, shared by w and l
-  ->  reference UNet on [w; l] (inference mode)  ->  policy UNet on [w; l] in one call
+  ->  reference on [w; l] (inference mode)  ->  policy on [w; l] in one call
   ->  per-sample errors e  ->  objective with lambda(t) (float32)  ->  backward
 then clip, step, schedule, maybe update the reference, log one line of metrics.jsonl, checkpoint.
+SIGINT and SIGTERM (preemption) finish the step, save a checkpoint on every process, and exit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,9 +23,7 @@ from tqdm.auto import tqdm
 
 from xdpo.config import Config, dump_yaml
 from xdpo.errors import XdpoError
-from xdpo.models.load import DTYPES, add_lora, check_pipeline, load_components
-from xdpo.objectives import objective_loss
-from xdpo.objectives.timesteps import sample_timesteps, snr_lambda_table, timestep_weights
+from xdpo.models.load import check_pipeline
 from xdpo.train.batches import StepBatches, mix_seed
 from xdpo.train.checkpoint import (
     list_checkpoints,
@@ -37,15 +35,10 @@ from xdpo.train.checkpoint import (
     set_aside_newer,
 )
 from xdpo.train.metrics import MetricsLog, summarize
-from xdpo.train.reference import Reference, eval_mode
-from xdpo.train.step import (
-    denoising_errors,
-    divergence_estimate,
-    encode_batch,
-    make_optimizer,
-)
+from xdpo.train.setup import build_probe, lambda_table, load_models, loss_kwargs
+from xdpo.train.step import KTOReferencePoint, TrainModels, make_optimizer, preference_step
 
-LOSS_KEYS = ("beta", "eta", "gamma", "n", "alpha", "label_smoothing", "logratio_scale", "clamp")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe reads top to bottom on purpose
@@ -79,7 +72,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         raise XdpoError(
             f"{out} already has checkpoints; set train.resume_from=latest to continue, or choose a new output_dir"
         )
-    check_pipeline(cfg.model.pretrained)  # fail fast, before reading a large dataset
+    family = check_pipeline(cfg.model.pretrained, cfg.model.family, cfg.model.revision)  # fail fast
 
     # ---- data ------------------------------------------------------------------------------
     table = load_preference_table(cfg.data.path, cfg.data.split)
@@ -98,34 +91,28 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
 
     # ---- models ----------------------------------------------------------------------------
     set_seed(cfg.seed)  # LoRA initialisation and anything else drawing from the global RNGs
-    comps = load_components(cfg.model)
-    weight_dtype = DTYPES[t.mixed_precision]
-    for frozen in (comps.vae, comps.text_encoder):  # frozen encoders run in the mixed-precision dtype
-        frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
-    unet, lora = comps.unet, cfg.model.lora_rank > 0
-    if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if lora:
-        unet.to(device) if weight_dtype == torch.float32 else unet.to(device, dtype=weight_dtype)
-        add_lora(unet, cfg.model)
-    ref_dtype = weight_dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
-    reference = Reference(cfg.reference, unet, lora=lora, dtype=ref_dtype, device=device)
-    if not lora:
-        unet.requires_grad_(True)
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    sched = comps.noise_scheduler
-    if ts.sampling == "skewed" and ts.bins > sched.config.num_train_timesteps:
-        raise XdpoError(f"timesteps.bins: {ts.bins} bins for {sched.config.num_train_timesteps} timesteps")
-    lam_table = snr_lambda_table(sched.alphas_cumprod) if ts.weighting == "snr" else None
-
+    comps, process, unet, reference, params = load_models(cfg, device)
+    lora = cfg.model.lora_rank > 0
     lr = t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(t, params, lr)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=t.warmup_steps)
-    register_model_hooks(accelerator, lora)
+    register_model_hooks(accelerator, lora, family.denoiser)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
-    base = accelerator.unwrap_model(unet)  # for reference passes: no DDP hooks
+    m = TrainModels(
+        comps=comps,
+        process=process,
+        policy=unet,
+        reference=reference,
+        loss_cfg=lc,
+        timestep_cfg=ts,
+        loss_kw=loss_kwargs(cfg),
+        lambda_table=lambda_table(cfg, process),
+        autocast=accelerator.autocast,
+        gather=accelerator.gather,
+        rank=rank,
+        kto_point=KTOReferencePoint(2 * t.batch_size * t.grad_accum * world),
+    )
 
     setup = {
         "world": world,
@@ -148,6 +135,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         state["setup"] = setup
         if "reference" in state:
             reference.load(state["reference"], ref_tensors)
+        m.kto_point.load(state.get("kto_window", []))
         accelerator.print(f"Resuming from {resume} at step {start_step}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -161,10 +149,13 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     log = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=main)
     accelerator.print(
         f"{n_pairs} pairs from {cfg.data.path} ({pairs.n_ties} ties, {pairs.n_dropped} dropped); "
+        f"{family.name} ({family.pipeline_class}, {process.kind}); "
         f"{'LoRA r=' + str(cfg.model.lora_rank) if lora else 'full fine-tune'}, "
         f"{sum(p.numel() for p in params):,} trainable; effective batch {t.batch_size * t.grad_accum * world} "
         f"pairs, lr {lr:.3g}; {lc.objective}/{lc.divergence}/{lc.outer} beta={lc.beta:g}; "
-        f"reference {cfg.reference.strategy}; timesteps {ts.sampling}/{ts.weighting}"
+        f"reference {cfg.reference.strategy}; timesteps {ts.sampling}/{ts.weighting}; "
+        f"errors {lc.error_space}/{lc.error_reduction}, beta schedule {lc.beta_schedule}; "
+        f"distributed: {accelerator.distributed_type.name}, {world} process(es)"
     )
 
     loader = torch.utils.data.DataLoader(
@@ -183,112 +174,71 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         num_workers=cfg.data.num_workers,
     )
     batches = iter(loader)
-    loss_kw = {k: getattr(lc, k) for k in LOSS_KEYS}
-    if lc.objective == "pair":
-        loss_kw.update(divergence=lc.divergence, outer=lc.outer)
+    if cfg.reference.strategy == "periodic":
+        build_probe(cfg, pairs, n_pairs, m, rank, world, collate_pairs)
 
-    def ref_forward(noisy, tt, cond):
-        return reference.forward(base, noisy, tt, cond)
-
-    def ref_initial(noisy, tt, cond):
-        return reference.initial_forward(base, noisy, tt, cond)
-
-    def policy_forward(noisy, tt, cond):
-        with eval_mode(base):  # the divergence check: no dropout
-            return base(noisy, tt, encoder_hidden_states=cond).sample
-
-    # Ctrl-C (one process): finish the step, save a checkpoint, then stop; a second Ctrl-C stops at once
+    # SIGINT / SIGTERM: finish the step, save a checkpoint (all processes agree), then stop;
+    # a second SIGINT stops at once
     stop = {"requested": False}
 
-    def on_sigint(signum, frame):
-        if stop["requested"]:
+    def on_signal(signum, frame):
+        if stop["requested"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop["requested"] = True
-        print("\nxdpo train: stopping after this step (Ctrl-C again to stop now)", flush=True)
+        name = signal.Signals(signum).name
+        print(f"\nxdpo train: {name}: stopping after this step (Ctrl-C again to stop now)", flush=True)
 
-    graceful = world == 1 and threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if graceful else None
+    graceful = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS} if graceful else {}
 
     step, last_saved, in_update = start_step, start_step, False
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train", dynamic_ncols=True)
+    skipped_run = state.get("nonfinite_in_a_row", 0)
     try:
         while step < t.max_steps:
             t0, records, finite = time.perf_counter(), [], []
             for micro in range(t.grad_accum):
                 batch = next(batches)
                 gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, micro, rank))
-                b = len(batch["captions"])
-                latents, cond = encode_batch(comps, batch, gen)
-                timesteps = sample_timesteps(
-                    b,
-                    sched.config.num_train_timesteps,
-                    sampling=ts.sampling,
-                    bins=ts.bins,
-                    gamma=ts.gamma,
-                    generator=gen,
-                    device=device,
-                )
-                weight = timestep_weights(timesteps, ts.weighting, lam_table)
                 with accelerator.no_sync(unet) if micro < t.grad_accum - 1 else nullcontext():
-                    err, ref_err = denoising_errors(
-                        comps,
-                        unet,
-                        ref_forward,
-                        latents,
-                        cond,
-                        timesteps,
-                        gen,
-                        reduction=lc.error_reduction,
-                        autocast=accelerator.autocast,
-                    )
-                    extra = {"weight": weight}
-                    if lc.objective == "kto":  # reference point: mean implicit reward over the global batch
-                        extra["reference_point"] = accelerator.gather((ref_err - err).detach()).mean()
-                    rec = objective_loss(
-                        lc.objective, err[:b], err[b:], ref_err[:b], ref_err[b:], **loss_kw, **extra
-                    )
-                    loss = rec.loss.mean()
+                    res = preference_step(m, batch, gen)
+                    loss = res.out.loss.mean()
                     accelerator.backward(loss / t.grad_accum)
                 finite.append(torch.isfinite(loss.detach()))
-                records.append((rec, timesteps, weight))
-            # one check per step, on every process alike (a rank raising alone would hang the others)
-            if not bool(accelerator.gather(torch.stack(finite)).all()):
-                optimizer.zero_grad(set_to_none=True)
-                raise XdpoError(
-                    f"non-finite loss at step {step + 1} (weights not updated; checkpoints intact): lower "
-                    "train.learning_rate or loss.beta, or use bf16 / mixed_precision=no if fp16 overflows"
-                )
+                records.append((res.out, res.timesteps, res.weight))
+            # one collective per step, on every process alike: all finite? anyone asked to stop?
+            flags = torch.stack([torch.stack(finite).all(), torch.tensor(stop["requested"], device=device)])
+            flags = accelerator.gather(flags.float().unsqueeze(0)).view(-1, 2)
+            all_finite, stop["requested"] = bool(flags[:, 0].min() > 0), bool(flags[:, 1].max() > 0)
+            if not all_finite:
+                optimizer.zero_grad(set_to_none=True)  # the weights never see a non-finite gradient
+                skipped_run += 1
+                if t.nonfinite == "stop" or skipped_run > t.max_nonfinite:
+                    raise XdpoError(
+                        f"non-finite loss at step {step + 1} ({skipped_run} in a row; weights not updated, "
+                        "checkpoints intact): lower train.learning_rate or loss.beta, or use bf16 / "
+                        "mixed_precision=no if fp16 overflows"
+                        + ("" if t.nonfinite == "stop" else f"; train.max_nonfinite={t.max_nonfinite}")
+                    )
 
             in_update = True  # from here until the bookkeeping is done, the state is between two steps
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+            grad_norm = None
             lr_now = lr_scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
+            if all_finite:
+                skipped_run = 0
+                if t.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            k = min(cfg.reference.divergence_samples, b)  # the last micro-batch's preferred images
-            # fresh (t, eps) for the divergence check, a random stream apart from the steps'
-            div_gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, 1 << 30, rank))
-            divergence = reference.maybe_update(
-                step,
-                base,
-                partial(
-                    divergence_estimate,
-                    comps,
-                    policy_forward,
-                    ref_initial,
-                    latents[:k],
-                    cond[:k],
-                    div_gen,
-                    estimator=cfg.reference.divergence,
-                    reduction=lc.error_reduction,
-                    autocast=accelerator.autocast,
-                ),
-                lambda x: accelerator.reduce(x, "mean"),
-            )
+            divergence = reference.maybe_update(step, m, cfg.seed, chunk=max(2 * t.batch_size, 1))
             state["pairs_seen"] = step * t.batch_size * t.grad_accum * world
             state["reference"] = reference.state()
+            state["kto_window"] = m.kto_point.state() if lc.objective == "kto" else []
+            state["nonfinite_in_a_row"] = skipped_run
+            state["nonfinite_total"] = state.get("nonfinite_total", 0) + (0 if all_finite else 1)
             row = {"step": step, **summarize(accelerator, records)}
             row.update(
                 lr=lr_now,
@@ -297,6 +247,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
                 step_time=time.perf_counter() - t0,
                 **reference.metrics(divergence),
             )
+            if not all_finite:
+                row["nonfinite_skipped"] = state["nonfinite_total"]
             if accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
                 row["skipped"] = True
             log.write(row)
@@ -322,13 +274,13 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
             print(f"xdpo train: interrupted; saved {path} (resume with train.resume_from=latest)", flush=True)
         raise
     finally:
-        if graceful:
-            signal.signal(signal.SIGINT, previous_handler or signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)
         bar.close()
         log.close()
 
     save_checkpoint(accelerator, out, step, state, t.checkpoints_keep, reference.tensors())
-    save_final(accelerator, unet, cfg, out / "final", step)
+    save_final(accelerator, unet, cfg, comps, out / "final", step)
     accelerator.wait_for_everyone()
     if t.report_to != "none":
         accelerator.end_training()

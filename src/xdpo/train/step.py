@@ -1,21 +1,27 @@
-"""The model side of one training step: latents, shared (t, eps), policy and reference errors.
+"""One micro-step of preference training, for every model family (docs/design.md §2, §8).
 
-e(x) = mean_{C,H,W} (model(x_t, c, t) - target)^2 per sample (DESIGN.md §3.1), computed for the policy
-in one batched call on [w; l] and for the reference in inference mode.
+e(x) = mean_{C,H,W} (prediction - target)^2 per sample, for the policy in one batched call on [w; l]
+and for the reference in inference mode; one (t, eps) per pair, shared by w and l (per image for KTO,
+whose images are independent, as Diffusion-KTO trains).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from xdpo.models.load import encode_images, encode_prompts, prediction_target
+from xdpo.models.load import Components, encode_images
+from xdpo.objectives import LossOutput, objective_loss
+from xdpo.objectives.timesteps import sample_timesteps
 
-RefForward = Callable[[Tensor, Tensor, Tensor], Tensor]
+NEEDS_REFERENCE = {"pair": True, "kto": True, "sft": False}
+"""Objectives that use the reference's errors; a reference-free one skips the reference forward."""
 
 
 def per_sample_error(pred: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -25,51 +31,126 @@ def per_sample_error(pred: Tensor, target: Tensor, reduction: str = "mean") -> T
     return sq.mean(dim=dims) if reduction == "mean" else sq.sum(dim=dims)
 
 
-def encode_batch(comps: Any, batch: dict, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Latents of [w; l] (shape [2B, C, h, w], float32) and the caption embeddings repeated for both."""
+class KTOReferencePoint:
+    """Diffusion-KTO's z0: the mean implicit reward g = e_ref - e_theta over a running window of the
+    last `size` images of all processes (one optimizer step's worth), so that it never degenerates to
+    the two images of one pair. Its contents are saved with checkpoints (exact resume)."""
+
+    def __init__(self, size: int) -> None:
+        self.values: deque[float] = deque(maxlen=max(size, 1))
+
+    def update(self, g: Tensor) -> Tensor:
+        self.values.extend(g.detach().float().flatten().tolist())
+        return torch.tensor(sum(self.values) / len(self.values), device=g.device)
+
+    def state(self) -> list[float]:
+        return list(self.values)
+
+    def load(self, values: list[float]) -> None:
+        self.values.clear()
+        self.values.extend(values)
+
+
+@dataclass
+class TrainModels:
+    """What a step needs: the pipeline parts, the noise process, the policy (as prepared by accelerate)
+    and the reference; `settings` are the run's loss and timestep configs."""
+
+    comps: Components
+    process: Any
+    policy: Any
+    reference: Any
+    loss_cfg: Any
+    timestep_cfg: Any
+    loss_kw: dict[str, Any]
+    lambda_table: Tensor | None = None
+    autocast: Callable = nullcontext
+    gather: Callable[[Tensor], Tensor] = lambda x: x  # noqa: E731 - identity on one process
+    rank: int = 0
+    kto_point: KTOReferencePoint = field(default_factory=lambda: KTOReferencePoint(2))
+
+
+@dataclass
+class StepOutput:
+    out: LossOutput
+    timesteps: Tensor  # [B] per pair (KTO: the winners' t)
+    weight: Tensor | None  # [B] lambda(t) multiplying beta, or None
+
+
+@torch.no_grad()
+def encode_batch(comps: Components, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """Latents of [w; l] ([2B, C, h, w], float32) and the family's conditions for [w; l]."""
     device = gen.device
     pixels = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device)
     latents = encode_images(comps.vae, pixels, gen).float()
-    cond = encode_prompts(comps.tokenizer, comps.text_encoder, batch["captions"], device)
-    return latents, cond.repeat(2, 1, 1)
+    text = comps.family.encode_text(comps, batch["captions"], device)
+    cond = {k: torch.cat([v, v]) for k, v in text.items()}
+    extra = comps.family.image_conditions(comps, batch, latents.shape[0])
+    cond.update({k: v.to(device) for k, v in extra.items()})
+    return latents, cond
 
 
-def denoising_errors(
-    comps: Any,
-    unet: Any,
-    reference: RefForward,
-    latents: Tensor,
-    cond: Tensor,
-    timesteps: Tensor,
-    gen: torch.Generator,
-    *,
-    reduction: str = "mean",
-    autocast: Callable = nullcontext,
-) -> tuple[Tensor, Tensor]:
-    """Policy and reference errors on [w; l], shape [2B] each; one (t, eps) per pair shared by w and l."""
-    sched = comps.noise_scheduler
-    b = timesteps.shape[0]
-    noise = torch.randn(latents[:b].shape, device=latents.device, generator=gen).repeat(2, 1, 1, 1)
-    t2 = timesteps.repeat(2)
-    noisy = sched.add_noise(latents, noise, t2)
-    target = prediction_target(sched, latents, noise, t2)
-    with torch.inference_mode(), autocast():
-        ref_err = per_sample_error(reference(noisy, t2, cond), target, reduction)
-    err = per_sample_error(unet(noisy, t2, encoder_hidden_states=cond).sample, target, reduction)
-    return err, ref_err.clone()  # clone: leave inference mode, a normal tensor for autograd
+def step_weight(m: TrainModels, t: Tensor) -> Tensor | None:
+    """lambda(t): Kang et al.'s SNR weight and/or Flow-DPO's beta_t / beta = (1 - sigma)^2."""
+    w = None if m.lambda_table is None else m.lambda_table.to(t.device)[t]
+    if m.loss_cfg.beta_schedule == "flow":
+        sched = (1 - m.process.noise_level(t)) ** 2
+        w = sched if w is None else w * sched
+    return w
+
+
+def preference_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOutput:
+    """Latents and conditions -> shared (t, eps) -> reference and policy errors -> the objective."""
+    lc, ts, fam, proc = m.loss_cfg, m.timestep_cfg, m.comps.family, m.process
+    latents, cond = encode_batch(m.comps, batch, gen)
+    n = latents.shape[0]
+    b, per_image = n // 2, lc.objective == "kto"
+    draws = n if per_image else b
+    t = sample_timesteps(
+        draws, proc.num_steps, sampling=ts.sampling, bins=ts.bins, gamma=ts.gamma,
+        mean=ts.mean, std=ts.std, generator=gen, device=latents.device,
+    )  # fmt: skip
+    eps = torch.randn(latents[:draws].shape, device=latents.device, generator=gen)
+    if not per_image:
+        t, eps = t.repeat(2), eps.repeat(2, *([1] * (eps.ndim - 1)))
+    noisy, target = proc.noise(latents, eps, t)
+    model_t = proc.model_timestep(t)
+
+    def errors(pred: Tensor) -> Tensor:
+        if lc.error_space == "epsilon":
+            pred, tgt = proc.to_epsilon(pred, noisy, t), eps
+        else:
+            tgt = target
+        return per_sample_error(pred, tgt, lc.error_reduction)
+
+    ref_err = None
+    if NEEDS_REFERENCE[lc.objective]:
+        with torch.inference_mode(), m.autocast():
+            ref_err = errors(m.reference.predict(noisy, model_t, cond))
+        ref_err = ref_err.clone()  # leave inference mode: a normal tensor for autograd
+    err = errors(fam.predict(m.policy, noisy, model_t, cond))
+    if ref_err is None:
+        ref_err = err.detach()  # delta = 0: the logged rewards of a reference-free objective are 0
+
+    weight = step_weight(m, t if per_image else t[:b])
+    extra: dict[str, Any] = {"weight": weight}
+    if per_image:
+        extra["reference_point"] = m.kto_point.update(m.gather((ref_err - err).detach()))
+    elif "label_w" in batch and lc.objective == "pair":
+        extra["label"] = batch["label_w"].to(err.device)
+    out = objective_loss(lc.objective, err[:b], err[b:], ref_err[:b], ref_err[b:], **m.loss_kw, **extra)
+    return StepOutput(out, t[:b], None if weight is None else weight[:b])
 
 
 def divergence_estimate(
-    comps: Any,
-    candidate: RefForward,
-    initial: RefForward,
+    m: TrainModels,
+    candidate: Callable[[Tensor, Tensor, dict], Tensor],
+    initial: Callable[[Tensor, Tensor, dict], Tensor],
     latents: Tensor,
-    cond: Tensor,
+    cond: dict[str, Tensor],
     gen: torch.Generator,
     *,
     estimator: str = "pred_mse",
-    reduction: str = "mean",
-    autocast: Callable = nullcontext,
 ) -> Tensor:
     """Per-sample divergence of the candidate from the initial model on `latents`, fresh uniform t and eps.
 
@@ -78,18 +159,22 @@ def divergence_estimate(
                their variance, so their KL is proportional to the squared difference of predictions).
     error_gap: e_candidate - e_initial — the difference of denoising errors (can be negative).
     """
-    sched = comps.noise_scheduler
+    proc, lc = m.process, m.loss_cfg
     k = latents.shape[0]
-    t = torch.randint(0, sched.config.num_train_timesteps, (k,), device=latents.device, generator=gen)
-    noise = torch.randn(latents.shape, device=latents.device, generator=gen)
-    noisy = sched.add_noise(latents, noise, t)
-    target = prediction_target(sched, latents, noise, t)
-    with torch.inference_mode(), autocast():
-        p_c, p_i = candidate(noisy, t, cond), initial(noisy, t, cond)
+    t = torch.randint(0, proc.num_steps, (k,), device=latents.device, generator=gen)
+    eps = torch.randn(latents.shape, device=latents.device, generator=gen)
+    noisy, target = proc.noise(latents, eps, t)
+    model_t = proc.model_timestep(t)
+    with torch.inference_mode(), m.autocast():
+        p_c, p_i = candidate(noisy, model_t, cond), initial(noisy, model_t, cond)
+        if lc.error_space == "epsilon":
+            p_c, p_i, target = proc.to_epsilon(p_c, noisy, t), proc.to_epsilon(p_i, noisy, t), eps
         if estimator == "pred_mse":
-            d = per_sample_error(p_c, p_i, reduction)
+            d = per_sample_error(p_c, p_i, lc.error_reduction)
         else:
-            d = per_sample_error(p_c, target, reduction) - per_sample_error(p_i, target, reduction)
+            d = per_sample_error(p_c, target, lc.error_reduction) - per_sample_error(
+                p_i, target, lc.error_reduction
+            )
     return d.clone()
 
 

@@ -1,0 +1,65 @@
+"""SD3 / SD3.5: SD3Transformer2DModel (MMDiT), CLIP-L + CLIP-G + T5 (optional), rectified flow.
+
+Conditions (as `StableDiffusion3Pipeline.encode_prompt`, which computes them): the CLIP-L and CLIP-G
+penultimate hidden states concatenated, zero-padded to T5's width and followed along the sequence by
+the T5 hidden states (zeros without T5) as `encoder_hidden_states`; both pooled CLIP embeddings
+concatenated as `pooled_projections`. `model.text_encoder_3: false` drops T5 (diffusers allows it).
+The transformer sees the timestep s * 1000 (s the flow sigma).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xdpo.models.families import Family
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
+
+
+def load_kwargs(model_cfg: Any) -> dict[str, Any]:
+    return {} if model_cfg.text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
+
+
+@torch.no_grad()
+def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+    embeds, _, pooled, _ = comps.pipe.encode_prompt(
+        prompt=captions,
+        prompt_2=None,
+        prompt_3=None,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=False,
+        max_sequence_length=comps.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+    )
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def image_conditions(comps: Any, batch: dict, n: int) -> dict[str, Tensor]:
+    return {}
+
+
+def predict(model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    return model(
+        hidden_states=noisy,
+        timestep=t,
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        pooled_projections=cond["pooled_projections"],
+        return_dict=False,
+    )[0]
+
+
+FAMILY = Family(
+    name="sd3",
+    pipeline_class="StableDiffusion3Pipeline",
+    class_names=("StableDiffusion3Pipeline",),
+    denoiser="transformer",
+    process="flow",
+    load_kwargs=load_kwargs,
+    encode_text=encode_text,
+    image_conditions=image_conditions,
+    predict=predict,
+    about="SD3/SD3.5: MMDiT, CLIP-L + CLIP-G + T5, flow matching",
+)
