@@ -290,3 +290,36 @@ def test_half_precision_reference_next_to_fp32_policy(tmp_path, tiny_pipeline_di
     )
     # the reference is the initial model in bf16: near log 2 up to bf16 rounding of its errors (x beta/2 = 50)
     assert 0.55 < read_metrics(out)[0]["loss"] < 0.85
+
+
+def test_dry_run_validates_and_writes_nothing(tmp_path, tiny_pipeline_dir, pairs_parquet, capsys):
+    from xdpo.cli import main
+
+    out = tmp_path / "never"
+    args = [f"model.pretrained={tiny_pipeline_dir}", f"data.path={pairs_parquet}", f"output_dir={out}"]
+    assert main(["train", "--dry-run", *args, "model.lora_rank=4", "train.optimizer=adafactor"]) == 0
+    text = capsys.readouterr().out
+    assert "usable pairs" in text and "Memory estimate" in text and "lora_rank: 4" in text
+    assert not out.exists()
+
+
+def test_memory_estimate_counts_adapters_and_the_full_optimizer(tiny_pipeline_dir):
+    from xdpo.models.families import get_family
+    from xdpo.train.memory import estimate, meta_modules
+
+    base = [f"model.pretrained={tiny_pipeline_dir}", "data.path=x"]
+    fam = get_family("sd")
+    full_cfg = load_config(None, base)
+    mods = meta_modules(str(tiny_pipeline_dir), fam, full_cfg)
+    full = estimate(mods, "unet", full_cfg)
+    p = sum(x.numel() for x in mods["unet"].parameters())
+    assert full["_trainable"] == p and full["optimizer state"] == 8 * p and full["gradients"] == 4 * p
+    lora = estimate(mods, "unet", load_config(None, [*base, "model.lora_rank=4"]))
+    assert 0 < lora["_trainable"] < p / 10 and lora["reference"] == 0
+    # the count matches what peft attaches
+    from xdpo.models.load import add_lora, load_components
+
+    comps = load_components(load_config(None, [*base, "model.lora_rank=4"]).model)
+    add_lora(comps.denoiser, load_config(None, [*base, "model.lora_rank=4"]).model)
+    attached = sum(x.numel() for x in comps.denoiser.parameters() if x.requires_grad)
+    assert lora["_trainable"] == attached

@@ -14,6 +14,7 @@ Examples:
   xdpo train --config configs/sd15-pickapic-xdpo.yaml
   xdpo train --config configs/sd15-pickapic-dpo.yaml loss.beta=2500 train.max_steps=10 output_dir=runs/try
   xdpo train --config configs/sd15-pickapic-xdpo.yaml train.resume_from=latest
+  xdpo train --config configs/sdxl-pickapic-dpo.yaml data.path=/data/pickapic --dry-run   (check, write nothing)
   accelerate launch -m xdpo train --config configs/sd15-pickapic-xdpo.yaml      (multi-GPU)
 """
 
@@ -23,20 +24,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="fine-tune a diffusion model on preference pairs",
         description=(
-            "Fine-tune a Stable Diffusion 1.x/2.x UNet (full or LoRA) on preference pairs in the Pick-a-Pic v2 "
-            "format with Diffusion-DPO, xDPO or another objective. Writes config.yaml, metrics.jsonl, "
-            "checkpoints/step-N/ and final/ under output_dir."
+            "Fine-tune an SD 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1 model (full or LoRA) on preference pairs in "
+            "the Pick-a-Pic v2 format with Diffusion-DPO / Flow-DPO, xDPO or another objective. Writes "
+            "config.yaml, metrics.jsonl, checkpoints/step-N/ and final/ under output_dir. SIGINT/SIGTERM "
+            "save a checkpoint and stop; resume with train.resume_from=latest."
         ),
         epilog=EPILOG.format(table=help_table()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config file (keys below)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config, data and model; print the resolved config, usable pairs and a memory "
+        "estimate; write nothing",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. loss.beta=1000")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from xdpo.train.dryrun import dry_run
+
+        return dry_run(cfg)
     from xdpo.train.loop import train
 
     train(cfg)

@@ -34,6 +34,7 @@ from xdpo.train.checkpoint import (
     save_final,
     set_aside_newer,
 )
+from xdpo.train.memory import estimate, format_estimate
 from xdpo.train.metrics import MetricsLog, summarize
 from xdpo.train.setup import build_probe, lambda_table, load_models, loss_kwargs
 from xdpo.train.step import KTOReferencePoint, TrainModels, make_optimizer, preference_step
@@ -93,6 +94,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     set_seed(cfg.seed)  # LoRA initialisation and anything else drawing from the global RNGs
     comps, process, unet, reference, params = load_models(cfg, device)
     lora = cfg.model.lora_rank > 0
+    parts = {family.denoiser: unet, "vae": comps.vae, **comps.text_encoders}
+    accelerator.print(format_estimate(estimate(parts, family.denoiser, cfg)))
     lr = t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(t, params, lr)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=t.warmup_steps)

@@ -66,7 +66,7 @@ def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor, to
         "reward_w",
         "reward_l",
         "clamp_fraction",
-        # where the log-ratios live (DESIGN.md §3.2): xDPO differs from DPO only where |n*delta| is large
+        # where the log-ratios live (docs/math.md §2): xDPO differs from DPO only where |n*delta| is large
         "delta_w",
         "delta_l",
         "delta_abs_max",

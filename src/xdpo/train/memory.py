@@ -1,0 +1,112 @@
+"""A run's device-memory estimate from parameter counts: weights, gradients, optimizer state, reference.
+
+Counts come from the loaded modules, or from the component configs instantiated on the meta device
+(`xdpo train --dry-run`: nothing is read but configs). Bytes per value: fp32 4, fp16/bf16 2.
+- denoiser: full fine-tune keeps fp32 master weights (P x 4); LoRA keeps the base in the mixed-precision
+  dtype and the adapters in fp32 (P x w + T x 4);
+- gradients: T x 4; optimizer: AdamW 2 x T x 4, 8-bit AdamW 2 x T x 1, Adafactor the factored second
+  moments (rows + columns of each matrix) x 4;
+- reference: full fine-tune, a frozen copy in `model.reference_dtype` (+ the initial model for `periodic`,
+  unless offloaded; `ema` keeps its copy in fp32); LoRA, nothing (adapters disabled) or a snapshot T x 4;
+- frozen VAE and text encoders in the mixed-precision dtype.
+Activations depend on resolution, batch, attention kernels and gradient checkpointing and are not
+estimated: measure them with `benchmarks/step_overhead.py` style runs at your sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BYTES = {"no": 4, "fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def lora_count(model: Any, targets: list[str], rank: int) -> int:
+    """Adapter parameters peft would add: r (in + out) per targeted Linear (module name ends with a target)."""
+    import torch
+
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            n += rank * (mod.in_features + mod.out_features)
+    return n
+
+
+def adafactor_count(model: Any) -> int:
+    n = 0
+    for p in model.parameters():
+        n += p.shape[0] + p[0].numel() if p.ndim >= 2 else p.numel()
+    return n
+
+
+def meta_modules(pretrained: str, fam: Any, cfg: Any) -> dict[str, Any]:
+    """The pipeline's denoiser, VAE and text encoders built from their configs on the meta device."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from xdpo.models.load import read_model_index, resolve_pretrained
+
+    path = resolve_pretrained(pretrained)
+    index = read_model_index(pretrained, cfg.model.revision)
+    wanted = [fam.denoiser, "vae"] + [k for k in index if k.startswith("text_encoder")]
+    if not cfg.model.text_encoder_3:
+        wanted = [k for k in wanted if k != "text_encoder_3"]
+    out = {}
+    with init_empty_weights():
+        for name in wanted:
+            lib, cls_name = index.get(name) or (None, None)
+            if lib is None:
+                continue
+            if lib == "diffusers":
+                cls = getattr(diffusers, cls_name)
+                out[name] = cls.from_config(
+                    cls.load_config(path, subfolder=name, revision=cfg.model.revision)
+                )
+            else:
+                cls = getattr(transformers, cls_name)
+                conf = cls.config_class.from_pretrained(path, subfolder=name, revision=cfg.model.revision)
+                out[name] = cls(conf)
+    return out
+
+
+def estimate(modules: dict[str, Any], denoiser: str, cfg: Any) -> dict[str, float]:
+    """Bytes by part (see the module docstring)."""
+    t, m, r = cfg.train, cfg.model, cfg.reference
+    w = BYTES[t.mixed_precision]
+    den = modules[denoiser]
+    p = sum(x.numel() for x in den.parameters())
+    lora = m.lora_rank > 0
+    trainable = lora_count(den, m.lora_targets, m.lora_rank) if lora else p
+    attached = sum(x.numel() for n, x in den.named_parameters() if "lora_" in n) if lora else 0
+    if attached:  # a loaded model with its adapters already attached
+        trainable, p = attached, p - attached
+    ref_b = w if m.reference_dtype == "auto" else BYTES[m.reference_dtype]
+    opt = {"adamw": 8 * trainable, "adafactor": 4 * (adafactor_count(den) if not lora else trainable)}
+    opt["adamw8bit"] = 2 * trainable
+    if lora:
+        ref = 4 * trainable if r.strategy == "periodic" else 0
+    else:
+        ref = (4 if r.strategy == "ema" else ref_b) * p
+        ref += ref_b * p if r.strategy == "periodic" and not r.offload else 0
+    frozen = sum(sum(x.numel() for x in mod.parameters()) for k, mod in modules.items() if k != denoiser)
+    return {
+        "denoiser weights": (p * w + 4 * trainable) if lora else 4 * p,
+        "gradients": 4 * trainable,
+        "optimizer state": opt.get(t.optimizer, 8 * trainable),
+        "reference": ref,
+        "frozen VAE + text encoders": frozen * w,
+        "_params": p,
+        "_trainable": trainable,
+    }
+
+
+def format_estimate(est: dict[str, float]) -> str:
+    parts = {k: v for k, v in est.items() if not k.startswith("_")}
+    total = sum(parts.values())
+    unit, scale = ("GiB", 1024**3) if total >= 1024**3 else ("MiB", 1024**2)
+    lines = [f"  {k:<28} {v / scale:9.2f} {unit}" for k, v in parts.items()]
+    lines.append(f"  {'total (without activations)':<28} {total / scale:9.2f} {unit}")
+    head = (
+        f"Memory estimate per device ({est['_params']:,} denoiser parameters, {est['_trainable']:,} trained):"
+    )
+    return "\n".join([head, *lines, "  activations: not estimated (resolution, batch, checkpointing)"])
