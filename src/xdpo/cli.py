@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except XdpoError as e:
         print(f"xdpo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the command has said what it saved
+        print(f"xdpo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Layout of `output_dir/checkpoints/step-N/`:
   trainer_state.json                                           (step, pairs_seen, reference state, ...)
   reference.safetensors       (periodic/ema reference: its denoiser weights, or its LoRA snapshot)
 A checkpoint is written to `step-N.tmp` and renamed when complete, so a crash never leaves a
-half-written checkpoint that `resume_from=latest` would pick.
+half-written checkpoint that `resume_from=latest` would pick; the next run removes such leftovers
+(`clean_partial`). Re-saving an existing step renames the old folder aside first, so the newest
+complete checkpoint is never deleted before its replacement is in place.
 """
 
 from __future__ import annotations
@@ -48,6 +50,27 @@ def resolve_resume(output_dir: str | Path, resume_from: str) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(f"train.resume_from: {path} is not a complete checkpoint (no trainer_state.json)")
     return path
+
+
+def clean_partial(output_dir: str | Path) -> list[str]:
+    """After a kill: remove half-written `step-N.tmp` folders, and put back a `step-N.old` whose
+    replacement never arrived (a kill between the two renames of `save_checkpoint`)."""
+    root = Path(output_dir) / "checkpoints"
+    done = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        if p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed half-written {p.name}")
+        elif p.name.endswith(".old"):
+            final = p.with_name(p.name[: -len(".old")])
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.rename(final)
+                done.append(f"restored {final.name}")
+    return done
 
 
 def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
@@ -119,8 +142,12 @@ def save_checkpoint(
 
             save_file(tensors, str(tmp / REFERENCE_FILE))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
+        old = root / f"step-{step}.old"
+        if final.exists():  # the same step saved again (e.g. at the end of a resumed run): swap, never delete first
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
         if keep > 0:
             for _, old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

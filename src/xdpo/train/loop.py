@@ -26,6 +26,7 @@ from xdpo.errors import XdpoError
 from xdpo.models.load import check_pipeline
 from xdpo.train.batches import StepBatches, mix_seed
 from xdpo.train.checkpoint import (
+    clean_partial,
     list_checkpoints,
     load_checkpoint,
     register_model_hooks,
@@ -66,6 +67,10 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
             f"{accelerator.distributed_type.name} is not supported yet (sharded parameters need its own reference "
             "and checkpoint handling); run `accelerate config` with multi-GPU DDP instead"
         )
+    if main:
+        for note in clean_partial(out):
+            accelerator.print(f"Checkpoints: {note}")
+    accelerator.wait_for_everyone()
     resume = resolve_resume(out, t.resume_from)
     if t.resume_from == "latest" and resume is None:
         accelerator.print(f"No checkpoint in {out / 'checkpoints'}: starting fresh")
@@ -268,7 +273,11 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
                 save_checkpoint(accelerator, out, step, state, t.checkpoints_keep, reference.tensors())
                 last_saved = step
             if stop["requested"]:
-                print(f"xdpo train: stopped at step {step}; resume with train.resume_from=latest", flush=True)
+                accelerator.print(
+                    f"xdpo train: stopped at step {step}, checkpoint saved in {out / 'checkpoints'}; to resume, "
+                    "run the same command with train.resume_from=latest",
+                    flush=True,
+                )
                 raise KeyboardInterrupt
     except BaseException:
         # keep what was trained: between steps the weights, optimizer and reference agree with `step`
