@@ -58,15 +58,18 @@ class DataConfig:
     split: str = _f("train", "split of a DatasetDict folder or hub dataset")
     resolution: int = _f(512, "square training resolution in pixels (resize shorter side, then crop)")
     ties: Literal["drop", "keep"] = _f(
-        "drop", "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep with jpg_0 first"
+        "drop", "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5)"
     )
     prompt_dropout: float = _f(0.0, "probability of an empty caption (Diffusion-DPO used 0.2)")
     flip: Literal["none", "pair", "independent"] = _f(
         "none", "horizontal flips: none, both images alike, or each"
     )
     random_crop: bool = _f(False, "random instead of center crop (same offsets for both images)")
-    max_pairs: int = _f(0, "use only the first N pairs after dropping ties; 0 = all")
+    max_pairs: int = _f(0, "use only the first N pairs after dropping ties and bad rows; 0 = all")
     num_workers: int = _f(0, "DataLoader worker processes for JPEG decoding and transforms")
+    on_bad_row: Literal["error", "skip"] = _f(
+        "error", "a bad row (label, caption, image): stop with one line naming it, or leave it out and report"
+    )
 
 
 @dataclass
@@ -150,8 +153,8 @@ class TrainConfig:
     warmup_steps: int = _f(500, "linear warmup steps, then constant")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0 = off")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "autocast dtype for forward passes")
-    optimizer: Literal["adamw", "adafactor"] = _f(
-        "adamw", "AdamW (torch, foreach) or Adafactor (transformers)"
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = _f(
+        "adamw", "AdamW (torch, foreach), 8-bit AdamW (bitsandbytes: 1/4 of AdamW's state) or Adafactor"
     )
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -360,6 +363,12 @@ def validate(cfg: Config) -> None:
     _require(0 <= d.prompt_dropout <= 1, "data.prompt_dropout", "must be in [0, 1]", d.prompt_dropout)
     _require(d.max_pairs >= 0, "data.max_pairs", "must be >= 0", d.max_pairs)
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _require(
+        d.ties == "drop" or lo.objective != "kto",
+        "data.ties",
+        "keep needs loss.objective=pair or sft (a tie has no desirable image for KTO)",
+        d.ties,
+    )
     _require(lo.beta > 0, "loss.beta", "must be > 0", lo.beta)
     _require(lo.eta >= 0, "loss.eta", "must be >= 0", lo.eta)
     _require(lo.gamma >= 0, "loss.gamma", "must be >= 0", lo.gamma)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xdpo.errors import XdpoError
 from xdpo.models.load import Components, encode_images
 from xdpo.objectives import LossOutput, objective_loss
 from xdpo.objectives.timesteps import sample_timesteps
@@ -179,8 +180,19 @@ def divergence_estimate(
 
 
 def make_optimizer(train_cfg: Any, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """AdamW (torch, foreach) or Adafactor (transformers, fixed lr as Diffusion-DPO's SDXL runs)."""
+    """AdamW (torch, foreach), 8-bit AdamW (bitsandbytes: its two moments in 8 bits with block-wise
+    scales, Dettmers et al. 2022) or Adafactor (transformers, fixed lr as Diffusion-DPO's SDXL runs)."""
     t = train_cfg
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise XdpoError(
+                "train.optimizer=adamw8bit needs bitsandbytes: pip install 'xdpo[bnb]' (or bitsandbytes)"
+            ) from None
+        return bnb.optim.AdamW8bit(
+            params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon
+        )
     if t.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
