@@ -13,7 +13,14 @@ import sys
 from xdpo import __version__
 from xdpo.errors import XdpoError
 
-COMMAND_MODULES = ["xdpo.train.cli", "xdpo.evaluate.cli", "xdpo.digits.cli", "xdpo.demo.cli"]
+COMMAND_MODULES = [
+    "xdpo.train.cli",
+    "xdpo.train.cache_cli",
+    "xdpo.evaluate.cli",
+    "xdpo.pairs.cli",
+    "xdpo.digits.cli",
+    "xdpo.demo.cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
