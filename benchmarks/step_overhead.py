@@ -2,11 +2,11 @@
 
 Bare compute = policy UNet forward + backward on [w; l] + reference UNet forward (inference mode) +
 AdamW step, on tensors already in memory. The loop adds data decoding and transforms, the VAE encode,
-the text encoder, the loss, metrics and logging. Prints the ratio (DESIGN.md §6: peers measured ~1.38x).
+the text encoder, the loss, metrics and logging. Prints the ratio (docs/design.md §6: peers measured ~1.38x).
 
     python benchmarks/step_overhead.py [--model digits] [--batch 8] [--steps 30] [--threads 1]
 
-Run it alone on the machine (DESIGN.md §7: a second busy process distorts CPU timings badly).
+Run it alone on the machine (docs/design.md §7: a second busy process distorts CPU timings badly).
 """
 
 from __future__ import annotations

@@ -156,7 +156,10 @@ def test_undecodable_image_names_row_and_column(tmp_path):
     )
     pairs = PreferencePairs(load_preference_table(str(path)), resolution=8, source=str(path))
     pairs[(1, 0)]  # rows around it are fine
-    with pytest.raises(DataError, match=r"broken.parquet: row 2, column jpg_1: cannot decode image \(.+\)"):
+    with pytest.raises(
+        DataError,
+        match=r"broken.parquet: row 2, column jpg_1: expected an encoded image .*cannot decode image: .+\)$",
+    ):
         pairs[(2, 0)]
 
 
@@ -266,6 +269,9 @@ def test_collate_shapes(pairs_parquet):
     batch = collate_pairs([pairs[(i, i)] for i in range(4)])
     assert batch["pixel_w"].shape == batch["pixel_l"].shape == (4, 3, 16, 16)
     assert batch["label_w"].dtype == torch.float32 and batch["label_w"].shape == (4,)
+    tie = [i for i in range(4) if pairs[(i, 0)]["label_w"] == 0.5]
+    assert batch["label_w"].tolist() == [0.5 if i in tie else 1.0 for i in range(4)]  # the loss's `label`
+    assert batch["skipped_rows"] == []
     assert batch["rows"].dtype == torch.long and batch["rows"].tolist() == [0, 1, 2, 3]
     assert len(batch["captions"]) == 4
 

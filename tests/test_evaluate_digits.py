@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("xdpo.digits.labeller")
-
-from xdpo.digits.data import caption, load_digit_pils  # noqa: E402
-from xdpo.evaluate.evaluate import evaluate_folder  # noqa: E402
-from xdpo.evaluate.scorers import load_scorers  # noqa: E402
+from xdpo.digits.data import caption, load_digit_pils
+from xdpo.evaluate.evaluate import evaluate_folder
+from xdpo.evaluate.scorers import load_scorers
 
 PER_DIGIT = 4
 

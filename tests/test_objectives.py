@@ -20,7 +20,7 @@ def errs():
 
 
 def closed_form_reward(name: str, delta: torch.Tensor, p: dict) -> torch.Tensor:
-    """f'(z) with z = exp(-s * delta), written directly from DESIGN.md §3.2 (no clamping)."""
+    """f'(z) with z = exp(-s * delta), written directly from docs/math.md §2 (no clamping)."""
     z = torch.exp(-p["s"] * delta)
     return {
         "reverse_kl": torch.log(z),
@@ -62,7 +62,7 @@ def test_every_combination_matches_closed_form(errs, divergence, outer):
     expected = {
         "sigmoid": -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x),
         "hinge": torch.relu(1 - x),
-        "ipo": (h - 1 / (2 * p["beta"])) ** 2,
+        "ipo": (h - 1 / p["beta"]) ** 2,
         "robust": (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps),
     }[outer]
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
@@ -111,7 +111,7 @@ def test_xdpo_eq9_with_unit_parameters_is_chi2(errs):
 
 
 def test_xdpo_near_zero_is_dpo_with_scaled_beta():
-    """Slope of the Appendix C transform at delta = 0 is eta + gamma*n = 1.05 (DESIGN.md §3.2)."""
+    """Slope of the Appendix C transform at delta = 0 is eta + gamma*n = 1.05 (docs/math.md §2)."""
     d = torch.tensor([1e-6, -2e-6], dtype=torch.float64)
     zero = torch.zeros(2, dtype=torch.float64)
     a = preference_loss(d, zero, zero, zero, divergence="xdpo", beta=1000.0)
@@ -200,3 +200,136 @@ def test_kto_reference_point_is_clamped_at_zero_and_detached():
     rp = torch.tensor(0.05, requires_grad=True)
     kto_loss(e, e, ref, ref, beta=10.0, reference_point=rp).loss.sum().backward()
     assert rp.grad is None
+
+
+# --- soft labels (ties kept with data.ties=keep) ------------------------------------------------
+
+
+def closed_form_outer(outer: str, x: torch.Tensor, h: torch.Tensor, beta: float, eps: float):
+    return {
+        "sigmoid": -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x),
+        "hinge": torch.relu(1 - x),
+        "ipo": (h - 1 / beta) ** 2,
+        "robust": (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps),
+    }[outer]
+
+
+@pytest.mark.parametrize("outer", sorted(OUTER_LOSSES))
+def test_soft_label_is_the_expected_loss_over_both_orderings(errs, outer):
+    e_w, e_l, r_w, r_l = errs
+    beta, eps = 300.0, (0.1 if outer in ("sigmoid", "robust") else 0.0)
+    label = torch.tensor([1.0, 0.5, 0.0, 0.25] * 4, dtype=torch.float64)
+    out = preference_loss(e_w, e_l, r_w, r_l, outer=outer, beta=beta, label_smoothing=eps, label=label)
+    h = -((e_w - r_w) - (e_l - r_l))  # reverse_kl: r = -delta
+    x = beta / 2 * h
+    fwd, rev = closed_form_outer(outer, x, h, beta, eps), closed_form_outer(outer, -x, -h, beta, eps)
+    torch.testing.assert_close(out.loss, label * fwd + (1 - label) * rev)
+    # label 1 (and None) is the ordinary loss; label 0 is the swapped pair; a tie is their mean
+    plain = preference_loss(e_w, e_l, r_w, r_l, outer=outer, beta=beta, label_smoothing=eps)
+    swapped = preference_loss(e_l, e_w, r_l, r_w, outer=outer, beta=beta, label_smoothing=eps)
+    torch.testing.assert_close(out.loss[0::4], plain.loss[0::4])
+    torch.testing.assert_close(out.loss[2::4], swapped.loss[2::4])
+    torch.testing.assert_close(out.loss[1::4], 0.5 * (plain.loss[1::4] + swapped.loss[1::4]))
+
+
+def test_tie_gradient_pulls_logits_to_zero():
+    """A tie kept as a win pushes the margin up forever; as a soft target 0.5 its optimum is x = 0."""
+    for margin, sign in ((0.3, 1.0), (-0.3, -1.0)):
+        e_w = torch.tensor([0.1 - margin / 2], dtype=torch.float64, requires_grad=True)
+        e_l = torch.tensor([0.1 + margin / 2], dtype=torch.float64)
+        ref = torch.full((1,), 0.1, dtype=torch.float64)
+        out = preference_loss(e_w, e_l, ref, ref, beta=10.0, label=torch.tensor([0.5]))
+        out.loss.sum().backward()
+        # x = 5 * margin > 0 (w favoured): the gradient descent step raises e_w, lowering x toward 0
+        assert sign * e_w.grad.item() < 0
+    zero = torch.full((1,), 0.1, dtype=torch.float64, requires_grad=True)
+    out = preference_loss(
+        zero, zero.detach(), zero.detach(), zero.detach(), beta=10.0, label=torch.tensor([0.5])
+    )
+    out.loss.sum().backward()
+    assert zero.grad.abs().item() < 1e-12
+
+
+def test_objective_loss_passes_label_and_per_image_objectives_ignore_it(errs):
+    from xdpo.objectives import kto_loss, objective_loss
+
+    e_w, e_l, r_w, r_l = errs
+    tie = torch.full((16,), 0.5, dtype=torch.float64)
+    a = objective_loss("pair", e_w, e_l, r_w, r_l, beta=300.0, label=tie)
+    b = preference_loss(e_w, e_l, r_w, r_l, beta=300.0, label=tie)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(
+        sft_loss(e_w, e_l, r_w, r_l, label=tie).loss, sft_loss(e_w, e_l, r_w, r_l).loss
+    )
+    torch.testing.assert_close(
+        kto_loss(e_w, e_l, r_w, r_l, label=tie).loss, kto_loss(e_w, e_l, r_w, r_l).loss
+    )
+
+
+# --- IPO on the beta / 2 scale of the other outer losses -----------------------------------------
+
+
+def trl_sigmoid(h: torch.Tensor, tau: float) -> torch.Tensor:
+    """DPO as TRL writes it: -log sigma(tau * h), h the log-ratio difference."""
+    return -F.logsigmoid(tau * h)
+
+
+def trl_ipo(h: torch.Tensor, tau: float) -> torch.Tensor:
+    """IPO as Azar et al. / TRL write it: (h - 1 / (2 tau))^2."""
+    return (h - 1 / (2 * tau)) ** 2
+
+
+def test_ipo_and_sigmoid_share_one_beta_scale():
+    """At loss.beta = b both outer losses are their TRL forms at tau = b / 2 (the logits' scale)."""
+    h = torch.linspace(-3e-3, 3e-3, 13, dtype=torch.float64)
+    zero = torch.zeros_like(h)
+    for beta in (1000.0, 5000.0):
+        sig = preference_loss(-h, zero, zero, zero, outer="sigmoid", beta=beta)  # reverse_kl: h = -e_w
+        ipo = preference_loss(-h, zero, zero, zero, outer="ipo", beta=beta)
+        torch.testing.assert_close(sig.loss, trl_sigmoid(h, beta / 2))
+        torch.testing.assert_close(ipo.loss, trl_ipo(h, beta / 2))
+
+
+@pytest.mark.parametrize("beta", [1000.0, 5000.0])
+def test_ipo_gradient_near_its_optimum(beta):
+    """d loss / d h = 2 (h - 1/beta): zero at h* = 1/beta, i.e. at logits (beta/2) h* = 1/2 for every beta.
+
+    With the old (h - 1/(2 beta))^2 the optimum sat at h* = 1/(2 beta), logits 1/4: at equal beta
+    twice the regularisation of sigmoid/hinge, whose logits also carry beta/2.
+    """
+    h_star = 1 / beta
+    h = torch.tensor([h_star, h_star + 1e-4, h_star - 1e-4], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(3, dtype=torch.float64)
+    out = preference_loss(-h, zero, zero, zero, outer="ipo", beta=beta)  # reverse_kl: r_w - r_l = h
+    (grad,) = torch.autograd.grad(out.loss.sum(), h)
+    torch.testing.assert_close(grad, 2 * (h.detach() - h_star))
+    assert grad[0].abs().item() < 1e-15
+    assert out.reward_margin[0].item() == pytest.approx(0.5)  # the logits at the optimum
+
+
+def test_gradient_magnitudes_at_sd15_scale_against_adamw_epsilon():
+    """How large is d loss / d h at SD1.5 scale (beta 5000, mean errors, |h| ~ 1e-4..1e-3)?
+
+    The parameter gradient is (d loss / d h) * (d h / d theta). d h / d theta is the difference of two
+    gradients of a per-element mean squared error; for SD1.5 (8.6e8 parameters) a plain denoising
+    gradient has a norm of order 0.1-1, i.e. ~1e-5 per parameter (RMS; an assumption, not measured
+    here). Sigmoid multiplies it by (beta/2) sigma(-x) ~ 190..2300 (grad-norm clipping then bounds the
+    step); IPO by 2 |h - 1/beta| ~ 1e-4..2.4e-3, giving
+    per-parameter gradients ~1e-9..2e-8, the size of AdamW's epsilon (1e-8): Adam's normalised step
+    g / (sqrt(v) + eps) then shrinks by a factor sqrt(v) / (sqrt(v) + eps), ~0.1-0.7, uncontrolled and
+    per parameter. IPO at this beta needs adam_epsilon well below 1e-8 (e.g. 1e-12) or a smaller beta.
+    """
+    beta, dh_dtheta, adam_eps = 5000.0, 1e-5, 1e-8
+    h = torch.tensor([1e-4, 3e-4, 1e-3, -1e-4, -1e-3], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros_like(h)
+    g = {}
+    for outer in ("sigmoid", "ipo"):
+        out = preference_loss(-h, zero, zero, zero, outer=outer, beta=beta)
+        g[outer] = torch.autograd.grad(out.loss.sum(), h)[0].abs()
+    assert g["sigmoid"].min() > 150 and g["sigmoid"].max() <= beta / 2  # (beta/2) sigma(-x), |x| <= 2.5
+    assert (g["sigmoid"] / g["ipo"]).min() > 1e5  # IPO's gradients are 5-6 orders of magnitude smaller
+    assert g["ipo"].max() < 3e-3 and g["ipo"].min() > 1e-4
+    param_grad = g["ipo"] * dh_dtheta
+    assert param_grad.max() < 3 * adam_eps  # comparable to epsilon: the update is damped
+    shrink = param_grad / (param_grad + adam_eps)  # Adam's step relative to the eps-free step
+    assert shrink.min() > 0.05 and shrink.max() < 0.75

@@ -59,7 +59,6 @@ def test_prompt_errors(tmp_path):
 
 
 def test_named_digits_prompts():
-    pytest.importorskip("xdpo.digits.data")
     prompts = resolve_prompts("digits")
     assert len(prompts) == len(set(prompts)) >= 10
     assert all(isinstance(p, str) and p for p in prompts)
@@ -162,9 +161,7 @@ def test_lora_and_cli_end_to_end(tiny_pipeline_dir, tmp_path, monkeypatch, capsy
         return np.array([np.asarray(im, dtype=float).mean() for im in images])
 
     monkeypatch.setitem(SCORERS, "grey", lambda device=None: FunctionScorer("grey", mean_grey, "test"))
-    names = "grey"
-    if _has_labeller():
-        names += ",digits-reward,digits-alignment"
+    names = "grey,digits-reward,digits-alignment"
     args = ["evaluate", "--images", str(tmp_path / "tuned"), "--baseline", str(tmp_path / "base")]
     assert main([*args, "--scorers", names, "--out", str(tmp_path / "report")]) == 0
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
@@ -183,14 +180,6 @@ def test_lora_and_cli_end_to_end(tiny_pipeline_dir, tmp_path, monkeypatch, capsy
     assert not (tmp_path / "base" / "scores.parquet").exists()
 
 
-def _has_labeller() -> bool:
-    try:
-        from xdpo.digits.labeller import alignment, hidden_reward  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_sampling_errors(tiny_pipeline_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="is not a diffusers pipeline folder"):
         sample_images(tmp_path, ["x"], [0], out_dir=tmp_path / "o")
@@ -204,15 +193,14 @@ def test_sampling_errors(tiny_pipeline_dir, tmp_path, capsys):
     assert code == 2 and "neither a file nor a named set" in capsys.readouterr().err
 
 
-def test_named_model_resolves_to_a_pipeline_folder(tiny_pipeline_dir, monkeypatch, tmp_path):
+def test_named_model_resolves_to_a_pipeline_folder(tiny_pipeline_dir, tmp_path):
+    from xdpo.digits import DIGITS_SAMPLING, base_model_path
     from xdpo.evaluate import sample
 
-    monkeypatch.setitem(sample.MODELS, "digits", lambda: tiny_pipeline_dir)  # the shipped base, once built
-    assert sample.resolve_model("digits") == tiny_pipeline_dir
+    assert sample.resolve_model("digits") == base_model_path()  # through models.load.resolve_pretrained
     assert sample.resolve_model(str(tiny_pipeline_dir)) == tiny_pipeline_dir
-
-    pytest.importorskip("xdpo.digits")
-    from xdpo.digits import DIGITS_SAMPLING
+    assert sample.sampling_defaults("digits") == DIGITS_SAMPLING
+    assert sample.sampling_defaults(tiny_pipeline_dir) == sample.PAPER_SAMPLING
 
     out = tmp_path / "digits"
     assert (
@@ -220,3 +208,4 @@ def test_named_model_resolves_to_a_pipeline_folder(tiny_pipeline_dir, monkeypatc
     )
     row = read_manifest(out)[0]  # the digits world's sampling defaults, not the SD papers'
     assert {k: row[k] for k in DIGITS_SAMPLING} == DIGITS_SAMPLING
+    assert row["model"] == str(base_model_path())

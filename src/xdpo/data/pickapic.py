@@ -1,34 +1,35 @@
 """Pick-a-Pic v2 preference pairs: load the table, serve transformed (winner, loser) pairs, write the schema.
 
-Schema (https://huggingface.co/datasets/yuvalkirstain/pickapic_v2): `caption` (str), `jpg_0`, `jpg_1`
-(encoded images), `label_0` (1: image 0 preferred, 0: image 1 preferred, 0.5: tie); `label_1 = 1 - label_0`.
-Other columns are ignored.
+The schema and file lookup are in `schema.py`, row validation in `validate.py`.
 """
 
 from __future__ import annotations
 
-import glob
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from xdpo.data.transforms import FLIP_MODES, decode_image, transform_pair
-from xdpo.errors import ConfigError, DataError
-
-REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
-IMAGE_COLUMNS = ("jpg_0", "jpg_1")
-TIE_MODES = ("drop", "keep")
-VALID_LABELS = (0.0, 0.5, 1.0)
-
+from xdpo.data.schema import (
+    ON_BAD_ROW,
+    REQUIRED_COLUMNS,
+    TIE_MODES,
+    VALID_LABELS,
+    check_columns,
+    parquet_files,
+    row_locator,
+    undecoded_images,
+)
+from xdpo.data.transforms import FLIP_MODES, MIN_IMAGE_SIDE, decode_image, transform_pair
+from xdpo.data.validate import IMAGE_EXPECTED, ValidationReport, check_rows, describe_image_error
+from xdpo.errors import BadRowError, ConfigError, DataError
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -48,19 +49,15 @@ def load_preference_table(
     """
     path = str(path)
     local = Path(path).expanduser()
-    if local.is_file():
-        table = _load_parquet([local], path, cache_dir)
-    elif glob.has_magic(path):
-        files = sorted(Path(f) for f in glob.glob(str(local), recursive=True) if Path(f).is_file())
-        if not files:
-            raise DataError(f"{path}: no file matches this pattern")
+    files = parquet_files(path, split)
+    if files is not None:
         table = _load_parquet(files, path, cache_dir)
     elif local.is_dir():
-        table = _load_folder(local, path, split, cache_dir)
+        table = _load_saved(local, path, split)
     else:
         table = _load_hub(path, split, cache_dir)
-    _check_columns(table.column_names, path)
-    return _undecoded_images(table)
+    check_columns(table.column_names, path)
+    return undecoded_images(table)
 
 
 def _load_parquet(files: Sequence[Path], source: str, cache_dir: str | None = None) -> datasets.Dataset:
@@ -69,7 +66,7 @@ def _load_parquet(files: Sequence[Path], source: str, cache_dir: str | None = No
             schema = pq.read_schema(f)
         except Exception as e:
             raise DataError(f"{f}: not a readable parquet file ({e})") from None
-        _check_columns(schema.names, str(f))
+        check_columns(schema.names, str(f))
     try:
         return datasets.load_dataset(
             "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
@@ -78,51 +75,16 @@ def _load_parquet(files: Sequence[Path], source: str, cache_dir: str | None = No
         raise DataError(f"{source}: cannot load parquet data ({type(e).__name__}: {e})") from None
 
 
-def _load_folder(folder: Path, source: str, split: str, cache_dir: str | None) -> datasets.Dataset:
-    if any((folder / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        try:
-            loaded = datasets.load_from_disk(str(folder))
-        except Exception as e:
-            raise DataError(
-                f"{source}: cannot load this save_to_disk folder ({type(e).__name__}: {e})"
-            ) from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(f"{source}: no split {split!r}; available splits: {', '.join(loaded)}")
-            loaded = loaded[split]
-        return loaded
-    files = sorted(f for f in folder.rglob("*.parquet") if f.is_file())
-    if not files:
-        raise DataError(
-            f"{source}: folder holds no *.parquet files and is not a datasets save_to_disk folder"
-        )
-    splits = _split_files(folder)
-    if splits is None:
-        return _load_parquet(files, source, cache_dir)
-    if split not in splits:
-        raise DataError(
-            f"{source}: no split {split!r} among the parquet files; available splits: {', '.join(splits)}"
-        )
-    return _load_parquet(splits[split], source, cache_dir)
-
-
-def _split_files(folder: Path) -> dict[str, list[Path]] | None:
-    """Parquet files per split when their names follow the Hub's split naming, else None."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
+def _load_saved(folder: Path, source: str, split: str) -> datasets.Dataset:
     try:
-        patterns = get_data_patterns(str(folder))
-        resolved = DataFilesDict.from_patterns(patterns, base_path=str(folder))
-    except Exception:
-        return None
-    splits = {
-        str(name): sorted(Path(f) for f in files if str(f).endswith(".parquet"))
-        for name, files in resolved.items()
-    }
-    splits = {name: files for name, files in splits.items() if files}
-    if not splits or [str(k) for k in patterns] == ["train"] and list(patterns.values())[0] == ["**"]:
-        return None  # no split naming: the folder is one table
-    return splits
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        raise DataError(f"{source}: cannot load this save_to_disk folder ({type(e).__name__}: {e})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{source}: no split {split!r}; available splits: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded
 
 
 def _load_hub(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
@@ -135,52 +97,25 @@ def _load_hub(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
         ) from None
 
 
-def _check_columns(names: Sequence[str], source: str) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise DataError(
-            f"{source}: missing column(s) {', '.join(missing)}; the Pick-a-Pic schema needs "
-            f"{', '.join(REQUIRED_COLUMNS)} (found: {', '.join(names) or 'none'})"
-        )
-
-
-def _undecoded_images(table: datasets.Dataset) -> datasets.Dataset:
-    """Switch `Image()` features to `decode=False` (bytes/path dicts; no data rewritten)."""
-    for col in IMAGE_COLUMNS:
-        feature = table.features.get(col)
-        if isinstance(feature, datasets.Image) and feature.decode:
-            table = table.cast_column(col, datasets.Image(decode=False))
-    return table
-
-
 # ----------------------------------------------------------------------------------------------- pairs
-
-
-def _labels(table: datasets.Dataset, source: str) -> np.ndarray:
-    """label_0 as float64, validated (0, 0.5 or 1) without reading any other column."""
-    column = table.select_columns(["label_0"]).with_format("arrow")[:]["label_0"]
-    try:
-        labels = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise DataError(
-            f"{source}: column label_0 has type {column.type}; expected numbers 0, 0.5 or 1 ({e})"
-        ) from None
-    bad = ~np.isin(labels, VALID_LABELS)  # NaN and nulls (-> NaN) are not in the set
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        value = column[row].as_py()
-        more = f" ({int(bad.sum())} invalid rows in all)" if bad.sum() > 1 else ""
-        raise DataError(f"{source}: row {row}, column label_0: expected 0, 0.5 or 1, got {value!r}{more}")
-    return labels
 
 
 class PreferencePairs(torch.utils.data.Dataset):
     """Transformed (winner, loser) pairs from a Pick-a-Pic table, indexed by `(index, seed)`.
 
     The winner comes first (label_0 == 1: jpg_0; label_0 == 0: jpg_1). Ties (label_0 == 0.5) are
-    dropped (`ties="drop"`, as Diffusion-DPO trains) or kept with jpg_0 first and `label_w = 0.5`.
-    Every random choice of an item (prompt dropout, crop, flips) comes from `np.random.default_rng(seed)`,
-    so an item is a pure function of its key and a run can resume exactly.
+    dropped (`ties="drop"`, as Diffusion-DPO trains) or kept with jpg_0 first and `label_w = 0.5`, the
+    soft target of the loss (`preference_loss(label=...)`). Every random choice of an item (prompt
+    dropout, crop, flips) comes from `np.random.default_rng(seed)`, so an item is a pure function of its
+    key and a run can resume exactly.
+
+    Bad rows (see `validate.py`): labels, captions and missing images are checked here, column-wise,
+    without decoding; pass `bad_rows=` from `validate_pairs(...)` to also leave out rows it found.
+    `on_bad_row="error"` raises the first one (`BadRowError`, one line naming file, row and column);
+    `"skip"` leaves them out (`n_bad`, `bad_rows`). An image that fails to decode (or is under
+    `MIN_IMAGE_SIDE` pixels a side) when an item is read raises with "error"; with "skip" the item is
+    the next pair whose images decode (index + 1, + 2, ..., wrapping), deterministically, and lists the
+    rows it passed over in `skipped_rows`. `max_pairs` > 0 keeps the first N usable pairs.
     """
 
     def __init__(
@@ -193,41 +128,78 @@ class PreferencePairs(torch.utils.data.Dataset):
         random_crop: bool = False,
         prompt_dropout: float = 0.0,
         source: str = "",
+        split: str = "train",
+        on_bad_row: str = "error",
+        bad_rows: Iterable[int] = (),
+        max_pairs: int = 0,
     ) -> None:
         if ties not in TIE_MODES:
             raise ConfigError(f"data.ties must be one of {', '.join(TIE_MODES)}, got {ties!r}")
         if flip not in FLIP_MODES:
             raise ConfigError(f"data.flip must be one of {', '.join(FLIP_MODES)}, got {flip!r}")
+        if on_bad_row not in ON_BAD_ROW:
+            raise ConfigError(f"data.on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
         if not isinstance(resolution, int) or resolution < 1:
             raise ConfigError(f"data.resolution must be a positive integer, got {resolution!r}")
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ConfigError(f"data.prompt_dropout must be in [0, 1], got {prompt_dropout!r}")
         self.source = source or "preference table"
-        _check_columns(table.column_names, self.source)
-        self.table = _undecoded_images(table.select_columns(list(REQUIRED_COLUMNS)))
-        self.resolution, self.ties, self.flip = resolution, ties, flip
+        self.locate = row_locator(self.source, split)
+        check_columns(table.column_names, self.source)
+        self.table = undecoded_images(table.select_columns(list(REQUIRED_COLUMNS)))
+        self.resolution, self.ties, self.flip, self.on_bad_row = resolution, ties, flip, on_bad_row
         self.random_crop, self.prompt_dropout = random_crop, float(prompt_dropout)
-        self.labels = _labels(self.table, self.source)
+        self.labels, bad = check_rows(self.table, self.source, self.locate)
+        if bad and on_bad_row == "error":
+            raise ValidationReport(self.source, len(self.labels), bad=dict(sorted(bad.items()))).first_error()
+        excluded = np.zeros(len(self.labels), dtype=bool)
+        excluded[[r for r in (*bad, *bad_rows) if 0 <= r < len(excluded)]] = True
+        self.bad_rows = np.flatnonzero(excluded)
+        self.n_bad = len(self.bad_rows)
         is_tie = self.labels == 0.5
         self.n_ties = int(is_tie.sum())
-        self.rows = np.flatnonzero(~is_tie) if ties == "drop" else np.arange(len(self.labels))
-        self.n_dropped = len(self.labels) - len(self.rows)
+        keep = ~excluded & (~is_tie if ties == "drop" else True)
+        self.rows = np.flatnonzero(keep)
+        self.n_dropped = int((is_tie & ~excluded).sum()) if ties == "drop" else 0
+        if max_pairs:
+            self.rows = self.rows[:max_pairs]
         self.n_pairs = len(self.rows)
+        self.skipped: set[int] = set()  # rows found undecodable in this process (with on_bad_row="skip")
 
     def __len__(self) -> int:
         return self.n_pairs
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        """`{"caption", "pixel_w", "pixel_l", "label_w", "row"}` for key `(index, seed)` (an int key uses seed = index)."""
+        """`{"caption", "pixel_w", "pixel_l", "label_w", "row", "skipped_rows"}` for key `(index, seed)`.
+
+        An int key uses seed = index. `skipped_rows` lists rows passed over because an image failed.
+        """
         index, seed = (key, key) if isinstance(key, (int, np.integer)) else key
         if not -self.n_pairs <= index < self.n_pairs:
             raise IndexError(f"index {index} out of range for {self.n_pairs} pairs")
-        row = int(self.rows[index])
+        index %= self.n_pairs
+        passed: list[int] = []
+        for step in range(self.n_pairs):
+            row = int(self.rows[(index + step) % self.n_pairs])
+            if row in self.skipped:
+                passed.append(row)
+                continue
+            try:
+                item = self._item(row, seed)
+            except BadRowError:
+                if self.on_bad_row == "error":
+                    raise
+                self.skipped.add(row)
+                passed.append(row)
+                continue
+            item["skipped_rows"] = passed
+            return item
+        raise DataError(f"{self.source}: no pair has two decodable images ({len(passed)} tried)")
+
+    def _item(self, row: int, seed: int) -> dict[str, Any]:
         record = self.table[row]
         label = float(self.labels[row])
         caption = record["caption"]
-        if not isinstance(caption, str):
-            raise DataError(f"{self.source}: row {row}, column caption: expected a string, got {caption!r}")
         rng = np.random.default_rng(seed)
         if self.prompt_dropout > 0 and rng.random() < self.prompt_dropout:
             caption = ""
@@ -246,19 +218,26 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def _image(self, record: dict, column: str, row: int) -> Image.Image:
         try:
-            return decode_image(record[column])
+            return decode_image(record[column], min_side=MIN_IMAGE_SIDE)
         except Exception as e:
-            raise DataError(f"{self.source}: row {row}, column {column}: cannot decode image ({e})") from None
+            raise BadRowError.at(
+                self.locate(row), row, column, IMAGE_EXPECTED, describe_image_error(e)
+            ) from None
 
 
 def collate_pairs(items: list[dict]) -> dict[str, Any]:
-    """Stack `PreferencePairs` items into a batch."""
+    """Stack `PreferencePairs` items into a batch.
+
+    `label_w` [B] float32: P(first image preferred), 1 or 0.5 for a kept tie (the loss's `label`);
+    `skipped_rows`: rows passed over in this batch because an image failed (on_bad_row=skip).
+    """
     return {
         "captions": [it["caption"] for it in items],
         "pixel_w": torch.stack([it["pixel_w"] for it in items]),
         "pixel_l": torch.stack([it["pixel_l"] for it in items]),
         "label_w": torch.tensor([it["label_w"] for it in items], dtype=torch.float32),
         "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
+        "skipped_rows": [r for it in items for r in it.get("skipped_rows", ())],
     }
 
 

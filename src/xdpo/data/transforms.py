@@ -22,11 +22,41 @@ RESAMPLE = Image.Resampling.BICUBIC
 FLIP_MODES = ("none", "pair", "independent")
 
 
-def decode_image(value: Any) -> Image.Image:
+MIN_IMAGE_SIDE = 8
+"""Smallest accepted width and height in pixels: a smaller image is almost surely broken data (a
+placeholder, a failed thumbnail), and before resizing it would not fill one latent pixel of the SD VAE
+(8x downsampling). See docs/design.md §4, "Bad rows"."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB image from any PIL mode: CMYK, RGBA / LA (alpha dropped, as Diffusion-DPO's `.convert("RGB")`),
+    greyscale, 1-bit, palette (with or without transparency), 16-bit and 32-bit integer or float greyscale.
+
+    16-bit modes (I;16*) are scaled by 1/257 to 8 bits (`convert` would clip them to white); mode I
+    is scaled the same way when its values exceed 255, and mode F when its values lie in [0, 1].
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
+            arr = arr / 257.0
+        elif img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        grey = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
+    return img.convert("RGB")
+
+
+def decode_image(value: Any, min_side: int = 0) -> Image.Image:
     """An RGB PIL image from raw bytes, an HF Image dict `{"bytes", "path"}`, a PIL image or a path.
 
     Raises whatever PIL raises for undecodable data (the caller names row and column), or
-    `TypeError`/`ValueError` for a value that holds no image at all.
+    `TypeError`/`ValueError` for a value that holds no image at all or one smaller than `min_side`
+    pixels on a side. Any mode is converted to RGB (`to_rgb`).
     """
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
@@ -36,6 +66,8 @@ def decode_image(value: Any) -> Image.Image:
     if isinstance(value, Image.Image):
         img = value
     elif isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) == 0:
+            raise ValueError("empty image bytes")
         img = Image.open(io.BytesIO(value))
     elif isinstance(value, (str, Path)):
         img = Image.open(value)
@@ -43,8 +75,10 @@ def decode_image(value: Any) -> Image.Image:
         raise ValueError("missing image (null)")
     else:
         raise TypeError(f"expected image bytes, an Image dict or a PIL image, got {type(value).__name__}")
+    if min(img.size) < min_side:  # the header is enough: no need to decode a 1x1 image
+        raise ValueError(f"image is {img.width}x{img.height} pixels, smaller than {min_side} on a side")
     img.load()  # decode now so truncated data fails here
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:

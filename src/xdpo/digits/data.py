@@ -15,8 +15,12 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from xdpo.errors import DataError
+
 IMAGE_SIZE = 32
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_NUMERALS = {str(d): d for d in range(10)}
+_WORDS = {w: d for d, w in enumerate(DIGIT_WORDS)}
 
 # Training phrasings: "{w}" is the word (seven), "{d}" the numeral (7). "a handwritten digit seven"
 # is the canonical one. Held-out phrasings reuse the digit tokens in templates never trained on.
@@ -52,10 +56,22 @@ def eval_prompts() -> list[str]:
     return [caption(d, t) for t, d in itertools.product(EVAL_TEMPLATES, range(10))]
 
 
-def prompt_digits(prompts: list[str]) -> np.ndarray:
-    """Digit named by each caption (see `labeller.parse_digit`)."""
-    from xdpo.digits.labeller import parse_digit
+def parse_digit(prompt: str) -> int:
+    """The digit a caption names, as a word ("seven") or a numeral ("7"); DataError if none or several."""
+    found = set()
+    for tok in words(prompt):
+        if tok in _WORDS:
+            found.add(_WORDS[tok])
+        elif tok in _NUMERALS:
+            found.add(_NUMERALS[tok])
+    if len(found) != 1:
+        what = "no digit" if not found else f"several digits {sorted(found)}"
+        raise DataError(f"prompt {prompt!r} names {what}; expected exactly one of 0-9 or zero-nine")
+    return found.pop()
 
+
+def prompt_digits(prompts: list[str]) -> np.ndarray:
+    """Digit named by each caption (`parse_digit`)."""
     return np.array([parse_digit(p) for p in prompts], dtype=np.int64)
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from xdpo.digits.data import DIGIT_WORDS, to_grey, words
+from xdpo.digits.data import parse_digit, to_grey  # parse_digit lives in data (kept importable here)
 from xdpo.errors import DataError
 
 LOGP_FLOOR = -10.0
@@ -35,9 +35,6 @@ STYLE_CLIP = 3.0
 STROKE_THRESHOLD = 0.5  # ink level counted as stroke
 STROKE_MEAN = 0.312  # mean stroke area of the 1,797 real digits at 32x32
 STROKE_STD = 0.038  # its standard deviation
-
-_NUMERALS = {str(d): d for d in range(10)}
-_WORDS = {w: d for d, w in enumerate(DIGIT_WORDS)}
 
 
 @dataclass(frozen=True)
@@ -73,20 +70,6 @@ def reward_constants() -> dict:
         "stroke_mean": STROKE_MEAN,
         "stroke_std": STROKE_STD,
     }
-
-
-def parse_digit(prompt: str) -> int:
-    """The digit a caption names, as a word ("seven") or a numeral ("7"); DataError if none or several."""
-    found = set()
-    for tok in words(prompt):
-        if tok in _WORDS:
-            found.add(_WORDS[tok])
-        elif tok in _NUMERALS:
-            found.add(_NUMERALS[tok])
-    if len(found) != 1:
-        what = "no digit" if not found else f"several digits {sorted(found)}"
-        raise DataError(f"prompt {prompt!r} names {what}; expected exactly one of 0-9 or zero-nine")
-    return found.pop()
 
 
 def _check(images: list, prompts: list[str]) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Sampling, scoring, summary statistics and same-seed win rates (`xdpo sample|evaluate|compare`).
 
-Scorers: the digits world's, and the field's reward models (PickScore, CLIP, LAION aesthetic,
-ImageReward in rewards.py; HPSv2/v2.1 in hps.py). Prompt sets: the papers' (prompt_sets.py).
-Tables in the papers' shapes (tables.py).
+Scorers: the field's reward models (PickScore, CLIP, LAION aesthetic, ImageReward in rewards.py;
+HPSv2/v2.1 in hps.py). Prompt sets: the papers' (prompt_sets.py). Both registries are filled by
+plugins (plugins.py), among them the digits world's (`xdpo.digits.evaluation`). One pipeline loader
+and sampler (sample.py). Tables in the papers' shapes (tables.py).
 
 Heavy imports (torch, diffusers, pandas) happen inside the functions, so importing this
 package (e.g. to build the CLI) stays cheap.
@@ -19,6 +20,9 @@ __all__ = [
     "bootstrap_ci",
     "compare_folders",
     "evaluate_folder",
+    "generate",
+    "load_pipeline",
+    "load_plugins",
     "load_scorer",
     "load_scorers",
     "parse_weights",
@@ -26,6 +30,7 @@ __all__ = [
     "parse_seeds",
     "read_manifest",
     "register_prompt_set",
+    "register_sampling_defaults",
     "register_scorer",
     "resolve_prompts",
     "sample_images",
@@ -53,6 +58,10 @@ _WHERE = {
     "win_rate": "stats",
     "read_manifest": "sample",
     "sample_images": "sample",
+    "generate": "sample",
+    "load_pipeline": "sample",
+    "register_sampling_defaults": "sample",
+    "load_plugins": "plugins",
     "evaluate_folder": "evaluate",
     "score_folder": "evaluate",
     "summary_markdown": "evaluate",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xdpo.evaluate.plugins import load_plugins
 from xdpo.evaluate.prompts import PROMPT_SETS
-from xdpo.evaluate.sample import LAYOUTS, MODELS, SCHEDULERS
+from xdpo.evaluate.sample import LAYOUTS, MODEL_SAMPLING, PAPER_SAMPLING, SCHEDULERS
 from xdpo.evaluate.scorers import SCORER_ALIASES, SCORERS
 
 WEIGHTS_HELP = (
@@ -71,8 +72,11 @@ def _positive_int(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `sample` and `evaluate` commands."""
-    from xdpo.digits import DIGITS_SAMPLING as DIGITS  # a dict, no torch import
+    """Add the `sample`, `evaluate` and `compare` commands."""
+    load_plugins()  # scorers, prompt sets and named models for the help texts
+
+    def named(key: str) -> str:  # "; --model digits: 25" for each named model with its own default
+        return "".join(f"; --model {m}: {d[key]}" for m, d in MODEL_SAMPLING.items() if key in d)
 
     p = subparsers.add_parser(
         "sample",
@@ -89,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help=f"diffusers pipeline folder, or a named model ({', '.join(MODELS)})",
+        help=f"diffusers pipeline folder, or a named model as model.pretrained ({', '.join(MODEL_SAMPLING)})",
     )
     p.add_argument(
         "--lora", help="LoRA folder (pytorch_lora_weights.safetensors, or a run folder with final/)"
@@ -111,17 +115,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps",
         type=_positive_int,
-        help=f"denoising steps (default: 50 as in the SD papers; --model digits: {DIGITS['steps']})",
+        help=f"denoising steps (default: {PAPER_SAMPLING['steps']} as in the SD papers{named('steps')})",
     )
     p.add_argument(
         "--guidance",
         type=float,
-        help=f"classifier-free guidance (default: 7.5 as in the SD papers; --model digits: {DIGITS['guidance']})",
+        help=f"classifier-free guidance (default: {PAPER_SAMPLING['guidance']} as in the SD papers{named('guidance')})",
     )
     p.add_argument(
         "--scheduler",
         choices=list(SCHEDULERS),
-        help=f"sampler (default: ddim; --model digits: {DIGITS['scheduler']})",
+        help=f"sampler (default: {PAPER_SAMPLING['scheduler']}{named('scheduler')})",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
     p.add_argument("--height", type=int, help="image height (default: the model's native size)")
@@ -193,14 +197,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     from xdpo.evaluate.prompts import default_seeds, limit_records, resolve_prompt_records
-    from xdpo.evaluate.sample import sample_images
+    from xdpo.evaluate.sample import sample_images, sampling_defaults
 
     prompts = limit_records(resolve_prompt_records(args.prompts), args.limit)
-    defaults = {"steps": 50, "guidance": 7.5, "scheduler": "ddim"}  # SD papers
-    if args.model == "digits" and not Path(args.model).exists():  # the digits world's own settings
-        from xdpo.digits import DIGITS_SAMPLING
-
-        defaults |= DIGITS_SAMPLING
+    defaults = sampling_defaults(args.model)  # the SD papers', or a named model's own (digits)
     out = sample_images(
         args.model,
         prompts,

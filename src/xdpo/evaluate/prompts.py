@@ -1,9 +1,10 @@
 """Prompt lists and seed lists for sampling.
 
-`resolve_prompts(spec)` accepts a named set (`digits`; the papers' `parti`, `hpsv2`,
-`pickapic-test` from prompt_sets.py; more through `register_prompt_set`), a named set with a local
-source `NAME:PATH` (e.g. `parti:/data/PartiPrompts.tsv`), or a file: `.txt` (one prompt per
-line), `.tsv`, `.csv`, `.json`, `.jsonl` or `.parquet` with a `prompt` (or `caption`) column, any case.
+`resolve_prompts(spec)` accepts a named set (registered by plugins, see plugins.py: the papers'
+`parti`, `hpsv2`, `pickapic-test` from prompt_sets.py, the digits world's `digits`; more through
+`register_prompt_set`), a named set with a local source `NAME:PATH` (e.g.
+`parti:/data/PartiPrompts.tsv`), or a file: `.txt` (one prompt per line), `.tsv`, `.csv`, `.json`,
+`.jsonl` or `.parquet` with a `prompt` (or `caption`) column, any case.
 `resolve_prompt_records(spec)` keeps what a set knows beyond the text (the HPSv2 benchmark's `style`
 and `prompt_index`, the position in its style's list).
 `parse_seeds(spec)` accepts "0,1,2", "0-4" (inclusive), "n:5" (= 0-4), or a mix "0-2,10".
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpo.errors import ConfigError, DataError
+from xdpo.evaluate.plugins import load_plugins
 
 PROMPT_COLUMNS = ("prompt", "caption")
 
@@ -38,6 +40,7 @@ def register_prompt_set(name: str, loader: Callable[..., list[Any]], seeds: str 
 
 def split_spec(spec: str) -> tuple[str, str | None] | None:
     """(name, source) for "NAME" or "NAME:SOURCE" naming a registered set; None otherwise."""
+    load_plugins()
     if spec in PROMPT_SETS:
         return spec, None
     name, sep, source = spec.partition(":")
@@ -50,16 +53,6 @@ def default_seeds(spec: object) -> str:
     """The seeds a named set is sampled with in the papers ("0" for files and other sets)."""
     named = split_spec(str(spec)) if isinstance(spec, str | Path) and not Path(spec).is_file() else None
     return DEFAULT_SEEDS.get(named[0], "0") if named else "0"
-
-
-def _digits_eval_prompts() -> list[str]:
-    """The digits world's held-out evaluation prompts (phrasings never seen in training)."""
-    from xdpo.digits.data import eval_prompts
-
-    return eval_prompts()
-
-
-register_prompt_set("digits", _digits_eval_prompts)
 
 
 def _as_record(item: object, spec: object) -> dict[str, Any]:
@@ -187,7 +180,3 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
         lo = int(m.group(1))
         seeds.extend(range(lo, int(m.group(2) or lo) + 1))
     return list(dict.fromkeys(seeds))
-
-
-# The papers' prompt sets register themselves (their loaders import `datasets` only when called).
-from xdpo.evaluate import prompt_sets  # noqa: E402, F401

@@ -45,21 +45,48 @@ DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16":
 DTYPES |= {"bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
-def _digits_base() -> Path:
-    from xdpo.digits import base_model_path
+# Sampling defaults: the SD papers' (50 steps, guidance 7.5, DDIM), and those of named models
+# (`--model NAME`), registered by plugins (the digits world registers `digits`).
+PAPER_SAMPLING: dict[str, Any] = {"steps": 50, "guidance": 7.5, "scheduler": "ddim"}
+MODEL_SAMPLING: dict[str, dict[str, Any]] = {}
 
-    return Path(base_model_path())
+
+def register_sampling_defaults(model: str, **settings: Any) -> None:
+    """Sampling defaults (steps, guidance, scheduler) of a named model, e.g. `digits`."""
+    MODEL_SAMPLING[model] = dict(settings)
 
 
-# Named models: `--model digits` is the shipped digits base pipeline.
-MODELS = {"digits": _digits_base}
+# Flow-matching pipelines sample with their own scheduler (FlowMatchEuler) at their pipelines' defaults.
+FLOW_SAMPLING: dict[str, dict[str, Any]] = {
+    "StableDiffusion3Pipeline": {"steps": 28, "guidance": 7.0, "scheduler": "default"},
+    "FluxPipeline": {"steps": 28, "guidance": 3.5, "scheduler": "default"},
+}
+
+
+def pipeline_class_name(model: str | Path) -> str | None:
+    """`_class_name` of a pipeline folder (or named model), None where it cannot be read."""
+    try:
+        path = resolve_model(model)
+        return json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except (ConfigError, OSError, ValueError):
+        return None
+
+
+def sampling_defaults(model: str | Path) -> dict[str, Any]:
+    """The SD papers' defaults (a flow-matching pipeline's own), updated with a named model's own."""
+    from xdpo.evaluate.plugins import load_plugins
+
+    load_plugins()
+    named = MODEL_SAMPLING.get(str(model), {}) if not Path(model).exists() else {}
+    base = FLOW_SAMPLING.get(pipeline_class_name(model) or "", PAPER_SAMPLING)
+    return base | named
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A pipeline folder (with model_index.json), or a named model such as `digits`."""
-    path = Path(model)
-    if not path.exists() and str(model) in MODELS:
-        path = Path(MODELS[str(model)]())
+    """A pipeline folder (with model_index.json), or a named model (`digits`, as `model.pretrained`)."""
+    from xdpo.models.load import resolve_pretrained  # the one resolver of named models
+
+    path = Path(resolve_pretrained(str(model)))
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"model: {path} is not a diffusers pipeline folder (no model_index.json)")
     return path
@@ -106,8 +133,13 @@ def load_pipeline(
     device: str | None = None,
     dtype: Any = None,
 ) -> Any:
-    """Load a text-to-image pipeline (no safety checker, no inner progress bar), optional LoRA."""
+    """Load a text-to-image pipeline (no safety checker, no progress bars), optional LoRA.
+
+    The one pipeline loader of xdpo (`xdpo sample`, the digits world, the demo): the pipeline class
+    is the one its `model_index.json` names (`DiffusionPipeline.from_pretrained`).
+    """
     import diffusers
+    from diffusers.utils import logging as dlog
 
     path = resolve_model(model)
     if scheduler not in SCHEDULERS:
@@ -117,16 +149,78 @@ def load_pipeline(
     index = json.loads((path / "model_index.json").read_text())
     if "safety_checker" in index:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
-    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones lack it
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
+    bars = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()  # "Loading pipeline components": noise, and per call
+    try:
+        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones lack it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
+    finally:
+        if bars:
+            dlog.enable_progress_bar()
     if lora is not None:
         folder, weight_name = resolve_lora(lora)
         pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
     if SCHEDULERS[scheduler]:
+        if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+            raise ConfigError(
+                f"scheduler: {type(pipe).__name__} is a flow-matching pipeline and samples with its own "
+                f"{type(pipe.scheduler).__name__}; use --scheduler default, not {scheduler!r}"
+            )
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def initial_latents(pipe: Any, n: int, seed: int) -> Any:
+    """Starting noise for n images from one seeded CPU generator (image i is independent of batching)."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    if type(pipe).__name__.startswith("Flux"):  # packed latents: let the pipeline draw them
+        raise ConfigError("initial latents for Flux pipelines: sample with per-image generators instead")
+    c = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    return torch.randn((n, c.config.in_channels, c.config.sample_size, c.config.sample_size), generator=g)
+
+
+def generate(
+    pipe: Any,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    steps: int = PAPER_SAMPLING["steps"],
+    guidance: float = PAPER_SAMPLING["guidance"],
+    batch_size: int = 128,
+    latents: Any = None,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> list[Any]:
+    """RGB PIL images for `prompts`, in memory, from given `latents` or `initial_latents(pipe, n, seed)`.
+
+    A deterministic sampler (DDIM, eta 0) makes image i a function of (prompt i, latents[i]) only;
+    `sample_images` instead seeds one generator per image and writes files and a manifest.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    latents = initial_latents(pipe, len(prompts), seed) if latents is None else latents
+    images: list[Any] = []
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            out = pipe(
+                prompt=prompts[i : i + batch_size],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                latents=latents[i : i + batch_size],
+                output_type="np",
+            ).images
+            images += [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in out]
+            bar.update(len(out))
+    return images
 
 
 def _clear_previous(out: Path) -> None:

@@ -9,13 +9,12 @@ Third-party packages can add scorers with `register_scorer` or an entry point in
 `imagereward` in rewards.py; `hpsv2.0`/`hpsv2.1` in hps.py, `hpsv2` = `hpsv2.0`) register here too.
 Factories may take keyword options (e.g. `weights=`, a local path or hub id), passed by
 `load_scorer(name, device=, **options)`; the CLI's `--weights NAME=PATH` / `NAME.PART=PATH` fill them.
+Built-in and plugin scorers (the field's models, the digits world's) register through plugins.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from xdpo.errors import ConfigError, DataError, XdpoError
+from xdpo.evaluate.plugins import load_plugins
 
 
 @runtime_checkable
@@ -64,7 +64,8 @@ def register_scorer(name: str) -> Callable[[Callable[..., Scorer]], Callable[...
 
 
 def available_scorers() -> dict[str, Callable[..., Scorer]]:
-    """Built-in scorers plus those installed through the `xdpo.scorers` entry-point group."""
+    """Registered scorers (plugins loaded) plus those of the `xdpo.scorers` entry-point group."""
+    load_plugins()
     found = dict(SCORERS)
     for ep in entry_points(group="xdpo.scorers"):
         found.setdefault(ep.name, lambda device=None, _ep=ep, **kw: _ep.load()(device=device, **kw))  # lazy
@@ -154,36 +155,3 @@ def run_scorer(
     if scores.shape[0] != len(images):
         raise DataError(f"scorer {scorer.name}: {scores.shape[0]} scores for {len(images)} images {where}")
     return scores
-
-
-# --- digits world ----------------------------------------------------------------------------
-
-
-def _digits_details(fn_name: str) -> str:
-    """Function, xdpo version and a hash of the reward constants (a change invalidates cached scores)."""
-    from xdpo import __version__
-    from xdpo.digits import labeller
-
-    constants = getattr(labeller, "reward_constants", dict)()
-    digest = hashlib.sha1(json.dumps(constants, sort_keys=True).encode()).hexdigest()[:8]
-    return f"xdpo.digits.labeller.{fn_name} (xdpo {__version__}, reward constants {digest})"
-
-
-@register_scorer("digits-reward")
-def digits_reward(device: str | None = None) -> Scorer:
-    """The digits world's hidden ground-truth reward (the stand-in for human taste)."""
-    from xdpo.digits.labeller import hidden_reward
-
-    return FunctionScorer("digits-reward", hidden_reward, _digits_details("hidden_reward"), batch_size=256)
-
-
-@register_scorer("digits-alignment")
-def digits_alignment(device: str | None = None) -> Scorer:
-    """1 if the digit classifier reads the prompted digit, else 0 (the digits analogue of CLIP score)."""
-    from xdpo.digits.labeller import alignment
-
-    return FunctionScorer("digits-alignment", alignment, _digits_details("alignment"), batch_size=256)
-
-
-# The field's reward models register themselves (their heavy imports happen inside the factories).
-from xdpo.evaluate import hps, rewards  # noqa: E402, F401

@@ -1,8 +1,8 @@
 """Reward transforms r = f'(z) of the f-divergence family, as functions of the implicit log-ratio.
 
 For a sample x with shared (t, eps): delta = e_theta(x) - e_ref(x) (per-sample denoising errors) and
-log z = -s * delta (DESIGN.md §3.1). Each transform maps log z to the implicit reward r = f'(z);
-the logits of the outer loss are (beta / 2) * lambda(t) * (r_w - r_l) (DESIGN.md §3.2).
+log z = -s * delta (docs/math.md §1). Each transform maps log z to the implicit reward r = f'(z);
+the logits of the outer loss are (beta / 2) * lambda(t) * (r_w - r_l) (docs/math.md §3).
 
 | name       | f'(z)                          | source                                         |
 |------------|--------------------------------|------------------------------------------------|

@@ -1,0 +1,169 @@
+"""The package's structure: no import cycles, evaluate reaches the digits world only as a plugin, docs cited.
+
+Imports are read from the source (every `import xdpo...` / `from xdpo... import`, at module level or
+inside functions), so a cycle hidden in a function-level import counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = SRC.parent
+CHECKED = ("xdpo.evaluate", "xdpo.digits", "xdpo.data", "xdpo.objectives", "xdpo.demo")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for f in (SRC / "xdpo").rglob("*.py"):
+        parts = list(f.relative_to(SRC).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the xdpo modules it imports (a name imported from a package counts as its submodule)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {}
+    for name, f in mods.items():
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("xdpo")
+            ):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in mods else node.module)
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.startswith("xdpo")}
+        graph[name] = {e for e in edges if e in mods and e != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_through_evaluate_digits_data_objectives_demo():
+    bad = [c for c in cycles(import_graph()) if any(m.startswith(CHECKED) for m in c)]
+    assert not bad, f"import cycles: {bad}"
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_evaluate_never_imports_the_digits_world():
+    graph = import_graph()
+    reach = {m: sorted(e for e in edges if e.startswith("xdpo.digits")) for m, edges in graph.items()}
+    assert {m: e for m, e in reach.items() if m.startswith("xdpo.evaluate") and e} == {}
+
+
+def test_parse_digit_lives_with_the_captions():
+    from xdpo.digits import data, labeller
+
+    assert labeller.parse_digit is data.parse_digit
+    assert "xdpo.digits.labeller" not in import_graph()["xdpo.digits.data"]
+
+
+def test_plugins_register_scorers_prompt_sets_and_named_models():
+    from xdpo.evaluate.plugins import load_plugins
+    from xdpo.evaluate.prompts import PROMPT_SETS
+    from xdpo.evaluate.sample import MODEL_SAMPLING
+    from xdpo.evaluate.scorers import SCORERS
+
+    assert "xdpo.digits.evaluation:register" in load_plugins()
+    assert {"digits-reward", "digits-alignment", "pickscore", "hpsv2.0"} <= set(SCORERS)
+    assert {"digits", "parti", "hpsv2", "pickapic-test"} <= set(PROMPT_SETS)
+    from xdpo.digits import DIGITS_SAMPLING
+
+    assert MODEL_SAMPLING["digits"] == DIGITS_SAMPLING
+
+
+def test_third_party_plugins_load_and_a_broken_one_only_warns(monkeypatch):
+    from xdpo.evaluate import plugins
+    from xdpo.evaluate.prompts import PROMPT_SETS, register_prompt_set
+
+    class EntryPoint:
+        def __init__(self, name: str, fn) -> None:
+            self.name, self.value, self.fn = name, f"thirdparty:{name}", fn
+
+        def load(self):
+            return self.fn
+
+    def good() -> None:
+        register_prompt_set("thirdparty-set", lambda: ["a prompt"])
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(plugins._state, "done", False)
+    monkeypatch.setattr(plugins, "_loaded", list(plugins._loaded))
+    monkeypatch.setattr(
+        plugins, "entry_points", lambda group: [EntryPoint("good", good), EntryPoint("bad", broken)]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = plugins.load_plugins()
+    assert "thirdparty:good" in loaded and "thirdparty:bad" not in loaded
+    assert any("plugin bad" in str(w.message) and "boom" in str(w.message) for w in caught)
+    assert PROMPT_SETS.pop("thirdparty-set")() == ["a prompt"]
+
+
+def test_one_pipeline_loader():
+    from xdpo.digits import sampling
+    from xdpo.evaluate import sample
+
+    assert sampling.initial_latents is sample.initial_latents
+    text = (SRC / "xdpo" / "digits" / "sampling.py").read_text()
+    assert "from_pretrained" not in text  # the digits world loads through evaluate.sample.load_pipeline
+
+
+@pytest.mark.parametrize("folder", ["src", "tests", "benchmarks"])
+def test_no_file_cites_design_md(folder):
+    """DESIGN.md was an internal file users do not have; the design and math live in docs/."""
+    cited = [
+        str(f.relative_to(ROOT))
+        for f in (ROOT / folder).rglob("*")
+        if f.is_file()
+        and f.suffix in (".py", ".yaml", ".md", ".txt", ".json")
+        and f.name != Path(__file__).name
+        if "DESIGN" + ".md" in f.read_text(errors="ignore")
+    ]
+    assert not cited
+    assert (ROOT / "docs" / "design.md").is_file() and (ROOT / "docs" / "math.md").is_file()
+    assert "DESIGN" + ".md" not in (ROOT / "README.md").read_text()

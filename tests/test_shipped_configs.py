@@ -1,0 +1,58 @@
+"""Every shipped config trains at the learning rate of the launcher or paper it cites (docs/math.md §8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xdpo.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "xdpo" / "configs"
+
+# config -> (processes in the source's run, effective learning rate the optimizer must see)
+PAPER_LR = {
+    # Diffusion-DPO launchers/sd15.sh and sdxl.sh: --learning_rate=1e-8 --scale_lr, 1 x 128 x 16 GPUs
+    "sd15-pickapic-dpo.yaml": (16, 1e-8 * 2048),
+    "sdxl-pickapic-dpo.yaml": (16, 1e-8 * 2048),
+    # Kang et al.: lr 1e-8 in Diffusion-DPO's recipe (batch 2048, scaled)
+    "sd15-pickapic-dpo-refupdate.yaml": (16, 1e-8 * 2048),
+    # xDPO Sec. 5.2: 1e-8 in Diffusion-DPO's pipeline, 1 x 128 accumulation x 2 GPUs = 256 -> 2.56e-6
+    "sd15-pickapic-xdpo.yaml": (2, 2.56e-6),
+    # xDPO carried to SDXL in Diffusion-DPO's SDXL recipe (batch 2048, scaled)
+    "sdxl-pickapic-xdpo.yaml": (16, 1e-8 * 2048),
+    # Diffusion-KTO exps/example.sh: --learning_rate=1e-07 without --scale_lr
+    "sd15-pickapic-kto.yaml": (16, 1e-7),
+    # Flow-DPO (Liu et al. 2025): lr 5e-6 at batch 64, not scaled
+    "sd35-flowdpo-lora.yaml": (8, 5e-6),
+    "flux-dev-dpo-lora.yaml": (8, 5e-6),
+}
+# the digits world's own: chosen by benchmarks/digits_sweep.py at batch 16 on one process, unscaled
+DIGITS_LR = 3e-5
+
+
+def effective_lr(path: Path, world: int) -> float:
+    """What the training loop gives the optimizer: lr x batch_size x grad_accum x processes if scale_lr."""
+    t = load_config(path, ["data.path=x"]).train
+    return t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
+
+
+def test_every_shipped_config_is_checked():
+    papers = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("digits-"))
+    assert papers == sorted(PAPER_LR)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_LR))
+def test_paper_config_effective_learning_rate(name):
+    world, lr = PAPER_LR[name]
+    assert effective_lr(CONFIGS / name, world) == pytest.approx(lr, rel=1e-9)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("digits-*.yaml")), ids=lambda p: p.name)
+def test_digits_config_effective_learning_rate(path):
+    assert effective_lr(path, 1) == pytest.approx(DIGITS_LR)
+
+
+def test_xdpo_is_not_trained_256x_slower_than_its_baseline():
+    xdpo = effective_lr(CONFIGS / "sd15-pickapic-xdpo.yaml", 2)
+    assert xdpo == pytest.approx(2.56e-6) and xdpo > 100 * 1e-8
