@@ -10,6 +10,7 @@ from xdpo.config import Config, to_dict
 def dry_run(cfg: Config) -> int:
     """Print the resolved config, the usable pairs (ties, bad rows) and a memory estimate."""
     from xdpo.data import PreferencePairs, load_preference_table
+    from xdpo.data.validate import validate_pairs
     from xdpo.models.load import check_pipeline
     from xdpo.train.memory import estimate, format_estimate, meta_modules
     from xdpo.train.setup import resolve_timesteps
@@ -19,31 +20,18 @@ def dry_run(cfg: Config) -> int:
     print("# resolved config")
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nModel: {fam.name} ({fam.pipeline_class}, {fam.process}); {fam.about}")
-    table = load_preference_table(cfg.data.path, cfg.data.split)
+    d = cfg.data
+    table = load_preference_table(d.path, d.split)
+    report = validate_pairs(table, source=d.path, split=d.split, on_bad_row="skip", progress=True)
+    print(f"Validation (images checked when a step decodes them): {report.summary()}")
     pairs = PreferencePairs(
-        table,
-        resolution=cfg.data.resolution,
-        ties=cfg.data.ties,
-        flip=cfg.data.flip,
-        random_crop=cfg.data.random_crop,
-        prompt_dropout=cfg.data.prompt_dropout,
-        source=cfg.data.path,
-    )
-    usable = min(len(pairs), cfg.data.max_pairs) if cfg.data.max_pairs else len(pairs)
-    print(f"Data: {cfg.data.path}: {usable} usable pairs ({pairs.n_ties} ties, {pairs.n_dropped} dropped)")
-    report = _validate(table, cfg)
-    if report:
-        print(report)
+        table, resolution=d.resolution, ties=d.ties, flip=d.flip, random_crop=d.random_crop,
+        prompt_dropout=d.prompt_dropout, source=d.path, split=d.split, on_bad_row="skip",
+        bad_rows=report.bad_rows, max_pairs=d.max_pairs,
+    )  # fmt: skip
+    print(f"Data: {d.path}: {len(pairs)} usable pairs ({pairs.n_ties} ties, {pairs.n_dropped} dropped)")
+    if not report.ok and d.on_bad_row == "error":
+        print(f"A run would stop here (data.on_bad_row=error): {report.first_error()}")
     print(format_estimate(estimate(meta_modules(cfg.model.pretrained, fam, cfg), fam.denoiser, cfg)))
     print("Dry run: nothing was written.")
     return 0
-
-
-def _validate(table, cfg: Config) -> str:
-    """The data's up-front validation report (bad rows, duplicates), when the data module provides one."""
-    try:
-        from xdpo.data import validate_pairs
-    except ImportError:
-        return ""
-    report = validate_pairs(table, source=cfg.data.path, split=cfg.data.split, on_bad_row="skip")
-    return f"Validation (images not decoded): {report.summary() if hasattr(report, 'summary') else report}"
