@@ -333,3 +333,20 @@ def test_gradient_magnitudes_at_sd15_scale_against_adamw_epsilon():
     assert param_grad.max() < 3 * adam_eps  # comparable to epsilon: the update is damped
     shrink = param_grad / (param_grad + adam_eps)  # Adam's step relative to the eps-free step
     assert shrink.min() > 0.05 and shrink.max() < 0.75
+
+
+def test_kto_on_independent_images_matches_the_closed_form():
+    from xdpo.objectives import kto_images_loss
+
+    e = torch.tensor([0.10, 0.30, 0.20, 0.05], dtype=torch.float64)
+    e_ref = torch.tensor([0.20, 0.25, 0.20, 0.10], dtype=torch.float64)
+    desirable = torch.tensor([True, False, True, False])
+    out = kto_images_loss(e, e_ref, desirable, beta=10.0, reference_point=torch.tensor(0.01))
+    g = e_ref - e
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    expected = 1 - torch.sigmoid(10.0 * sign * (g - 0.01))
+    torch.testing.assert_close(out.loss, expected)
+    # a negative mean reward is clamped to a reference point of 0
+    low = kto_images_loss(e, e_ref, desirable, beta=10.0, reference_point=torch.tensor(-5.0))
+    torch.testing.assert_close(low.loss, 1 - torch.sigmoid(10.0 * sign * g))
+    assert out.implicit_acc == pytest.approx(((sign * (g - 0.01)) > 0).double().mean().item())

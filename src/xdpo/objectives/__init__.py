@@ -5,6 +5,7 @@ from xdpo.objectives.losses import (
     OBJECTIVES,
     OUTER_LOSSES,
     LossOutput,
+    kto_images_loss,
     kto_loss,
     objective_loss,
     preference_loss,
@@ -19,5 +20,6 @@ __all__ = [
     "objective_loss",
     "preference_loss",
     "kto_loss",
+    "kto_images_loss",
     "sft_loss",
 ]

@@ -223,6 +223,35 @@ def _record(
     )
 
 
+def kto_images_loss(
+    e: Tensor,
+    e_ref: Tensor,
+    desirable: Tensor,
+    *,
+    beta: float = 1000.0,
+    weight: Tensor | None = None,
+    reference_point: Tensor | None = None,
+    **_: float,
+) -> LossOutput:
+    """Diffusion-KTO on independent images (Li et al. 2024; data in its per-image format).
+
+    g = e_ref - e_theta, z0 = max(reference point, 0) (detached), sign = +1 desirable / -1 undesirable,
+    loss = 1 - sigma(beta * lambda * sign * (g - z0)). Logged as pairs of (image, nothing):
+    reward_w = beta * lambda * sign * (g - z0), reward_l = 0, so `implicit_acc` is the fraction of images
+    on the right side of the reference point.
+    """
+    dtype = torch.promote_types(e.dtype, torch.float32)
+    g = e_ref.to(dtype) - e.to(dtype)
+    if reference_point is None:
+        reference_point = g.mean()
+    z0 = reference_point.detach().to(dtype).clamp(min=0)
+    lam = torch.ones_like(g) if weight is None else weight.to(dtype)
+    sign = desirable.to(device=g.device, dtype=dtype) * 2 - 1
+    x = beta * lam * sign * (g - z0)
+    none = torch.zeros(2 * e.shape[0], dtype=torch.bool, device=e.device)
+    return _record(1 - torch.sigmoid(x), x, torch.zeros_like(x), none, -g, torch.zeros_like(g))
+
+
 OBJECTIVES: dict[str, Callable[..., LossOutput]] = {"pair": preference_loss, "sft": sft_loss, "kto": kto_loss}
 
 
