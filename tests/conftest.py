@@ -1,7 +1,7 @@
 """Shared test setup: offline Hugging Face, one torch thread, tiny pipelines and Pick-a-Pic fixtures.
 
 One torch thread: these machines have 2 shared cores, and a second thread next to another busy
-process slows tiny workloads by orders of magnitude (DESIGN.md §7). The `datasets` cache goes to a
+process slows tiny workloads by orders of magnitude (docs/design.md §7). The `datasets` cache goes to a
 temporary folder so tests never touch (or depend on) the user's cache.
 """
 
@@ -114,4 +114,62 @@ def tiny_pipeline_v_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
 
     return build_tiny_pipeline(
         tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction", tokenizer_dir=clip_tokenizer_dir
+    )
+
+
+# ---- tiny pipelines of the other families (xdpo.models.tiny_families): latents 8 x 8, images 16 x 16 px ----
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small T5 tokenizer (Unigram, T5's special tokens), built once per session."""
+    from xdpo.models.tiny_families import build_t5_tokenizer
+
+    out = tmp_path_factory.mktemp("t5_tokenizer")
+    build_t5_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
+    """A tiny random SDXL pipeline (CLIP-L + CLIP-G, text_time UNet, Euler; 16 x 16 px images)."""
+    from xdpo.models.tiny_families import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), tokenizer_dir=clip_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_dir) -> Path:
+    """A tiny random SD3 pipeline with T5 (MMDiT, flow matching with shift 3; 16 x 16 px images)."""
+    from xdpo.models.tiny_families import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(
+        tmp_path_factory.mktemp("tiny_sd3"),
+        tokenizer_dir=clip_tokenizer_dir,
+        t5_tokenizer_dir=t5_tokenizer_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_dir) -> Path:
+    """A tiny random FLUX.1-dev-like pipeline (guidance embedding, dynamic shifting; 16 x 16 px images)."""
+    from xdpo.models.tiny_families import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(
+        tmp_path_factory.mktemp("tiny_flux"),
+        tokenizer_dir=clip_tokenizer_dir,
+        t5_tokenizer_dir=t5_tokenizer_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_dir) -> Path:
+    """As `tiny_flux_pipeline_dir` without the guidance embedding (FLUX.1-schnell-like)."""
+    from xdpo.models.tiny_families import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(
+        tmp_path_factory.mktemp("tiny_flux_schnell"),
+        guidance_embeds=False,
+        tokenizer_dir=clip_tokenizer_dir,
+        t5_tokenizer_dir=t5_tokenizer_dir,
     )

@@ -147,6 +147,9 @@ def load_pipeline(
     device = resolve_device(device)
     kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(dtype, device)}
     index = json.loads((path / "model_index.json").read_text())
+    from xdpo.models.load import null_components
+
+    kwargs |= null_components(index)  # e.g. SD3 saved without T5: diffusers needs them passed as None
     if "safety_checker" in index:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     bars = dlog.is_progress_bar_enabled()

@@ -110,9 +110,18 @@ def check_pipeline(pretrained: str, family: str = "auto", revision: str | None =
     return fam
 
 
+def null_components(info: dict[str, Any]) -> dict[str, None]:
+    """Components that model_index.json records as null (e.g. SD3 saved without T5), as None overrides:
+    diffusers (0.42) refuses such a folder unless they are passed as None too."""
+    return {
+        k: None for k, v in info.items() if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]
+    }
+
+
 def pipeline_kwargs(model_cfg: Any, fam: Family) -> dict[str, Any]:
-    """Component overrides for loading (and for saving final/): the family's, plus `model.vae`."""
-    kw: dict[str, Any] = {"revision": model_cfg.revision, **fam.load_kwargs(model_cfg)}
+    """Component overrides for loading (and for saving final/): null components, the family's, `model.vae`."""
+    nulls = null_components(read_model_index(model_cfg.pretrained, model_cfg.revision))
+    kw: dict[str, Any] = {"revision": model_cfg.revision, **nulls, **fam.load_kwargs(model_cfg)}
     if model_cfg.vae:
         from diffusers import AutoencoderKL
 
@@ -123,12 +132,15 @@ def pipeline_kwargs(model_cfg: Any, fam: Family) -> dict[str, Any]:
     return kw
 
 
-def load_components(model_cfg: Any) -> Components:
-    """The pipeline of `model.pretrained` through its family's diffusers class, and its training scheduler."""
+def load_components(model_cfg: Any, skip: tuple[str, ...] = ()) -> Components:
+    """The pipeline of `model.pretrained` through its family's diffusers class, and its training scheduler.
+
+    `skip`: components not loaded (None), e.g. the text encoders of a run that reads `data.cache`."""
     fam = check_pipeline(model_cfg.pretrained, model_cfg.family, model_cfg.revision)
     path = resolve_pretrained(model_cfg.pretrained)
     try:
-        pipe = fam.pipeline_cls().from_pretrained(path, **pipeline_kwargs(model_cfg, fam))
+        kw = {**pipeline_kwargs(model_cfg, fam), **dict.fromkeys(skip)}
+        pipe = fam.pipeline_cls().from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained: cannot load {path}: {str(e).splitlines()[0]}") from None
     parts = pipe.components

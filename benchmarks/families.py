@@ -1,0 +1,178 @@
+"""Seconds per training step and peak memory per model family, on the tiny pipelines (CPU).
+
+One step = `preference_step` (VAE encode, text encoders, reference forward, policy forward on [w; l],
+the loss) + backward + AdamW step, on a batch of `--batch` pairs at 16 x 16 px (latents 8 x 8), for
+the tiny SD, SDXL, SD3 (with and without T5) and Flux pipelines of `xdpo.models.tiny_families`, full
+fine-tune and LoRA (rank 4). T5 runs at the pipelines' default max_sequence_length (SD3 256, Flux 512)
+unless `--max-seq-len` says otherwise.
+
+Memory: each configuration runs in its own process; "peak step MiB" is the growth of the process's
+peak resident set (VmHWM, reset through /proc/self/clear_refs after loading) over its RSS before the
+first step, i.e. what the steps themselves add (activations, gradients, optimizer state) on top of the
+loaded models; "RSS MiB" is the process's RSS after loading (Python, torch and the pipeline).
+
+    OMP_NUM_THREADS=1 python benchmarks/families.py [--steps 20] [--batch 2] [--threads 1]
+
+Run it alone on the machine (docs/design.md §7: a second busy process distorts CPU timings badly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = [  # (label, pipeline folder name, extra overrides)
+    ("sd", "sd", []),
+    ("sdxl", "sdxl", []),
+    ("sd3", "sd3", []),
+    ("sd3 no T5", "sd3", ["model.text_encoder_3=false"]),
+    ("flux", "flux", []),
+]
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure(pipeline: str, pairs: str, extra: list[str], lora: int, batch: int, steps: int, seq: int) -> dict:
+    """Median step time and peak RSS growth of one configuration, in this process."""
+    import torch
+
+    from xdpo.config import load_config
+    from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
+    from xdpo.train.setup import load_models, loss_kwargs
+    from xdpo.train.step import TrainModels, make_optimizer, preference_step
+
+    overrides = [f"model.pretrained={pipeline}", f"data.path={pairs}", "data.resolution=16"]
+    overrides += [f"model.lora_rank={lora}", f"model.max_sequence_length={seq}", *extra]
+    cfg = load_config(None, overrides)
+    comps, process, model, ref, params = load_models(cfg, torch.device("cpu"))
+    m = TrainModels(comps, process, model, ref, cfg.loss, cfg.timesteps, loss_kwargs(cfg))
+    opt = make_optimizer(cfg.train, params, 1e-4)
+    data = PreferencePairs(load_preference_table(pairs), resolution=16)
+    batches = [collate_pairs([data[(i * batch + j, i)] for j in range(batch)]) for i in range(4)]
+    rss0 = _status_kib("VmRSS")
+    reset = _reset_peak()
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        out = preference_step(m, batches[i % 4], torch.Generator().manual_seed(i))
+        out.out.loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    peak = _status_kib("VmHWM")
+    return {
+        "step_s": sorted(times)[len(times) // 2],
+        "peak_step_mib": (peak - rss0) / 1024 if reset else float("nan"),
+        "rss_mib": rss0 / 1024,
+        "trainable": sum(p.numel() for p in params),
+        "denoiser": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def make_pairs(path: Path, n: int = 16) -> Path:
+    """n pairs of 24 x 24 px random images with short captions (Pick-a-Pic schema)."""
+    import numpy as np
+    from PIL import Image
+
+    from xdpo.data import write_pairs_parquet
+
+    rng = np.random.default_rng(0)
+
+    def img() -> Image.Image:
+        return Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+
+    captions = [f"a bright picture, number {i}" for i in range(n)]
+    return write_pairs_parquet(
+        path, captions, [img() for _ in range(n)], [img() for _ in range(n)], [1.0] * n
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--steps", type=int, default=20, help="timed steps per configuration (after 3 warm-up steps)"
+    )
+    ap.add_argument("--batch", type=int, default=2, help="pairs per step")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-seq-len", type=int, default=0, help="T5 tokens; 0 = the pipeline's default")
+    ap.add_argument(
+        "--one", nargs=4, metavar=("PIPELINE", "PAIRS", "LORA", "EXTRA_JSON"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.one:  # a child: one configuration, one JSON line
+        pipe, pairs, lora, extra = args.one
+        res = measure(pipe, pairs, json.loads(extra), int(lora), args.batch, args.steps, args.max_seq_len)
+        print("RESULT " + json.dumps(res))
+        return
+
+    from xdpo.models.tiny_families import build_all
+
+    with tempfile.TemporaryDirectory(prefix="xdpo-bench-families-") as tmp:
+        pipes = build_all(Path(tmp) / "pipes")
+        pairs = make_pairs(Path(tmp) / "pairs.parquet")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+        print(f"batch {args.batch} pairs, 16 x 16 px, {args.steps} timed steps, {args.threads} thread(s)")
+        header = (
+            f"{'family':<10} {'mode':<5} {'s/step':>8} {'peak step MiB':>14} {'RSS MiB':>8} {'trainable':>10}"
+        )
+        print(header + "\n" + "-" * len(header), flush=True)
+        for label, name, extra in CONFIGS:
+            for lora in (0, 4):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(pipes[name]),
+                    str(pairs),
+                    str(lora),
+                    json.dumps(extra),
+                ]
+                cmd += [
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--threads",
+                    str(args.threads),
+                ]
+                cmd += ["--max-seq-len", str(args.max_seq_len)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    print(f"{label:<10} {'lora' if lora else 'full':<5} failed: {proc.stderr.strip()[-500:]}")
+                    continue
+                r = json.loads(line[len("RESULT ") :])
+                print(
+                    f"{label:<10} {'lora' if lora else 'full':<5} {r['step_s']:>8.3f} {r['peak_step_mib']:>14.1f} "
+                    f"{r['rss_mib']:>8.0f} {r['trainable']:>10,}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
