@@ -173,3 +173,42 @@ def tiny_flux_schnell_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_toke
         tokenizer_dir=clip_tokenizer_dir,
         t5_tokenizer_dir=t5_tokenizer_dir,
     )
+
+
+# ---- the one training harness -------------------------------------------------------------------
+TRAIN_DEFAULTS = {
+    "data.resolution": 32,
+    "train.max_steps": 3,
+    "train.batch_size": 2,
+    "train.learning_rate": 1e-3,
+    "train.scale_lr": False,
+    "train.warmup_steps": 0,
+    "train.checkpoint_every": 0,
+    "loss.beta": 100.0,
+}
+"""A short, fast, learnable run on a tiny pipeline; tests override what they exercise."""
+
+
+def train_overrides(out: Path, pipe: Path | str, pairs: Path | str, **overrides) -> list[str]:
+    """`key=value` overrides of a test run (TRAIN_DEFAULTS, then `overrides` with dotted keys)."""
+    values = {"output_dir": str(out), "model.pretrained": str(pipe), "data.path": str(pairs)}
+    values |= TRAIN_DEFAULTS | overrides
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_training(out: Path, pipe: Path | str, pairs: Path | str, **overrides) -> Path:
+    """`xdpo.train.loop.train` on a test config; returns output_dir."""
+    from xdpo.config import load_config
+    from xdpo.train.loop import train
+
+    return train(load_config(None, train_overrides(out, pipe, pairs, **overrides)))
+
+
+@pytest.fixture
+def train_run(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """`train_run(name, **overrides)`: a run on the tiny SD pipeline and the pairs fixture in tmp_path/name."""
+
+    def run(name: str = "run", **overrides) -> Path:
+        return run_training(tmp_path / name, tiny_pipeline_dir, pairs_parquet, **overrides)
+
+    return run

@@ -14,33 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xdpo.config import load_config
+from conftest import run_training, train_overrides
 from xdpo.train.metrics import read_metrics
+
+SAFETY = {"train.checkpoint_every": 1, "train.checkpoints_keep": 1, "model.lora_rank": 4}
 
 
 def overrides(tmp_path, pipe, pairs, name, **kw):
-    base = {
-        "output_dir": str(tmp_path / name),
-        "model.pretrained": str(pipe),
-        "data.path": str(pairs),
-        "data.resolution": 32,
-        "train.batch_size": 2,
-        "train.learning_rate": 1e-3,
-        "train.scale_lr": False,
-        "train.warmup_steps": 0,
-        "train.checkpoint_every": 1,
-        "train.checkpoints_keep": 1,
-        "loss.beta": 100.0,
-        "model.lora_rank": 4,
-    }
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
+    return train_overrides(tmp_path / name, pipe, pairs, **{**SAFETY, **kw})
 
 
 def run(tmp_path, pipe, pairs, name, **kw):
-    from xdpo.train.loop import train
-
-    return train(load_config(None, overrides(tmp_path, pipe, pairs, name, **kw)))
+    return run_training(tmp_path / name, pipe, pairs, **{**SAFETY, **kw})
 
 
 def adapter(out, step):

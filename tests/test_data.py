@@ -137,10 +137,16 @@ def test_bad_label_names_row(tmp_path, bad):
         PreferencePairs(table, resolution=8, source=str(path))
 
 
-def test_string_labels_rejected():
-    table = table_of([solid((0, 0, 0))], [solid((0, 0, 0))], ["yes"])
-    with pytest.raises(DataError, match="column label_0 has type string"):
+def test_text_labels_parsed_and_others_named_by_row():
+    """Labels written as text (webdataset members, csv) are read as numbers; other text is a bad row."""
+    img = solid((0, 0, 0))
+    pairs = PreferencePairs(table_of([img] * 3, [img] * 3, ["1.0", " 0\n", "0.5"]), resolution=8, ties="keep")
+    assert pairs.labels.tolist() == [1.0, 0.0, 0.5]
+    table = table_of([img] * 2, [img] * 2, ["1", "yes"])
+    with pytest.raises(DataError, match="mem: row 1, column label_0: expected 0, 0.5 or 1, got 'yes'"):
         PreferencePairs(table, resolution=8, source="mem")
+    with pytest.raises(DataError, match="column label_0 has type list"):
+        PreferencePairs(table_of([img], [img], [[1.0]]), resolution=8, source="mem")
 
 
 def test_undecodable_image_names_row_and_column(tmp_path):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_training
 from xdpo.config import load_config
 from xdpo.errors import ConfigError
 from xdpo.models.tiny import tiny_resolution
-from xdpo.train.loop import train
 
 SIDE = tiny_resolution(8)  # the tiny family pipelines' image size (latents 8 x 8)
 CPU = torch.device("cpu")
@@ -25,22 +25,13 @@ TRAINED = [("sdxl", {}), ("sd3", {}), ("sd3", {"model.text_encoder_3": "false"})
 
 
 def run(tmp_path, pipe, pairs, name="run", **overrides):
-    base = {
-        "output_dir": str(tmp_path / name),
-        "model.pretrained": str(pipe),
-        "model.max_sequence_length": 32,
-        "data.path": str(pairs),
-        "data.resolution": SIDE,
-        "train.max_steps": 3,
-        "train.batch_size": 2,
-        "train.learning_rate": 1e-3,
-        "train.scale_lr": False,
-        "train.warmup_steps": 0,
-        "train.checkpoint_every": 0,
-        "loss.beta": 100.0,
-    }
-    base.update(overrides)
-    return train(load_config(None, [f"{k}={v}" for k, v in base.items()]))
+    """The shared harness (conftest.run_training) at the tiny families' image size."""
+    return run_training(
+        tmp_path / name,
+        pipe,
+        pairs,
+        **{"model.max_sequence_length": 32, "data.resolution": SIDE, **overrides},
+    )
 
 
 def model_cfg(path, *extra):

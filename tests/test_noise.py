@@ -13,7 +13,12 @@ from xdpo.models.noise import DDPMProcess, FlowProcess
 from xdpo.objectives import preference_loss
 from xdpo.train.step import step_weight
 
-SD15 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+SD15 = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+}
 
 
 def tensors(seed=0, n=4):

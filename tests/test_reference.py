@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
+from conftest import run_training
 from xdpo.config import ReferenceConfig, load_config
 from xdpo.models.families import get_family
 from xdpo.models.load import add_lora
@@ -114,7 +115,9 @@ def test_lora_ema_is_refused_with_one_line():
     from xdpo.errors import ConfigError
 
     with pytest.raises(ConfigError, match="reference.strategy.*not an average of the weights"):
-        load_config(None, ["model.pretrained=x", "data.path=y", "model.lora_rank=4", "reference.strategy=ema"])
+        load_config(
+            None, ["model.pretrained=x", "data.path=y", "model.lora_rank=4", "reference.strategy=ema"]
+        )
 
 
 @pytest.mark.parametrize("lora", [False])
@@ -170,28 +173,18 @@ def test_divergence_estimate_is_zero_for_the_same_model_and_grows_with_drift(une
     assert d("error_gap").shape == (3,)
 
 
-def run(tmp_path, pipe, pairs, name, **overrides):
-    from xdpo.train.loop import train
+PERIODIC = {
+    "reference.strategy": "periodic",
+    "reference.update_every": 2,
+    "reference.max_divergence": 1.0,
+    "timesteps.sampling": "skewed",
+    "timesteps.weighting": "snr",
+}
 
-    base = {
-        "output_dir": str(tmp_path / name),
-        "model.pretrained": str(pipe),
-        "data.path": str(pairs),
-        "data.resolution": 32,
-        "train.batch_size": 2,
-        "train.learning_rate": 1e-3,
-        "train.scale_lr": False,
-        "train.warmup_steps": 0,
-        "train.checkpoint_every": 0,
-        "loss.beta": 100.0,
-        "reference.strategy": "periodic",
-        "reference.update_every": 2,
-        "reference.max_divergence": 1.0,
-        "timesteps.sampling": "skewed",
-        "timesteps.weighting": "snr",
-    }
-    base.update(overrides)
-    return train(load_config(None, [f"{k}={v}" for k, v in base.items()]))
+
+def run(tmp_path, pipe, pairs, name, **overrides):
+    """The shared harness (conftest.run_training) with a periodic reference and skewed, SNR-weighted t."""
+    return run_training(tmp_path / name, pipe, pairs, **{**PERIODIC, **overrides})
 
 
 def metrics(out):

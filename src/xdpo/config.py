@@ -20,8 +20,8 @@ from xdpo.errors import ConfigError
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -39,12 +39,15 @@ class ModelConfig:
     vae: str = _f("", "another VAE folder or hub id (e.g. SDXL's fp16-fix VAE); empty = the pipeline's")
     text_encoder_3: bool = _f(True, "SD3: load the T5 text encoder (false drops it, as diffusers allows)")
     max_sequence_length: int = _f(0, "SD3/Flux: T5 tokens; 0 = the pipeline's default (SD3 256, Flux 512)")
-    guidance: float = _f(3.5, "Flux guidance-distilled checkpoints (FLUX.1-dev): the guidance embedding's scale")
+    guidance: float = _f(
+        3.5, "Flux guidance-distilled checkpoints (FLUX.1-dev): the guidance embedding's scale"
+    )
     lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     lora_alpha: float | None = _f(None, "LoRA alpha; empty = lora_rank (scale 1)")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: list[str] = _f(
-        ["to_q", "to_k", "to_v", "to_out.0"], "denoiser modules that get LoRA adapters (attention q, k, v, out)"
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        "denoiser modules that get LoRA adapters (attention q, k, v, out)",
     )
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the denoiser")
     reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f(
@@ -52,10 +55,33 @@ class ModelConfig:
     )
 
 
+DATA_COLUMNS = {"pairs": ("caption", "jpg_0", "jpg_1", "label_0"), "images": ("image", "caption", "label")}
+"""xdpo's column names per `data.format` (what `data.columns` maps to the dataset's own names)."""
+
+
 @dataclass
 class DataConfig:
-    path: str = _f("", "Pick-a-Pic v2 format: parquet file/glob/folder, save_to_disk folder, or hub id")
+    path: str = _f(
+        "",
+        "parquet file/glob/folder, save_to_disk folder, webdataset .tar shards (folder, glob or comma list), "
+        "or hub id",
+    )
     split: str = _f("train", "split of a DatasetDict folder or hub dataset")
+    format: Literal["pairs", "images"] = _f(
+        "pairs",
+        "pairs = (caption, preferred, dispreferred) rows; images = (image, caption, label 1 desirable / "
+        "0 undesirable) rows, Diffusion-KTO's data (needs loss.objective=kto)",
+    )
+    columns: dict[str, str] = _f(
+        {},
+        "xdpo name -> the dataset's column, e.g. caption:prompt,jpg_0:chosen,jpg_1:rejected (pairs: caption, "
+        "jpg_0, jpg_1, label_0; images: image, caption, label); without label_0, jpg_0 is preferred",
+    )
+    streaming: bool = _f(
+        False,
+        "read data.path with load_dataset(streaming=True), keeping only the first data.max_pairs usable rows "
+        "(kept in an Arrow file in the datasets cache): a subset without downloading everything",
+    )
     resolution: int = _f(512, "square training resolution in pixels (resize shorter side, then crop)")
     ties: Literal["drop", "keep"] = _f(
         "drop", "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5)"
@@ -65,10 +91,22 @@ class DataConfig:
         "none", "horizontal flips: none, both images alike, or each"
     )
     random_crop: bool = _f(False, "random instead of center crop (same offsets for both images)")
-    max_pairs: int = _f(0, "use only the first N pairs after dropping ties and bad rows; 0 = all")
+    max_pairs: int = _f(
+        0,
+        "use only the first N pairs (images with data.format=images) after dropping ties and bad rows; "
+        "0 = all; with data.streaming only these rows are read",
+    )
     num_workers: int = _f(0, "DataLoader worker processes for JPEG decoding and transforms")
     on_bad_row: Literal["error", "skip"] = _f(
         "error", "a bad row (label, caption, image): stop with one line naming it, or leave it out and report"
+    )
+    cache: str = _f(
+        "",
+        "folder of VAE posteriors and text conditions written by `xdpo cache`; train reads them instead of "
+        "encoding images and captions each step; empty = no cache",
+    )
+    sample_posterior: bool = _f(
+        True, "latents sampled from the VAE posterior each step (Diffusion-DPO); false = its mean"
     )
 
 
@@ -169,6 +207,21 @@ class TrainConfig:
         "stop", "non-finite loss: stop the run (weights untouched), or skip the step and count it"
     )
     max_nonfinite: int = _f(10, "skip: stop after this many non-finite steps in a row")
+    online: bool = _f(
+        False, "online DPO: every online_every steps, new pairs sampled from the policy and scored"
+    )
+    online_every: int = _f(
+        40, "online: optimizer steps per round (flow_grpo's online DPO regenerates every ~40)"
+    )
+    online_prompts: str = _f(
+        "", "online: prompt set or file the pairs are sampled for (as `xdpo pairs --prompts`)"
+    )
+    online_per_prompt: int = _f(4, "online: images sampled per prompt each round")
+    online_scorer: str = _f("", "online: reward that labels them (as `xdpo pairs --scorer`)")
+    online_min_gap: float | None = _f(
+        None, "online: keep every pair with a score gap above this; empty = best vs worst"
+    )
+    online_sample_steps: int = _f(0, "online: sampling steps; 0 = the model's sampling defaults")
 
 
 @dataclass
@@ -210,6 +263,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join("empty" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping name: column"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -233,6 +288,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 pass
         raise bad
+    if origin is dict:
+        return _coerce_mapping(key, value, bad)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -267,6 +324,31 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise bad
 
 
+def _coerce_mapping(key: str, value: Any, bad: ConfigError) -> dict[str, str]:
+    """A str -> str mapping from a YAML mapping or `a:b,c:d` text (empty or null = {})."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        pairs = [part.split(":", 1) for part in value.split(",") if part.strip()]
+        if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+            raise ConfigError(
+                f"config key `{key}`: expected NAME:COLUMN pairs separated by commas, got {value!r}"
+            )
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict):
+        raise bad
+    out = {}
+    for k, v in value.items():
+        if isinstance(k, bool | dict | list) or isinstance(v, bool | dict | list) or k is None or v is None:
+            raise ConfigError(f"config key `{key}`: expected names and columns as text, got {k!r}: {v!r}")
+        out[str(k)] = str(v)
+    return out
+
+
+def _mapping_keys() -> set[str]:
+    return {k for k, _, tp in iter_fields() if typing.get_origin(tp) is dict}
+
+
 def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     hint = f" (did you mean `{close[0]}`?)" if close else ""
@@ -284,7 +366,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
             if not isinstance(v, dict):
                 raise ConfigError(f"config key `{key}`: expected a section of keys, got {v!r}")
             out.update(_flatten(v, key + "."))
-        elif isinstance(v, dict):
+        elif isinstance(v, dict) and key not in _mapping_keys():
             raise _unknown(key)
         else:
             out[key] = v
@@ -350,7 +432,7 @@ def validate(cfg: Config) -> None:
         "required (a diffusers pipeline folder or hub id)",
         m.pretrained,
     )
-    _require(bool(d.path), "data.path", "required (Pick-a-Pic v2 format pairs)", d.path)
+    _require(bool(d.path) or t.online, "data.path", "required (Pick-a-Pic v2 format pairs)", d.path)
     _require(bool(cfg.output_dir), "output_dir", "required", cfg.output_dir)
     _require(m.lora_rank >= 0, "model.lora_rank", "must be >= 0", m.lora_rank)
     _require(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", m.lora_dropout)
@@ -362,7 +444,40 @@ def validate(cfg: Config) -> None:
     )
     _require(0 <= d.prompt_dropout <= 1, "data.prompt_dropout", "must be in [0, 1]", d.prompt_dropout)
     _require(d.max_pairs >= 0, "data.max_pairs", "must be >= 0", d.max_pairs)
+    names = DATA_COLUMNS[d.format]
+    unknown = sorted(set(d.columns) - set(names))
+    _require(
+        not unknown,
+        "data.columns",
+        f"unknown name(s) {', '.join(unknown)}; with data.format={d.format} it maps {', '.join(names)} "
+        "to the dataset's columns",
+        d.columns,
+    )
+    _require(
+        d.format == "pairs" or lo.objective == "kto",
+        "data.format",
+        f"images (one image per row) needs loss.objective=kto, not {lo.objective}",
+        d.format,
+    )
+    _require(
+        not (d.format == "images" and d.cache),
+        "data.cache",
+        "is not available with data.format=images (the cache holds pairs); leave data.cache empty",
+        d.cache,
+    )
+    _require(
+        not d.streaming or d.max_pairs > 0,
+        "data.max_pairs",
+        "must be > 0 with data.streaming=true (the number of usable rows to read)",
+        d.max_pairs,
+    )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _require(
+        not (d.cache and d.random_crop),
+        "data.random_crop",
+        "cannot be used with data.cache (a cached latent holds one crop); set data.random_crop=false",
+        d.random_crop,
+    )
     _require(
         d.ties == "drop" or lo.objective != "kto",
         "data.ties",
@@ -409,6 +524,19 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoints_keep >= 0, "train.checkpoints_keep", "must be >= 0", t.checkpoints_keep)
     _require(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1", t.max_nonfinite)
+    _require(t.online_every >= 1, "train.online_every", "must be >= 1", t.online_every)
+    _require(
+        t.online_per_prompt >= 2, "train.online_per_prompt", "must be >= 2 (a pair)", t.online_per_prompt
+    )
+    _require(
+        not t.online or (bool(t.online_prompts) and bool(t.online_scorer)),
+        "train.online",
+        "needs train.online_prompts and train.online_scorer",
+        t.online,
+    )
+    _require(
+        not (t.online and d.cache), "train.online", "on-policy pairs cannot come from data.cache", t.online
+    )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,5 +1,8 @@
-"""Preference data: the Pick-a-Pic v2 schema reader, validation, pair transforms (PIL + numpy) and writer."""
+"""Preference data: readers of every source (parquet, save_to_disk, webdataset shards, hub, streamed),
+column mapping, validation, pair and per-image transforms (PIL + numpy) and the Pick-a-Pic writer."""
 
+from xdpo.data.entry import open_data, open_images, open_pair_data
+from xdpo.data.perimage import PreferenceImages, collate_images
 from xdpo.data.pickapic import (
     PreferencePairs,
     collate_pairs,
@@ -14,10 +17,15 @@ __all__ = [
     "MIN_IMAGE_SIDE",
     "ON_BAD_ROW",
     "REQUIRED_COLUMNS",
+    "PreferenceImages",
     "PreferencePairs",
     "ValidationReport",
+    "collate_images",
     "collate_pairs",
     "load_preference_table",
+    "open_data",
+    "open_images",
+    "open_pair_data",
     "row_locator",
     "validate_pairs",
     "write_pairs_parquet",

@@ -1,12 +1,14 @@
-"""Pick-a-Pic v2 preference pairs: load the table, serve transformed (winner, loser) pairs, write the schema.
+"""Pick-a-Pic v2 preference pairs: serve transformed (winner, loser) pairs, write the schema.
 
-The schema and file lookup are in `schema.py`, row validation in `validate.py`.
+Loading any source is in `sources.py` (`load_preference_table` is re-exported here), the schema and
+file lookup in `schema.py`, row validation in `validate.py`, what pairs share with per-image data in
+`items.py`.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,91 +19,17 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from xdpo.data.schema import (
-    ON_BAD_ROW,
-    REQUIRED_COLUMNS,
-    TIE_MODES,
-    VALID_LABELS,
-    check_columns,
-    parquet_files,
-    row_locator,
-    undecoded_images,
-)
-from xdpo.data.transforms import FLIP_MODES, MIN_IMAGE_SIDE, decode_image, transform_pair
-from xdpo.data.validate import IMAGE_EXPECTED, ValidationReport, check_rows, describe_image_error
-from xdpo.errors import BadRowError, ConfigError, DataError
+from xdpo.data.items import RowItems
+from xdpo.data.schema import REQUIRED_COLUMNS, TIE_MODES, VALID_LABELS
+from xdpo.data.sources import load_preference_table
+from xdpo.data.transforms import place_pair
+from xdpo.errors import ConfigError, DataError
 
-# ----------------------------------------------------------------------------------------------- loading
+__all__ = ["PreferencePairs", "collate_pairs", "load_preference_table", "write_pairs_parquet"]
 
 
-def load_preference_table(
-    path: str, split: str = "train", *, cache_dir: str | None = None
-) -> datasets.Dataset:
-    """Open a Pick-a-Pic-schema table without decoding any image.
-
-    `path` is tried, in order, as: a parquet file; a glob of parquet files; a `save_to_disk` folder
-    (Dataset, or DatasetDict from which `split` is taken); a folder of parquet files (searched
-    recursively; when file names follow the Hub's split naming, e.g. `train-00000-of-00004.parquet`
-    or `validation/...`, only `split` is read); otherwise a Hub dataset id, `load_dataset(path, split=split)`.
-    `split` is ignored for a single file, a glob and a folder without split names.
-    Parquet is converted once into the `datasets` cache (`cache_dir`, default `HF_DATASETS_CACHE`;
-    about the data's size) and memory-mapped from then on; image columns stay encoded.
-    """
-    path = str(path)
-    local = Path(path).expanduser()
-    files = parquet_files(path, split)
-    if files is not None:
-        table = _load_parquet(files, path, cache_dir)
-    elif local.is_dir():
-        table = _load_saved(local, path, split)
-    else:
-        table = _load_hub(path, split, cache_dir)
-    check_columns(table.column_names, path)
-    return undecoded_images(table)
-
-
-def _load_parquet(files: Sequence[Path], source: str, cache_dir: str | None = None) -> datasets.Dataset:
-    for f in files:  # read only the footers: fail in seconds, not after converting 300 GB
-        try:
-            schema = pq.read_schema(f)
-        except Exception as e:
-            raise DataError(f"{f}: not a readable parquet file ({e})") from None
-        check_columns(schema.names, str(f))
-    try:
-        return datasets.load_dataset(
-            "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
-        )
-    except Exception as e:
-        raise DataError(f"{source}: cannot load parquet data ({type(e).__name__}: {e})") from None
-
-
-def _load_saved(folder: Path, source: str, split: str) -> datasets.Dataset:
-    try:
-        loaded = datasets.load_from_disk(str(folder))
-    except Exception as e:
-        raise DataError(f"{source}: cannot load this save_to_disk folder ({type(e).__name__}: {e})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"{source}: no split {split!r}; available splits: {', '.join(loaded)}")
-        loaded = loaded[split]
-    return loaded
-
-
-def _load_hub(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
-    try:
-        return datasets.load_dataset(path, split=split, cache_dir=cache_dir)
-    except Exception as e:
-        raise DataError(
-            f"{path}: neither a local parquet file, glob or folder, nor a reachable or cached "
-            f"Hugging Face Hub dataset with split {split!r} ({type(e).__name__}: {e})"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------- pairs
-
-
-class PreferencePairs(torch.utils.data.Dataset):
-    """Transformed (winner, loser) pairs from a Pick-a-Pic table, indexed by `(index, seed)`.
+class PreferencePairs(RowItems):
+    """Transformed (winner, loser) pairs from a table in the Pick-a-Pic schema, indexed by `(index, seed)`.
 
     The winner comes first (label_0 == 1: jpg_0; label_0 == 0: jpg_1). Ties (label_0 == 0.5) are
     dropped (`ties="drop"`, as Diffusion-DPO trains) or kept with jpg_0 first and `label_w = 0.5`, the
@@ -115,8 +43,11 @@ class PreferencePairs(torch.utils.data.Dataset):
     `"skip"` leaves them out (`n_bad`, `bad_rows`). An image that fails to decode (or is under
     `MIN_IMAGE_SIDE` pixels a side) when an item is read raises with "error"; with "skip" the item is
     the next pair whose images decode (index + 1, + 2, ..., wrapping), deterministically, and lists the
-    rows it passed over in `skipped_rows`. `max_pairs` > 0 keeps the first N usable pairs.
+    rows it passed over in `skipped_rows`. `max_pairs` > 0 keeps the first N usable pairs. `columns`
+    (data.columns) names the data's own columns in messages (the table already has xdpo's names).
     """
+
+    fmt, noun = "pairs", "pairs"
 
     def __init__(
         self,
@@ -132,69 +63,31 @@ class PreferencePairs(torch.utils.data.Dataset):
         on_bad_row: str = "error",
         bad_rows: Iterable[int] = (),
         max_pairs: int = 0,
+        columns: Mapping[str, str] | None = None,
     ) -> None:
         if ties not in TIE_MODES:
             raise ConfigError(f"data.ties must be one of {', '.join(TIE_MODES)}, got {ties!r}")
-        if flip not in FLIP_MODES:
-            raise ConfigError(f"data.flip must be one of {', '.join(FLIP_MODES)}, got {flip!r}")
-        if on_bad_row not in ON_BAD_ROW:
-            raise ConfigError(f"data.on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
-        if not isinstance(resolution, int) or resolution < 1:
-            raise ConfigError(f"data.resolution must be a positive integer, got {resolution!r}")
-        if not 0.0 <= prompt_dropout <= 1.0:
-            raise ConfigError(f"data.prompt_dropout must be in [0, 1], got {prompt_dropout!r}")
-        self.source = source or "preference table"
-        self.locate = row_locator(self.source, split)
-        check_columns(table.column_names, self.source)
-        self.table = undecoded_images(table.select_columns(list(REQUIRED_COLUMNS)))
-        self.resolution, self.ties, self.flip, self.on_bad_row = resolution, ties, flip, on_bad_row
-        self.random_crop, self.prompt_dropout = random_crop, float(prompt_dropout)
-        self.labels, bad = check_rows(self.table, self.source, self.locate)
-        if bad and on_bad_row == "error":
-            raise ValidationReport(self.source, len(self.labels), bad=dict(sorted(bad.items()))).first_error()
-        excluded = np.zeros(len(self.labels), dtype=bool)
-        excluded[[r for r in (*bad, *bad_rows) if 0 <= r < len(excluded)]] = True
-        self.bad_rows = np.flatnonzero(excluded)
-        self.n_bad = len(self.bad_rows)
+        self.ties = ties
+        super().__init__(
+            table, resolution=resolution, flip=flip, prompt_dropout=prompt_dropout, random_crop=random_crop,
+            source=source, split=split, on_bad_row=on_bad_row, bad_rows=bad_rows, limit=max_pairs,
+            columns=columns,
+        )  # fmt: skip
+        self.n_pairs = self.n_items
+
+    def _usable(self, excluded: np.ndarray) -> np.ndarray:
         is_tie = self.labels == 0.5
         self.n_ties = int(is_tie.sum())
-        keep = ~excluded & (~is_tie if ties == "drop" else True)
-        self.rows = np.flatnonzero(keep)
-        self.n_dropped = int((is_tie & ~excluded).sum()) if ties == "drop" else 0
-        if max_pairs:
-            self.rows = self.rows[:max_pairs]
-        self.n_pairs = len(self.rows)
-        self.skipped: set[int] = set()  # rows found undecodable in this process (with on_bad_row="skip")
-
-    def __len__(self) -> int:
-        return self.n_pairs
+        self.n_dropped = int((is_tie & ~excluded).sum()) if self.ties == "drop" else 0
+        return ~excluded & (~is_tie if self.ties == "drop" else True)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        """`{"caption", "pixel_w", "pixel_l", "label_w", "row", "skipped_rows"}` for key `(index, seed)`.
-
-        An int key uses seed = index. `skipped_rows` lists rows passed over because an image failed.
-        """
-        index, seed = (key, key) if isinstance(key, (int, np.integer)) else key
-        if not -self.n_pairs <= index < self.n_pairs:
-            raise IndexError(f"index {index} out of range for {self.n_pairs} pairs")
-        index %= self.n_pairs
-        passed: list[int] = []
-        for step in range(self.n_pairs):
-            row = int(self.rows[(index + step) % self.n_pairs])
-            if row in self.skipped:
-                passed.append(row)
-                continue
-            try:
-                item = self._item(row, seed)
-            except BadRowError:
-                if self.on_bad_row == "error":
-                    raise
-                self.skipped.add(row)
-                passed.append(row)
-                continue
-            item["skipped_rows"] = passed
-            return item
-        raise DataError(f"{self.source}: no pair has two decodable images ({len(passed)} tried)")
+        """`{"caption", "pixel_w", "pixel_l", "label_w", "row", "original_size", "crop_top_left",
+        "skipped_rows"}` for key `(index, seed)`; an int key uses seed = index. `original_size` and
+        `crop_top_left` are [2, 2] long tensors, rows (w, l): (height, width) before resizing and
+        (top, left) of the crop in the resized image (SDXL's size conditions, `transforms.Placed`).
+        `skipped_rows` lists rows passed over because an image failed."""
+        return super().__getitem__(key)
 
     def _item(self, row: int, seed: int) -> dict[str, Any]:
         record = self.table[row]
@@ -205,33 +98,26 @@ class PreferencePairs(torch.utils.data.Dataset):
             caption = ""
         col_w, col_l = ("jpg_1", "jpg_0") if label == 0.0 else ("jpg_0", "jpg_1")
         img_w, img_l = self._image(record, col_w, row), self._image(record, col_l, row)
-        pixel_w, pixel_l = transform_pair(
-            img_w, img_l, self.resolution, rng, random_crop=self.random_crop, flip=self.flip
-        )
+        w, lo = place_pair(img_w, img_l, self.resolution, rng, random_crop=self.random_crop, flip=self.flip)
         return {
             "caption": caption,
-            "pixel_w": pixel_w,
-            "pixel_l": pixel_l,
+            "pixel_w": w.pixel,
+            "pixel_l": lo.pixel,
             "label_w": label if label == 0.5 else 1.0,
             "row": row,
+            "original_size": torch.tensor([w.original_size, lo.original_size], dtype=torch.long),
+            "crop_top_left": torch.tensor([w.crop_top_left, lo.crop_top_left], dtype=torch.long),
         }
-
-    def _image(self, record: dict, column: str, row: int) -> Image.Image:
-        try:
-            return decode_image(record[column], min_side=MIN_IMAGE_SIDE)
-        except Exception as e:
-            raise BadRowError.at(
-                self.locate(row), row, column, IMAGE_EXPECTED, describe_image_error(e)
-            ) from None
 
 
 def collate_pairs(items: list[dict]) -> dict[str, Any]:
     """Stack `PreferencePairs` items into a batch.
 
     `label_w` [B] float32: P(first image preferred), 1 or 0.5 for a kept tie (the loss's `label`);
+    `original_size`, `crop_top_left` [2B, 2] long, rows [w; l] (SDXL's time ids; `PreferencePairs`);
     `skipped_rows`: rows passed over in this batch because an image failed (on_bad_row=skip).
     """
-    return {
+    batch = {
         "captions": [it["caption"] for it in items],
         "pixel_w": torch.stack([it["pixel_w"] for it in items]),
         "pixel_l": torch.stack([it["pixel_l"] for it in items]),
@@ -239,6 +125,10 @@ def collate_pairs(items: list[dict]) -> dict[str, Any]:
         "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
         "skipped_rows": [r for it in items for r in it.get("skipped_rows", ())],
     }
+    for key in ("original_size", "crop_top_left"):
+        if all(key in it for it in items):
+            batch[key] = torch.cat([torch.stack([it[key][i] for it in items]) for i in (0, 1)])
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------- writing

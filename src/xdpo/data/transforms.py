@@ -8,6 +8,7 @@ a sample is a pure function of (row, seed).
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,79 @@ def to_tensor(img: Image.Image, flip: bool = False) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A transformed image and SDXL's size conditions (diffusers' train_text_to_image_sdxl.py).
+
+    `original_size` = (height, width) before resizing; `crop_top_left` = (top, left) of the crop in the
+    resized image, with left mirrored (resized width - left - resolution) when the image is flipped.
+    """
+
+    pixel: torch.Tensor
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def _place(img: Image.Image, offsets: tuple[int, int], resolution: int, flip: bool) -> Placed:
+    """Crop the resized `img` at `offsets` = (left, top), optionally mirror; record SDXL's sizes."""
+    left, top = offsets
+    width = img.width
+    pixel = to_tensor(crop(img, left, top, resolution), flip)
+    return Placed(pixel, (0, 0), (top, width - left - resolution if flip else left))
+
+
+def place_pair(
+    img_w: Image.Image,
+    img_l: Image.Image,
+    resolution: int,
+    rng: np.random.Generator,
+    *,
+    random_crop: bool = False,
+    flip: str = "none",
+) -> tuple[Placed, Placed]:
+    """Resize, crop, flip and normalise both images of a pair, keeping their SDXL size conditions.
+
+    Random crops share their offsets when both resized images have the same size; `flip="pair"`
+    mirrors both or neither (p = 0.5), `flip="independent"` tosses one coin per image. Draw order:
+    crop offsets (w, then l unless shared), then flips (`xdpo.data.cache.item_choices` relies on it).
+    """
+    if flip not in FLIP_MODES:
+        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    sizes = [(img.height, img.width) for img in (img_w, img_l)]
+    img_w, img_l = resize_shorter(img_w, resolution), resize_shorter(img_l, resolution)
+    if random_crop:
+        off_w = random_offsets(*img_w.size, resolution, rng)
+        off_l = off_w if img_l.size == img_w.size else random_offsets(*img_l.size, resolution, rng)
+    else:
+        off_w, off_l = center_offsets(*img_w.size, resolution), center_offsets(*img_l.size, resolution)
+    if flip == "pair":
+        flip_w = flip_l = bool(rng.random() < 0.5)
+    elif flip == "independent":
+        flip_w, flip_l = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+    else:
+        flip_w = flip_l = False
+    placed = _place(img_w, off_w, resolution, flip_w), _place(img_l, off_l, resolution, flip_l)
+    return tuple(replace(p, original_size=size) for p, size in zip(placed, sizes, strict=True))  # type: ignore[return-value]
+
+
+def place_image(
+    img: Image.Image,
+    resolution: int,
+    rng: np.random.Generator,
+    *,
+    random_crop: bool = False,
+    flip: bool = False,
+) -> Placed:
+    """One image: resize, crop (center or random), flip with p = 0.5 when `flip`; SDXL sizes as `place_pair`."""
+    size = (img.height, img.width)
+    img = resize_shorter(img, resolution)
+    offsets = (
+        random_offsets(*img.size, resolution, rng) if random_crop else center_offsets(*img.size, resolution)
+    )
+    mirrored = bool(rng.random() < 0.5) if flip else False
+    return replace(_place(img, offsets, resolution, mirrored), original_size=size)
+
+
 def transform_pair(
     img_w: Image.Image,
     img_l: Image.Image,
@@ -126,24 +200,6 @@ def transform_pair(
     random_crop: bool = False,
     flip: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize, crop, flip and normalise both images of a pair.
-
-    Random crops share their offsets when both resized images have the same size; `flip="pair"`
-    mirrors both or neither (p = 0.5), `flip="independent"` tosses one coin per image.
-    """
-    if flip not in FLIP_MODES:
-        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
-    img_w, img_l = resize_shorter(img_w, resolution), resize_shorter(img_l, resolution)
-    if random_crop:
-        off_w = random_offsets(*img_w.size, resolution, rng)
-        off_l = off_w if img_l.size == img_w.size else random_offsets(*img_l.size, resolution, rng)
-    else:
-        off_w, off_l = center_offsets(*img_w.size, resolution), center_offsets(*img_l.size, resolution)
-    img_w, img_l = crop(img_w, *off_w, resolution), crop(img_l, *off_l, resolution)
-    if flip == "pair":
-        flip_w = flip_l = bool(rng.random() < 0.5)
-    elif flip == "independent":
-        flip_w, flip_l = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-    else:
-        flip_w = flip_l = False
-    return to_tensor(img_w, flip_w), to_tensor(img_l, flip_l)
+    """`place_pair`'s two pixel tensors (same draws)."""
+    w, lo = place_pair(img_w, img_l, resolution, rng, random_crop=random_crop, flip=flip)
+    return w.pixel, lo.pixel

@@ -1,22 +1,26 @@
-"""Up-front validation of preference pairs: bad rows and repeated rows, in one pass, images optional.
+"""Up-front validation of preference data: bad rows and repeated rows, in one pass, images optional.
 
 A row is bad when (column: what is expected)
-- `label_0`: 0, 0.5 or 1 (a number; null, NaN, 2, 0.7 are bad);
+- `label_0`: 0, 0.5 or 1 (a number, a boolean or text such as "1.0"; null, NaN, 2, 0.7, "yes" are bad);
+  per-image data (`data.format=images`): `label` 0 or 1;
 - `caption`: non-empty text (null, "", "   " or a non-string are bad);
-- `jpg_0` / `jpg_1`: an encoded image of at least `MIN_IMAGE_SIDE` (8) pixels on a side. Without
-  decoding, only a missing (null or empty) image is found; `decode_images=True` decodes every image
-  of every row (slow: the whole data set is read) and also finds undecodable and tiny ones.
+- `jpg_0` / `jpg_1` (per-image data: `image`): an encoded image of at least `MIN_IMAGE_SIDE` (8)
+  pixels on a side. Without decoding, only a missing (null or empty) image is found; `decode_images=True`
+  decodes every image of every row (slow: the whole data set is read) and also finds undecodable,
+  tiny and, for file paths, absent ones.
 A missing column is never a bad row: it stops the run (`schema.check_columns`).
 Repeated rows (the caption and the two images of an earlier row, in either order) are counted and
 reported, never bad: a repeated comparison is valid preference data (it weights that comparison),
 and dropping it would change the labels' distribution. Images are identified by `image_0_uid` /
-`image_1_uid` when the table has them, else by a hash of their bytes (`duplicates=False` skips this).
+`image_1_uid` when the table has them, else by a hash of their bytes, their path or their place in a
+tar shard (`duplicates=False` skips this). Rows are named by file and row, or by tar shard and
+sample key (`schema.TableLocator`); columns by the data's own names (`data.columns`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,20 +29,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from xdpo.data.columns import display_name
 from xdpo.data.schema import (
-    IMAGE_COLUMNS,
+    IMAGE_COLUMNS_OF,
+    LABEL_COLUMN,
     ON_BAD_ROW,
-    REQUIRED_COLUMNS,
+    ORIGIN_COLUMNS,
+    SCHEMAS,
     UID_COLUMNS,
-    VALID_LABELS,
+    VALID_LABELS_OF,
+    TableLocator,
+    as_label,
     check_columns,
-    row_locator,
     undecoded_images,
 )
 from xdpo.data.transforms import MIN_IMAGE_SIDE, decode_image
 from xdpo.errors import BadRowError, ConfigError, DataError
 
 LABEL_EXPECTED = "0, 0.5 or 1"
+IMAGE_LABEL_EXPECTED = "1 (desirable) or 0 (undesirable)"
 CAPTION_EXPECTED = "a non-empty caption (text)"
 IMAGE_EXPECTED = f"an encoded image (JPEG, PNG, ...) of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels"
 BATCH_ROWS = 4096
@@ -109,39 +118,51 @@ def validate_pairs(
     decode_images: bool = False,
     duplicates: bool = True,
     progress: bool = False,
+    fmt: str = "pairs",
+    columns: Mapping[str, str] | None = None,
 ) -> ValidationReport:
-    """Check every row of a Pick-a-Pic table (module docstring); raise or report.
+    """Check every row of a table in xdpo's schema (module docstring); raise or report.
 
     `on_bad_row="error"`: raise the first bad row's `BadRowError` (one line naming file, row, column
     and what was expected, and how many rows are bad). `"skip"`: return the report; pass
-    `report.bad_rows` to `PreferencePairs(bad_rows=...)` to leave them out.
+    `report.bad_rows` to `PreferencePairs(bad_rows=...)` to leave them out. `fmt="images"` checks
+    per-image data (`image`, `caption`, `label` 0 or 1); `columns` (data.columns) names the data's own
+    columns in the messages.
     """
+    from xdpo.data.fetch import ImageFetcher
+
     if on_bad_row not in ON_BAD_ROW:
         raise ConfigError(f"data.on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
     source = source or "preference table"
-    check_columns(table.column_names, source)
-    locate = row_locator(source, split)
-    uids = [c for c in UID_COLUMNS if c in table.column_names]
-    columns = list(REQUIRED_COLUMNS) + (uids if len(uids) == 2 else [])
-    table = undecoded_images(table.select_columns(columns))
-    labels, bad = check_rows(table, source, locate)
+    check_columns(table.column_names, source, fmt)
+    locate = TableLocator(table, source, split)
+    fetch = ImageFetcher(source, split)
+    image_columns = list(IMAGE_COLUMNS_OF[fmt])
+    uids = [c for c in UID_COLUMNS if c in table.column_names] if fmt == "pairs" else []
+    origin = [c for c in ORIGIN_COLUMNS if c in table.column_names]
+    keep = list(SCHEMAS[fmt]) + (uids if len(uids) == 2 else []) + origin
+    table = undecoded_images(table.select_columns(keep), fmt)
+    labels, bad = check_rows(table, source, locate, fmt, columns)
     report = ValidationReport(source=source, n_rows=len(table), n_ties=int(np.sum(labels == 0.5)), bad=bad)
     use_uids = len(uids) == 2
-    ids = uids if use_uids else list(IMAGE_COLUMNS)
-    read = list(dict.fromkeys([*REQUIRED_COLUMNS, *ids])) if decode_images else ["caption", *ids]
+    ids = uids if use_uids else image_columns
+    read = (
+        list(dict.fromkeys([*SCHEMAS[fmt], *ids, *origin])) if decode_images else ["caption", *ids, *origin]
+    )
     seen: set[bytes] = set()  # 16-byte digests of (caption, image, image): ~100 bytes a row
     batches = _batches(table.select_columns(read), progress) if decode_images or duplicates else ()
     for start, batch in batches:
         for i, rec in enumerate(batch.to_pylist()):
             row = start + i
             if decode_images and row not in report.bad:
-                for column in IMAGE_COLUMNS:
-                    problem = image_problem(rec[column])
+                for column in image_columns:
+                    problem = image_problem(rec[column], lambda v, rec=rec, row=row: fetch(v, rec, row))
                     if problem:
-                        report.bad[row] = BadRowError.at(locate(row), row, column, IMAGE_EXPECTED, problem)
+                        name = display_name(column, columns)
+                        report.bad[row] = BadRowError.at(locate(row), row, name, IMAGE_EXPECTED, problem)
                         break
             if duplicates and row not in report.bad:
-                images = sorted(_identity(rec, c, use_uids) for c in IMAGE_COLUMNS)
+                images = sorted(_identity(rec, c, use_uids) for c in ids)
                 key = hashlib.blake2b("\0".join([rec["caption"], *images]).encode(), digest_size=16).digest()
                 if key in seen:
                     report.n_duplicates += 1
@@ -168,10 +189,12 @@ def _batches(table: datasets.Dataset, progress: bool) -> Iterator[tuple[int, pa.
 
 
 def _identity(rec: dict[str, Any], column: str, use_uids: bool) -> str:
-    """An image's identity: its uid, else a hash of its bytes (or its path)."""
+    """An image's identity: its uid, else a hash of its bytes (its path, or its place in a tar shard)."""
     if use_uids:
-        return str(rec[f"image_{column[-1]}_uid"])
+        return str(rec[column])
     value = rec[column]
+    if isinstance(value, dict) and "offset" in value:
+        return f"tar:{rec.get('__url__')}:{value['offset']}"
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str):
@@ -183,29 +206,31 @@ def _identity(rec: dict[str, Any], column: str, use_uids: bool) -> str:
 
 
 def check_rows(
-    table: datasets.Dataset, source: str, locate: Callable[[int], str]
+    table: datasets.Dataset,
+    source: str,
+    locate: Callable[[int], str],
+    fmt: str = "pairs",
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[np.ndarray, dict[int, BadRowError]]:
-    """label_0 as float64 and the rows with a bad label, caption or missing image, read column-wise.
+    """The label column as float64 and the rows with a bad label, caption or missing image, column-wise.
 
-    A label column that is not numeric at all raises DataError (every row would be bad).
-    """
+    Labels may be numbers, booleans or text such as "1.0" (webdataset members, csv); a label column of
+    another type raises DataError (every row would be bad). `columns` (data.columns) names the data's
+    own columns in the messages."""
     bad: dict[int, BadRowError] = {}
+    label_col, valid = LABEL_COLUMN[fmt], VALID_LABELS_OF[fmt]
+    expected_label = LABEL_EXPECTED if fmt == "pairs" else IMAGE_LABEL_EXPECTED
 
     def mark(mask: np.ndarray, column: str, expected: str, got: Callable[[int], str]) -> None:
+        name = display_name(column, columns)
         for row in np.flatnonzero(mask):
             bad.setdefault(
-                int(row), BadRowError.at(locate(int(row)), int(row), column, expected, got(int(row)))
+                int(row), BadRowError.at(locate(int(row)), int(row), name, expected, got(int(row)))
             )
 
-    column = table.select_columns(["label_0"]).with_format("arrow")[:]["label_0"]
-    try:
-        labels = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise DataError(
-            f"{source}: column label_0 has type {column.type}; expected numbers {LABEL_EXPECTED} ({e})"
-        ) from None
-    labels = np.asarray(labels, dtype=np.float64)
-    mark(~np.isin(labels, VALID_LABELS), "label_0", LABEL_EXPECTED, lambda r: repr(column[r].as_py()))
+    column = table.select_columns([label_col]).with_format("arrow")[:][label_col]
+    labels = _labels(column, source, display_name(label_col, columns), expected_label)
+    mark(~np.isin(labels, valid), label_col, expected_label, lambda r: repr(column[r].as_py()))
 
     captions = table.select_columns(["caption"]).with_format("arrow")[:]["caption"]
     if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
@@ -215,34 +240,65 @@ def check_rows(
         mask = np.ones(len(captions), dtype=bool)
     mark(mask, "caption", CAPTION_EXPECTED, lambda r: repr(captions[r].as_py()))
 
-    for name in IMAGE_COLUMNS:
+    for name in IMAGE_COLUMNS_OF[fmt]:
         images = table.select_columns([name]).with_format("arrow")[:][name]
         mark(_missing(images), name, IMAGE_EXPECTED, lambda r: "no image (null or empty)")
     return labels, bad
 
 
+def _labels(column: pa.ChunkedArray, source: str, name: str, expected: str) -> np.ndarray:
+    """float64 labels; text parsed per value (NaN where it is not a number)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:  # fast path: every value is a number's text
+            return pc.cast(pc.utf8_trim_whitespace(column), pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            values = [as_label(v) for v in column.to_pylist()]
+            return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    try:
+        labels = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise DataError(
+            f"{source}: column {name} has type {column.type}; expected numbers {expected} ({e})"
+        ) from None
+    return np.asarray(labels, dtype=np.float64)
+
+
 def _missing(images: pa.ChunkedArray) -> np.ndarray:
     """Rows whose image value is null, or holds neither bytes nor a path, without reading image data."""
-    if pa.types.is_struct(images.type):  # datasets.Image: {"bytes", "path"}
-        data = pc.struct_field(images, "bytes") if "bytes" in images.type.names else None
-        path = pc.struct_field(images, "path") if "path" in images.type.names else None
-        has_data = pc.greater(pc.binary_length(data), 0).fill_null(False) if data is not None else None
-        has_path = pc.greater(pc.utf8_length(path), 0).fill_null(False) if path is not None else None
-        present = (
-            has_data if has_path is None else has_path if has_data is None else pc.or_(has_data, has_path)
-        )
-        present = pc.and_(present, pc.invert(images.is_null())).fill_null(False)
-    elif pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type):
-        present = pc.greater(pc.binary_length(images), 0).fill_null(False)
-    else:
+    if pa.types.is_struct(
+        images.type
+    ):  # datasets.Image {"bytes", "path"}, or a tar member {"offset", "size"}
+        fields = [f for f in ("bytes", "path", "size") if f in images.type.names]
         present = pc.invert(images.is_null())
+        found = [_nonempty(pc.struct_field(images, f)) for f in fields]
+        has_any = found[0] if found else pc.and_(present, False)
+        for more in found[1:]:
+            has_any = pc.or_(has_any, more)
+        present = pc.and_(present, has_any).fill_null(False)
+    else:
+        present = _nonempty(images)
     return ~np.asarray(present.to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def image_problem(value: Any) -> str:
-    """'' when `value` decodes to an image of at least MIN_IMAGE_SIDE pixels a side, else what is wrong."""
+def _nonempty(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """True where a value is non-empty bytes or text (a path), a positive size, or any other non-null value."""
+    t = values.type
+    if pa.types.is_null(t):
+        return pc.is_valid(values)  # all False
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return pc.greater(pc.binary_length(values), 0).fill_null(False)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pc.greater(pc.utf8_length(values), 0).fill_null(False)
+    if pa.types.is_integer(t):
+        return pc.greater(values, 0).fill_null(False)
+    return pc.is_valid(values)
+
+
+def image_problem(value: Any, fetch: Callable[[Any], Any] | None = None) -> str:
+    """'' when `value` (fetched by `fetch`: a tar member, a relative path) decodes to an image of at least
+    MIN_IMAGE_SIDE pixels a side, else what is wrong."""
     try:
-        decode_image(value, min_side=MIN_IMAGE_SIDE)
+        decode_image(fetch(value) if fetch else value, min_side=MIN_IMAGE_SIDE)
     except Exception as e:
         return describe_image_error(e)
     return ""

@@ -143,7 +143,9 @@ def save_checkpoint(
             save_file(tensors, str(tmp / REFERENCE_FILE))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         old = root / f"step-{step}.old"
-        if final.exists():  # the same step saved again (e.g. at the end of a resumed run): swap, never delete first
+        if (
+            final.exists()
+        ):  # the same step saved again (e.g. at the end of a resumed run): swap, never delete first
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)

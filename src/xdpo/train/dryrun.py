@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import yaml
 
 from xdpo.config import Config, to_dict
@@ -9,7 +11,8 @@ from xdpo.config import Config, to_dict
 
 def dry_run(cfg: Config) -> int:
     """Print the resolved config, the usable pairs (ties, bad rows) and a memory estimate."""
-    from xdpo.data import PreferencePairs, load_preference_table
+    from xdpo.data import open_data
+    from xdpo.data.entry import open_table
     from xdpo.data.validate import validate_pairs
     from xdpo.models.load import check_pipeline
     from xdpo.train.memory import estimate, format_estimate, meta_modules
@@ -21,17 +24,27 @@ def dry_run(cfg: Config) -> int:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nModel: {fam.name} ({fam.pipeline_class}, {fam.process}); {fam.about}")
     d = cfg.data
-    table = load_preference_table(d.path, d.split)
-    report = validate_pairs(table, source=d.path, split=d.split, on_bad_row="skip", progress=True)
-    print(f"Validation (images checked when a step decodes them): {report.summary()}")
-    pairs = PreferencePairs(
-        table, resolution=d.resolution, ties=d.ties, flip=d.flip, random_crop=d.random_crop,
-        prompt_dropout=d.prompt_dropout, source=d.path, split=d.split, on_bad_row="skip",
-        bad_rows=report.bad_rows, max_pairs=d.max_pairs,
-    )  # fmt: skip
-    print(f"Data: {d.path}: {len(pairs)} usable pairs ({pairs.n_ties} ties, {pairs.n_dropped} dropped)")
-    if not report.ok and d.on_bad_row == "error":
-        print(f"A run would stop here (data.on_bad_row=error): {report.first_error()}")
+    if cfg.train.online:
+        print(f"Data: online rounds of {cfg.train.online_every} steps from {cfg.train.online_prompts}")
+    else:
+        skip = copy.deepcopy(cfg)
+        skip.data.on_bad_row = "skip"  # report every bad row instead of stopping at the first
+        table = open_table(skip)
+        report = validate_pairs(
+            table,
+            source=d.path,
+            split=d.split,
+            on_bad_row="skip",
+            progress=True,
+            fmt=d.format,
+            columns=d.columns,
+        )
+        print(f"Validation (images checked when a step decodes them): {report.summary()}")
+        _, items, n = open_data(skip)
+        kind = "images" if d.format == "images" else "pairs"
+        print(f"Data: {d.path}: {n} usable {kind} ({items.n_ties} ties, {items.n_dropped} dropped)")
+        if not report.ok and d.on_bad_row == "error":
+            print(f"A run would stop here (data.on_bad_row=error): {report.first_error()}")
     print(format_estimate(estimate(meta_modules(cfg.model.pretrained, fam, cfg), fam.denoiser, cfg)))
     print("Dry run: nothing was written.")
     return 0

@@ -49,7 +49,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
+    from xdpo.data import collate_images, collate_pairs, open_data
+    from xdpo.data.cache import collate_cached, open_cache
 
     out = Path(cfg.output_dir)
     t, lc, ts = cfg.train, cfg.loss, cfg.timesteps
@@ -81,17 +82,16 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     family = check_pipeline(cfg.model.pretrained, cfg.model.family, cfg.model.revision)  # fail fast
 
     # ---- data ------------------------------------------------------------------------------
-    table = load_preference_table(cfg.data.path, cfg.data.split)
-    pairs = PreferencePairs(
-        table,
-        resolution=cfg.data.resolution,
-        ties=cfg.data.ties,
-        flip=cfg.data.flip,
-        random_crop=cfg.data.random_crop,
-        prompt_dropout=cfg.data.prompt_dropout,
-        source=cfg.data.path,
-    )
-    n_pairs = min(len(pairs), cfg.data.max_pairs) if cfg.data.max_pairs else len(pairs)
+    if cfg.data.cache:  # posteriors and conditions written by `xdpo cache`, checked against this config
+        pairs, collate = open_cache(cfg, family), collate_cached
+        n_pairs = len(pairs)
+        accelerator.print(f"Latents and text conditions from the cache {cfg.data.cache}")
+    elif t.online:  # pairs come round by round from the policy (train/online.py)
+        pairs, n_pairs, collate = None, 1, collate_pairs
+    else:
+        with accelerator.main_process_first():  # tar indexes and streamed subsets are built once
+            _, pairs, n_pairs = open_data(cfg)
+        collate = collate_images if cfg.data.format == "images" else collate_pairs
     if n_pairs == 0:
         raise XdpoError(f"data.path: {cfg.data.path} has no usable pairs ({pairs.n_ties} ties dropped)")
 
@@ -99,7 +99,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     set_seed(cfg.seed)  # LoRA initialisation and anything else drawing from the global RNGs
     comps, process, unet, reference, params = load_models(cfg, device)
     lora = cfg.model.lora_rank > 0
-    parts = {family.denoiser: unet, "vae": comps.vae, **comps.text_encoders}
+    parts = {family.denoiser: unet, **({} if cfg.data.cache else {"vae": comps.vae}), **comps.text_encoders}
     accelerator.print(format_estimate(estimate(parts, family.denoiser, cfg)))
     lr = t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(t, params, lr)
@@ -119,7 +119,10 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         autocast=accelerator.autocast,
         gather=accelerator.gather,
         rank=rank,
-        kto_point=KTOReferencePoint(2 * t.batch_size * t.grad_accum * world),
+        kto_point=KTOReferencePoint(  # one optimizer step's images, all processes
+            (1 if cfg.data.format == "images" else 2) * t.batch_size * t.grad_accum * world
+        ),
+        sample_posterior=cfg.data.sample_posterior,
     )
 
     setup = {
@@ -155,9 +158,15 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         if t.report_to != "none":
             accelerator.init_trackers("xdpo")
     log = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=main)
+    if t.online:
+        source = (
+            f"online DPO: rounds of {t.online_every} steps, {t.online_per_prompt} images per prompt of "
+            f"{t.online_prompts}, scored by {t.online_scorer}; "
+        )
+    else:
+        source = f"{n_pairs} pairs from {cfg.data.path} ({pairs.n_ties} ties, {pairs.n_dropped} dropped); "
     accelerator.print(
-        f"{n_pairs} pairs from {cfg.data.path} ({pairs.n_ties} ties, {pairs.n_dropped} dropped); "
-        f"{family.name} ({family.pipeline_class}, {process.kind}); "
+        source + f"{family.name} ({family.pipeline_class}, {process.kind}); "
         f"{'LoRA r=' + str(cfg.model.lora_rank) if lora else 'full fine-tune'}, "
         f"{sum(p.numel() for p in params):,} trainable; effective batch {t.batch_size * t.grad_accum * world} "
         f"pairs, lr {lr:.3g}; {lc.objective}/{lc.divergence}/{lc.outer} beta={lc.beta:g}; "
@@ -166,24 +175,38 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         f"distributed: {accelerator.distributed_type.name}, {world} process(es)"
     )
 
-    loader = torch.utils.data.DataLoader(
-        pairs,
-        batch_sampler=StepBatches(
-            n_pairs,
-            seed=cfg.seed,
-            start_step=start_step,
-            max_steps=t.max_steps,
-            grad_accum=t.grad_accum,
-            rank=rank,
-            world=world,
-            batch_size=t.batch_size,
-        ),
-        collate_fn=collate_pairs,
-        num_workers=cfg.data.num_workers,
-    )
-    batches = iter(loader)
+    def micro_batches(data, seed, start, stop):
+        sampler = StepBatches(
+            len(data), seed=seed, start_step=start, max_steps=stop, grad_accum=t.grad_accum,
+            rank=rank, world=world, batch_size=t.batch_size,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+        )
+        return iter(loader)
+
+    if t.online:
+        from xdpo.pairs.scoring import load_reward
+        from xdpo.train.online import make_round, round_pairs, stream
+
+        reward = load_reward(t.online_scorer, device=str(device))
+
+        def new_round(r):
+            path = make_round(cfg, comps, accelerator.unwrap_model(unet), reward, out, r, accelerator)
+            data = round_pairs(cfg, path)
+            accelerator.print(
+                f"Online round {r}: {len(data)} pairs from the policy at step {r * t.online_every}"
+            )
+            return data
+
+        first = start_step // t.online_every
+        pairs = new_round(first)
+        n_pairs = len(pairs)
+        batches = stream(cfg, (first, pairs), new_round, micro_batches, start_step)
+    else:
+        batches = micro_batches(pairs, cfg.seed, start_step, t.max_steps)
     if cfg.reference.strategy == "periodic":
-        build_probe(cfg, pairs, n_pairs, m, rank, world, collate_pairs)
+        build_probe(cfg, pairs, n_pairs, m, rank, world, collate)
 
     # SIGINT / SIGTERM: finish the step, save a checkpoint (all processes agree), then stop;
     # a second SIGINT stops at once

@@ -12,6 +12,7 @@ import torch
 
 from xdpo.objectives import LossOutput
 
+QUANTILES = torch.tensor([0.05, 0.5, 0.95])
 ROWS = ("loss", "reward_w", "reward_l", "delta_w", "delta_l", "timestep", "lambda", "clamp_w", "clamp_l")
 
 
@@ -57,6 +58,7 @@ def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor, to
             deltas.abs().max(),
             v["timestep"].mean(),
             v["lambda"].mean(),
+            *torch.quantile(deltas.float(), QUANTILES.to(deltas.device)),
         ]
     ).tolist()
     keys = (
@@ -72,6 +74,9 @@ def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor, to
         "delta_abs_max",
         "timestep_mean",
         "lambda_mean",
+        "delta_q05",  # quantiles of delta over the step's 2B images: where xDPO's transform acts
+        "delta_q50",
+        "delta_q95",
     )
     return dict(zip(keys, stats, strict=True))
 

@@ -39,16 +39,30 @@ def make_process(cfg: Config, comps: Components) -> Any:
     return PROCESSES[kind](comps.scheduler, image_seq_len=(side // 2) ** 2)
 
 
-def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any, Reference, list]:
-    """(components, process, denoiser, reference, trainable params), everything on `device`."""
-    t = cfg.train
-    comps = load_components(cfg.model)
-    weight_dtype = DTYPES[t.mixed_precision]
+def place_frozen(comps: Components, mixed_precision: str, device: torch.device) -> None:
+    """The VAE and text encoders on `device` in the mixed-precision dtype (what they encode in)."""
+    weight_dtype = DTYPES[mixed_precision]
     # SDXL's VAE overflows in fp16 (unless it is the fp16-fix VAE, whose config says force_upcast: false)
     upcast = weight_dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False)
     comps.vae.to(device, dtype=torch.float32 if upcast else weight_dtype)
     for frozen in comps.text_encoders.values():  # frozen encoders run in the mixed-precision dtype
         frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
+
+
+def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any, Reference, list]:
+    """(components, process, denoiser, reference, trainable params), everything on `device`.
+
+    With `data.cache` the text encoders and tokenizers are not loaded and the VAE stays on the CPU,
+    never called (its config scales the latents)."""
+    t = cfg.train
+    if cfg.data.cache:
+        from xdpo.data.cache import text_components
+
+        comps = load_components(cfg.model, skip=text_components(cfg))
+    else:
+        comps = load_components(cfg.model)
+        place_frozen(comps, t.mixed_precision, device)
+    weight_dtype = DTYPES[t.mixed_precision]
     process = make_process(cfg, comps)
     resolve_timesteps(cfg, process.kind)
     ts = cfg.timesteps
@@ -92,7 +106,13 @@ def build_probe(cfg: Config, pairs: Any, n_pairs: int, m: Any, rank: int, world:
     order = np.random.default_rng([cfg.seed, 0x9E0BE]).permutation(n_pairs)[:size]
     mine = [int(i) for i in order[rank::world]] or [int(order[0])]
     batch = collate([pairs[(i, mix_seed(cfg.seed, 0x9E0BE, i))] for i in mine])
-    gen = torch.Generator(m.comps.vae.device).manual_seed(mix_seed(cfg.seed, 0x9E0BE, rank))
-    latents, cond = encode_batch(m.comps, batch, gen)
+    device = next(m.reference.base.parameters()).device if cfg.data.cache else m.comps.vae.device
+    gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, 0x9E0BE, rank))
+    if "pixel" in batch:  # per-image data: the probe is its images
+        from xdpo.train.step import encode_images_batch
+
+        latents, cond = encode_images_batch(m.comps, batch, gen, m.sample_posterior)
+    else:
+        latents, cond = encode_batch(m.comps, batch, gen, m.sample_posterior)
     k = len(mine)
     m.reference.set_probe(latents[:k], {key: v[:k] for key, v in cond.items()})

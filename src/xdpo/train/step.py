@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from xdpo.errors import XdpoError
-from xdpo.models.load import Components, encode_images
-from xdpo.objectives import LossOutput, objective_loss
+from xdpo.models.load import Components, encode_images, latent_params, scale_latents
+from xdpo.objectives import LossOutput, kto_images_loss, objective_loss
 from xdpo.objectives.timesteps import sample_timesteps
 
 NEEDS_REFERENCE = {"pair": True, "kto": True, "sft": False}
@@ -69,6 +69,7 @@ class TrainModels:
     gather: Callable[[Tensor], Tensor] = lambda x: x  # noqa: E731 - identity on one process
     rank: int = 0
     kto_point: KTOReferencePoint = field(default_factory=lambda: KTOReferencePoint(2))
+    sample_posterior: bool = True  # data.sample_posterior: z ~ the VAE posterior, or its mean
 
 
 @dataclass
@@ -79,15 +80,46 @@ class StepOutput:
 
 
 @torch.no_grad()
-def encode_batch(comps: Components, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """Latents of [w; l] ([2B, C, h, w], float32) and the family's conditions for [w; l]."""
+def encode_batch(
+    comps: Components, batch: dict, gen: torch.Generator, sample: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Latents of [w; l] ([2B, C, h, w], float32) and the family's conditions for [w; l]; a cached batch
+    (`xdpo.data.cache`) goes to `cached_batch`. `sample`: a posterior sample, else the posterior mean."""
+    if "mean" in batch:
+        return cached_batch(comps, batch, gen, sample)
     device = gen.device
     pixels = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device)
-    latents = encode_images(comps.vae, pixels, gen).float()
+    if sample:
+        latents = encode_images(comps.vae, pixels, gen).float()
+    else:
+        latents = scale_latents(comps.vae, latent_params(comps.vae, pixels)[0]).float()
     text = comps.family.encode_text(comps, batch["captions"], device)
     cond = {k: torch.cat([v, v]) for k, v in text.items()}
     extra = comps.family.image_conditions(comps, batch, latents.shape[0])
     cond.update({k: v.to(device) for k, v in extra.items()})
+    return latents, cond
+
+
+@torch.no_grad()
+def cached_batch(
+    comps: Components, batch: dict, gen: torch.Generator, sample: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`encode_batch` from cached posterior parameters and conditions; no VAE or text encoder runs.
+
+    z = mean + exp(logvar / 2) eps with eps drawn from `gen` in the cache's dtype: the draw
+    `encode_images` makes (diffusers' posterior `sample`), so resume stays exact and a cached fp32 run
+    equals an uncached one. The family's image conditions see the pixel size through a meta tensor."""
+    device = gen.device
+    z = batch["mean"].to(device)
+    if sample:
+        eps = torch.randn(z.shape, generator=gen, device=device, dtype=z.dtype)
+        z = z + torch.exp(0.5 * batch["logvar"].to(device)) * eps
+    latents = scale_latents(comps.vae, z).float()
+    cond = {k: torch.cat([v, v]).to(device) for k, v in batch["cond"].items()}
+    n = latents.shape[0]
+    view = {k: batch[k] for k in ("original_size", "crop_top_left") if k in batch}
+    view["pixel_w"] = torch.empty(n // 2, 3, *batch["pixel_size"], device="meta")
+    cond.update({k: v.to(device) for k, v in comps.family.image_conditions(comps, view, n).items()})
     return latents, cond
 
 
@@ -100,10 +132,56 @@ def step_weight(m: TrainModels, t: Tensor) -> Tensor | None:
     return w
 
 
+@torch.no_grad()
+def encode_images_batch(comps: Components, batch: dict, gen: torch.Generator, sample: bool = True):
+    """Latents [N, C, h, w] and conditions of a per-image batch (`data.format=images`)."""
+    device = gen.device
+    pixels = batch["pixel"].to(device)
+    if sample:
+        latents = encode_images(comps.vae, pixels, gen).float()
+    else:
+        latents = scale_latents(comps.vae, latent_params(comps.vae, pixels)[0]).float()
+    cond = dict(comps.family.encode_text(comps, batch["captions"], device))
+    view = {"pixel_w": pixels, **{k: batch[k] for k in ("original_size", "crop_top_left") if k in batch}}
+    cond.update({k: v.to(device) for k, v in comps.family.image_conditions(comps, view, len(pixels)).items()})
+    return latents, cond
+
+
+def image_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOutput:
+    """Diffusion-KTO on independent images: own (t, eps) per image, reference point over a window."""
+    lc, ts, proc = m.loss_cfg, m.timestep_cfg, m.process
+    latents, cond = encode_images_batch(m.comps, batch, gen, m.sample_posterior)
+    n = latents.shape[0]
+    t = sample_timesteps(
+        n, proc.num_steps, sampling=ts.sampling, bins=ts.bins, gamma=ts.gamma,
+        mean=ts.mean, std=ts.std, generator=gen, device=latents.device,
+    )  # fmt: skip
+    eps = torch.randn(latents.shape, device=latents.device, generator=gen)
+    noisy, target = proc.noise(latents, eps, t)
+    model_t = proc.model_timestep(t)
+
+    def errors(pred: Tensor) -> Tensor:
+        if lc.error_space == "epsilon":
+            return per_sample_error(proc.to_epsilon(pred, noisy, t), eps, lc.error_reduction)
+        return per_sample_error(pred, target, lc.error_reduction)
+
+    with torch.inference_mode(), m.autocast():
+        ref_err = errors(m.reference.predict(noisy, model_t, cond))
+    ref_err = ref_err.clone()
+    err = errors(m.comps.family.predict(m.policy, noisy, model_t, cond))
+    weight = step_weight(m, t)
+    z0 = m.kto_point.update(m.gather((ref_err - err).detach()))
+    kw = {"beta": m.loss_kw["beta"]}
+    out = kto_images_loss(err, ref_err, batch["desirable"], weight=weight, reference_point=z0, **kw)
+    return StepOutput(out, t, weight)
+
+
 def preference_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOutput:
     """Latents and conditions -> shared (t, eps) -> reference and policy errors -> the objective."""
+    if "pixel" in batch:  # independent images (Diffusion-KTO's per-image data)
+        return image_step(m, batch, gen)
     lc, ts, fam, proc = m.loss_cfg, m.timestep_cfg, m.comps.family, m.process
-    latents, cond = encode_batch(m.comps, batch, gen)
+    latents, cond = encode_batch(m.comps, batch, gen, m.sample_posterior)
     n = latents.shape[0]
     b, per_image = n // 2, lc.objective == "kto"
     draws = n if per_image else b
