@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xdpo.errors import ConfigError
 from xdpo.models.load import pipeline_kwargs
 
@@ -170,6 +172,8 @@ def save_final(accelerator: Any, model: Any, cfg: Any, comps: Any, out: Path, st
     """LoRA: final/pytorch_lora_weights.safetensors (the family pipeline's `load_lora_weights(final)`).
     Full: a complete pipeline folder with the trained denoiser (`<FamilyPipeline>.from_pretrained(final)`,
     or `DiffusionPipeline.from_pretrained(final)`), with the components the run trained with."""
+    # FSDP: the whole weights, gathered by every process (a collective), saved by the main one
+    whole = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "FSDP" else None
     if not accelerator.is_main_process:
         return
     fam = comps.family
@@ -179,7 +183,7 @@ def save_final(accelerator: Any, model: Any, cfg: Any, comps: Any, out: Path, st
     if cfg.model.lora_rank > 0:
         from peft.utils import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(model)
+        layers = get_peft_model_state_dict(model, state_dict=whole)
         if fam.denoiser == "unet":  # peft -> diffusers key names, as diffusers' UNet LoRA scripts save
             from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -191,6 +195,11 @@ def save_final(accelerator: Any, model: Any, cfg: Any, comps: Any, out: Path, st
             safe_serialization=True,
         )
     else:
+        if whole is not None:  # an unsharded copy of the model's own diffusers class
+            cls = next(c for c in type(model).__mro__ if c.__module__.startswith("diffusers."))
+            plain = cls.from_config(model.config)
+            plain.load_state_dict({k: v.to(torch.float32) for k, v in whole.items()})
+            model = plain
         kw = pipeline_kwargs(cfg.model, fam)
         pipe = pipeline_cls.from_pretrained(comps.path, **{fam.denoiser: model}, **kw)
         pipe.save_pretrained(out)

@@ -11,7 +11,6 @@ SIGINT and SIGTERM (preemption) finish the step, save a checkpoint on every proc
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -35,6 +34,7 @@ from xdpo.train.checkpoint import (
     save_final,
     set_aside_newer,
 )
+from xdpo.train.distributed import is_fsdp, local_fraction, make_accelerator
 from xdpo.train.memory import estimate, format_estimate
 from xdpo.train.metrics import MetricsLog, summarize
 from xdpo.train.setup import build_probe, lambda_table, load_models, loss_kwargs
@@ -45,8 +45,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe reads top to bottom on purpose
     """Run (or resume) a training run; return `output_dir`."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     from xdpo.data import collate_images, collate_pairs, open_data
@@ -54,20 +53,9 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
 
     out = Path(cfg.output_dir)
     t, lc, ts = cfg.train, cfg.loss, cfg.timesteps
-    accelerator = accelerator or Accelerator(
-        # several processes without GPUs (torchrun on CPU): DDP over gloo
-        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
-        mixed_precision=t.mixed_precision,
-        log_with=None if t.report_to == "none" else t.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator = accelerator or make_accelerator(cfg, out)  # DDP, FSDP2 (forced on CPU), no DeepSpeed
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
-        raise XdpoError(
-            f"{accelerator.distributed_type.name} is not supported yet (sharded parameters need its own reference "
-            "and checkpoint handling); run `accelerate config` with multi-GPU DDP instead"
-        )
+    main, sharded = accelerator.is_main_process, is_fsdp(accelerator)
     if main:
         for note in clean_partial(out):
             accelerator.print(f"Checkpoints: {note}")
@@ -104,8 +92,14 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     lr = t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(t, params, lr)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=t.warmup_steps)
-    register_model_hooks(accelerator, lora, family.denoiser)
+    if not sharded:  # FSDP: accelerate saves the sharded model and optimizer itself
+        register_model_hooks(accelerator, lora, family.denoiser)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    params = [p for p in unet.parameters() if p.requires_grad]  # FSDP2 replaced them by sharded ones
+    reference.sharded = sharded
+    if sharded:
+        held, total = local_fraction(unet)
+        print(f"FSDP: process {rank} holds {held:,} of {total:,} parameters ({held / total:.2f})", flush=True)
     accelerator.register_for_checkpointing(lr_scheduler)
     m = TrainModels(
         comps=comps,
@@ -119,6 +113,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         autocast=accelerator.autocast,
         gather=accelerator.gather,
         rank=rank,
+        frozen=torch.no_grad if sharded else torch.inference_mode,
         kto_point=KTOReferencePoint(  # one optimizer step's images, all processes
             (1 if cfg.data.format == "images" else 2) * t.batch_size * t.grad_accum * world
         ),

@@ -31,6 +31,7 @@ from torch.func import functional_call
 from xdpo.config import ReferenceConfig
 from xdpo.models.families import Family
 from xdpo.models.load import adapters_disabled, frozen_copy
+from xdpo.train.distributed import full_tensor, like
 
 
 def _cast(cond: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -84,6 +85,7 @@ class Reference:
         self.last_se: float | None = None
         self.snapshot: dict[str, Tensor] | None = None
         self.probe: tuple[Tensor, dict[str, Tensor]] | None = None
+        self.sharded = False  # FSDP2: parameters are DTensors, gathered by the model's own forward hooks
         self.ref_unet = self.init_unet = None
         if not lora:
             # an EMA moves by (1 - decay) x small steps each update: below half precision's resolution
@@ -104,10 +106,30 @@ class Reference:
         if self.snapshot is None:
             with adapters_disabled(self.base):
                 return self.family.predict(self.base, noisy, t, cond)
+        if self.sharded:  # FSDP gathers its own parameters: put the snapshot into them for this forward
+            with eval_mode(self.base), self._swapped():
+                return self.family.predict(self.base, noisy, t, cond)
         with eval_mode(self.base):  # no LoRA dropout in the reference
             weights = {f"model.{k}": v for k, v in self.snapshot.items()}
             predictor = _Predictor(self.family, self.base)
             return functional_call(predictor, weights, (noisy, t, cond), strict=False)
+
+    @contextmanager
+    def _swapped(self):
+        """The adapter snapshot in place of the policy's adapters, restored on exit. Safe for autograd: the
+        reference runs before the policy's forward, and the swap happens outside any graph."""
+        params = dict(self.base.named_parameters())
+        saved = {}
+        with torch.no_grad():
+            for k, v in self.snapshot.items():
+                saved[k] = params[k].detach().clone()
+                params[k].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    params[k].copy_(v)
 
     def initial_predict(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         if self.lora:
@@ -190,7 +212,8 @@ class Reference:
                     self.snapshot[k].lerp_(v.to(self.snapshot[k].dtype), weight)
             return
         for p_ref, p in zip(self.ref_unet.parameters(), policy.parameters(), strict=True):
-            p_ref.lerp_(p.detach().to(p_ref.dtype), weight) if weight < 1.0 else p_ref.copy_(p.detach())
+            p = full_tensor(p.detach())  # FSDP: the whole parameter (every process gathers alike)
+            p_ref.lerp_(p.to(p_ref.dtype), weight) if weight < 1.0 else p_ref.copy_(p)
 
     @torch.no_grad()
     def _reset(self) -> None:
@@ -213,7 +236,9 @@ class Reference:
         if self.cfg.strategy == "frozen":
             return {}
         if self.lora:
-            return {} if self.snapshot is None else {k: v.contiguous() for k, v in self.snapshot.items()}
+            if self.snapshot is None:
+                return {}
+            return {k: full_tensor(v).contiguous() for k, v in self.snapshot.items()}
         return {k: v.contiguous() for k, v in self.ref_unet.state_dict().items()}
 
     def load(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
@@ -223,7 +248,8 @@ class Reference:
         if self.cfg.strategy == "frozen":
             return
         if self.lora:
-            self.snapshot = {k: v.to(self.device) for k, v in tensors.items()} or None
+            params = dict(self.base.named_parameters())
+            self.snapshot = {k: like(v, params[k]) for k, v in tensors.items()} or None
         elif tensors:
             self.ref_unet.load_state_dict(tensors)
 

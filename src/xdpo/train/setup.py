@@ -104,7 +104,8 @@ def build_probe(cfg: Config, pairs: Any, n_pairs: int, m: Any, rank: int, world:
 
     size = min(cfg.reference.probe_size, n_pairs)
     order = np.random.default_rng([cfg.seed, 0x9E0BE]).permutation(n_pairs)[:size]
-    mine = [int(i) for i in order[rank::world]] or [int(order[0])]
+    per = -(-size // world)  # as many on every process: a sharded model's forwards are collectives
+    mine = [int(order[(rank + world * j) % size]) for j in range(per)]
     batch = collate([pairs[(i, mix_seed(cfg.seed, 0x9E0BE, i))] for i in mine])
     device = next(m.reference.base.parameters()).device if cfg.data.cache else m.comps.vae.device
     gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, 0x9E0BE, rank))

@@ -68,6 +68,9 @@ class TrainModels:
     autocast: Callable = nullcontext
     gather: Callable[[Tensor], Tensor] = lambda x: x  # noqa: E731 - identity on one process
     rank: int = 0
+    # no-autograd passes (reference, divergence): inference mode, or no_grad under FSDP2, whose forward
+    # hooks reuse gathered parameter buffers across passes (inference tensors may not be reused later)
+    frozen: Callable = torch.inference_mode
     kto_point: KTOReferencePoint = field(default_factory=lambda: KTOReferencePoint(2))
     sample_posterior: bool = True  # data.sample_posterior: z ~ the VAE posterior, or its mean
 
@@ -165,7 +168,7 @@ def image_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOutput:
             return per_sample_error(proc.to_epsilon(pred, noisy, t), eps, lc.error_reduction)
         return per_sample_error(pred, target, lc.error_reduction)
 
-    with torch.inference_mode(), m.autocast():
+    with m.frozen(), m.autocast():
         ref_err = errors(m.reference.predict(noisy, model_t, cond))
     ref_err = ref_err.clone()
     err = errors(m.comps.family.predict(m.policy, noisy, model_t, cond))
@@ -204,7 +207,7 @@ def preference_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOu
 
     ref_err = None
     if NEEDS_REFERENCE[lc.objective]:
-        with torch.inference_mode(), m.autocast():
+        with m.frozen(), m.autocast():
             ref_err = errors(m.reference.predict(noisy, model_t, cond))
         ref_err = ref_err.clone()  # leave inference mode: a normal tensor for autograd
     err = errors(fam.predict(m.policy, noisy, model_t, cond))
@@ -244,7 +247,7 @@ def divergence_estimate(
     eps = torch.randn(latents.shape, device=latents.device, generator=gen)
     noisy, target = proc.noise(latents, eps, t)
     model_t = proc.model_timestep(t)
-    with torch.inference_mode(), m.autocast():
+    with m.frozen(), m.autocast():
         p_c, p_i = candidate(noisy, model_t, cond), initial(noisy, model_t, cond)
         if lc.error_space == "epsilon":
             p_c, p_i, target = proc.to_epsilon(p_c, noisy, t), proc.to_epsilon(p_i, noisy, t), eps
