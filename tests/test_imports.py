@@ -14,7 +14,15 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = SRC.parent
-CHECKED = ("xdpo.evaluate", "xdpo.digits", "xdpo.data", "xdpo.objectives", "xdpo.demo")
+CHECKED = (
+    "xdpo.evaluate",
+    "xdpo.digits",
+    "xdpo.data",
+    "xdpo.objectives",
+    "xdpo.demo",
+    "xdpo.models",
+    "xdpo.pairs",
+)
 
 
 def modules() -> dict[str, Path]:

@@ -195,14 +195,38 @@ def frozen_copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
     return ref.requires_grad_(False).eval()
 
 
+def tuner_layers(model: Any) -> list[Any]:
+    """The model's LoRA layers, found once (walking every module each micro-step costs ~2 ms at 16 px)."""
+    cached = model.__dict__.get("_xdpo_tuner_layers")
+    if cached is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        cached = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        model.__dict__["_xdpo_tuner_layers"] = cached
+    return cached
+
+
 @contextmanager
 def adapters_disabled(model: Any):
-    """Reference = the base denoiser: LoRA adapters off inside the block."""
-    model.disable_adapters()
+    """Reference = the base denoiser: LoRA adapters off inside the block. Only the layers' switch is
+    flipped (peft's `disable_adapters` also walks every module and resets requires_grad, which a
+    no-grad reference pass does not need)."""
+    layers = tuner_layers(model)
+    if not layers or not all(hasattr(m, "_disable_adapters") for m in layers):
+        model.disable_adapters()  # a peft without the flag: the public, slower switch
+        try:
+            yield model
+        finally:
+            model.enable_adapters()
+        return
+    previous = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
     try:
         yield model
     finally:
-        model.enable_adapters()
+        for m, was in zip(layers, previous, strict=True):
+            m._disable_adapters = was
 
 
 def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,30 +15,10 @@ A new family is one module defining `FAMILY` plus one line in `FAMILIES`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 from xdpo.errors import ConfigError
+from xdpo.models.families.spec import Family
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    pipeline_class: str
-    class_names: tuple[str, ...]
-    denoiser: str
-    process: str
-    load_kwargs: Callable[[Any], dict[str, Any]]
-    encode_text: Callable[..., dict[str, Any]]
-    image_conditions: Callable[..., dict[str, Any]]
-    predict: Callable[..., Any]
-    about: str = ""
-
-    def pipeline_cls(self) -> type:
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class)
+__all__ = ["FAMILY_NAMES", "Family", "family_of_class", "get_family"]
 
 
 def _registry() -> dict[str, Family]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families import Family
+from xdpo.models.families.spec import Family
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 

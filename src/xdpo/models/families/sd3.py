@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families import Family
+from xdpo.models.families.spec import Family
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
 

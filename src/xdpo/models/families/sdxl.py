@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families import Family
+from xdpo.models.families.spec import Family
 
 
 def load_kwargs(model_cfg: Any) -> dict[str, Any]:
