@@ -243,3 +243,19 @@ def test_tiny_delta_freezes_at_first_check_in_a_run(tmp_path, tiny_pipeline_dir,
     assert rows[-1]["ref_updates"] == 0
     state = json.loads((out / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert state["reference"]["frozen_step"] == 2
+
+
+def test_lora_adapters_disabled_is_the_base_model(tiny_pipeline_dir):
+    """The cheap switch (the tuner layers' flag) gives exactly the base UNet, and restores the adapters."""
+    from xdpo.models.load import adapters_disabled
+
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    lora = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    make(lora, True)
+    perturb(lora, seed=3)  # non-zero adapters
+    x, t, c = inputs(base)
+    with_adapters = policy_out(lora, x, t, c)
+    with adapters_disabled(lora):
+        torch.testing.assert_close(policy_out(lora, x, t, c), policy_out(base, x, t, c))
+    torch.testing.assert_close(policy_out(lora, x, t, c), with_adapters)
+    assert not torch.allclose(with_adapters, policy_out(base, x, t, c))
