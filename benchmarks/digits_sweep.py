@@ -6,6 +6,8 @@ hidden reward and prompt alignment of same-seed samples of the held-out prompts,
 
     python benchmarks/digits_sweep.py --pairs outputs/digits-demo/pairs.parquet \
         --configs digits-dpo.yaml,digits-xdpo.yaml --betas 500,2000,8000 --lrs 2e-5,1e-4
+    python benchmarks/digits_sweep.py --model digits-flow --pairs outputs/digits-flow-demo/pairs.parquet \
+        --configs digits-flow-dpo.yaml --betas 300 --lrs 3e-5        # the flow base (SD3 transformer)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main() -> None:
     import torch
 
     from xdpo.config import load_config
-    from xdpo.demo.run import CONFIGS, SameSeedEvaluator
+    from xdpo.demo.run import CONFIGS, SameSeedEvaluator, checkpoint_denoiser
     from xdpo.train.loop import train
 
     torch.set_num_threads(args.threads)
@@ -53,10 +55,7 @@ def main() -> None:
                     cfg = load_config(CONFIGS / config, over)
                     t0 = time.time()
                     out = train(cfg)
-                    from diffusers import UNet2DConditionModel
-
-                    unet = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet").eval()
-                    reward, align = ev.score(unet)
+                    reward, align = ev.score(checkpoint_denoiser(out / "final"))  # unet/ or transformer/
                     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
                     dmax = max(m["delta_abs_max"] for m in metrics)
                     dmed = float(np.median([abs(m["delta_w"]) + abs(m["delta_l"]) for m in metrics]) / 2)

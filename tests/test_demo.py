@@ -1,4 +1,5 @@
-"""`xdpo demo --quick` end to end: the report, its table rows, the plots and the grid exist."""
+"""`xdpo demo --quick` end to end: the report, its table rows, the plots and the grid exist; the same on the
+flow base (`--family flow`: Flow-DPO, xDPO, SFT on digits-flow)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 
 import pytest
 
+from xdpo.cli import main
 from xdpo.demo.report import steps_to_reach
+from xdpo.demo.run import CONFIGS, DEFAULT_OUT, DemoSettings
 
 
 def test_steps_to_reach_interpolates():
@@ -47,3 +50,59 @@ def test_quick_demo_writes_the_report(tmp_path):
         timeout=900,
     )
     assert again.returncode == 0 and "reusing" in again.stdout
+
+
+def test_flow_family_settings(capsys):
+    from xdpo.config import load_config
+
+    s = DemoSettings.make("x", family="flow")
+    assert s.base == "digits-flow" and [m.name for m in s.methods][0] == "Flow-DPO"
+    assert (
+        DemoSettings.make("x").base == "digits" and DemoSettings.make("x").methods[0].name == "Diffusion-DPO"
+    )
+    assert DEFAULT_OUT == {"sd": "outputs/digits-demo", "flow": "outputs/digits-flow-demo"}
+    for m in s.methods:
+        cfg = load_config(CONFIGS / m.config, ["data.path=x"])
+        assert cfg.model.pretrained == "digits-flow" and cfg.timesteps.sampling == "logit_normal"
+        assert cfg.loss.beta_schedule == "constant"
+    assert main(["demo", "--family", "flow", "--ablation", "--out", "unused"]) == 2
+    assert "--family sd" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_flow_demo_writes_the_report(tmp_path):
+    from xdpo.digits import flow_base_model_path
+
+    out = tmp_path / "flow-demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "xdpo",
+        "demo",
+        "--family",
+        "flow",
+        "--quick",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert report.startswith("# xdpo digits demo, flow family (digits-flow)")
+    for row in ("| base |", "| Flow-DPO |", "| xDPO (Appendix C) |", "| xDPO (Eq. 9) |", "| SFT |"):
+        assert row in report
+    assert "win rate vs Flow-DPO" in report and "Steps to reach Flow-DPO's final reward" in report
+    assert "Diffusion-DPO |" not in report
+    pairs = json.loads((out / "pairs.parquet.json").read_text())
+    assert pairs["model"] == str(flow_base_model_path())
+    assert pairs["sampling"]["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+    manifest = json.loads((out / "samples" / "dpo-s0" / "manifest.jsonl").read_text().splitlines()[0])
+    assert (manifest["steps"], manifest["guidance"]) == (25, 3.0)  # digits-flow's own sampling defaults
+    assert manifest["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+    curves = json.loads((out / "curves.json").read_text())
+    assert all(len(points) >= 2 for points in curves["runs"].values())
+    assert (out / "runs" / "dpo-s0" / "final" / "transformer").is_dir()
+    for name in ("curves.png", "training.png", "grid.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name

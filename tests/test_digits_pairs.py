@@ -1,9 +1,11 @@
-"""`xdpo digits make-pairs`: a Pick-a-Pic-schema file the core data loader reads, labels as configured."""
+"""`xdpo digits make-pairs`: a Pick-a-Pic-schema file the core data loader reads, labels as configured;
+from digits-flow too, and `xdpo train` trains on it."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,3 +51,34 @@ def test_make_pairs_is_seeded(tmp_path):
     ta, tb = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
     assert ta.equals(tb)
     assert a["counts"] == b["counts"] and a["labeller"] == s.to_dict()
+
+
+def test_flow_pairs_train_the_flow_base(tmp_path):
+    """`make-pairs --model digits-flow` samples at digits-flow's own settings; `xdpo train` on the shipped
+    digits-flow config reads the file and trains the SD3 transformer."""
+    from xdpo.digits import flow_base_model_path, flow_sampling
+    from xdpo.evaluate.sample import sampling_defaults
+
+    # the digits plugin registers digits-flow's recorded defaults (xdpo_digits.json) for `--model digits-flow`
+    assert (
+        sampling_defaults("digits-flow")
+        == flow_sampling()
+        == {"steps": 25, "guidance": 3.0, "scheduler": "default"}
+    )
+
+    out = tmp_path / "flow.parquet"
+    argv = ["digits", "make-pairs", "--model", "digits-flow", "--out", str(out), "--n", "6", "--steps", "3"]
+    assert main([*argv, "--threads", "1"]) == 0
+    rec = json.loads(sidecar_path(out).read_text())
+    assert rec["model"] == str(flow_base_model_path()) and rec["n_pairs"] == 6
+    smp = rec["sampling"]
+    assert smp["steps"] == 3 and smp["guidance"] == flow_sampling()["guidance"] == 3.0
+    assert smp["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+    assert pq.read_table(out).num_rows == 6
+
+    config = Path(__file__).resolve().parents[1] / "src" / "xdpo" / "configs" / "digits-flow-dpo.yaml"
+    run = tmp_path / "run"
+    overrides = [f"data.path={out}", f"output_dir={run}", "train.max_steps=2", "train.batch_size=2"]
+    assert main(["train", "--config", str(config), *overrides, "train.checkpoint_every=0"]) == 0
+    assert (run / "final" / "transformer" / "config.json").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

@@ -29,6 +29,15 @@ PAPER_LR = {
 }
 # the digits world's own: chosen by benchmarks/digits_sweep.py at batch 16 on one process, unscaled
 DIGITS_LR = 3e-5
+# digits-flow's (the flow base; `benchmarks/digits_sweep.py --model digits-flow`, see the configs' header):
+# the UNet world's lr, beta 10 (the UNet world's 300 barely moved the flow base in 120 steps)
+DIGITS_FLOW = {
+    "digits-flow-dpo.yaml",
+    "digits-flow-xdpo.yaml",
+    "digits-flow-xdpo-eq9.yaml",
+    "digits-flow-sft.yaml",
+}
+DIGITS_FLOW_LR, DIGITS_FLOW_BETA = 3e-5, 10.0
 
 
 def effective_lr(path: Path, world: int) -> float:
@@ -51,6 +60,15 @@ def test_paper_config_effective_learning_rate(name):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("digits-*.yaml")), ids=lambda p: p.name)
 def test_digits_config_effective_learning_rate(path):
     assert effective_lr(path, 1) == pytest.approx(DIGITS_LR)
+
+
+@pytest.mark.parametrize("name", sorted(DIGITS_FLOW))
+def test_digits_flow_config(name):
+    assert sorted(p.name for p in CONFIGS.glob("digits-flow-*.yaml")) == sorted(DIGITS_FLOW)
+    cfg = load_config(CONFIGS / name, ["data.path=x"])
+    assert effective_lr(CONFIGS / name, 1) == pytest.approx(DIGITS_FLOW_LR)
+    assert cfg.loss.beta == DIGITS_FLOW_BETA and cfg.model.pretrained == "digits-flow"
+    assert cfg.loss.beta_schedule == "constant" and cfg.timesteps.sampling == "logit_normal"  # Flow-DPO, SD3
 
 
 def test_xdpo_is_not_trained_256x_slower_than_its_baseline():

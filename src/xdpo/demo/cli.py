@@ -14,10 +14,23 @@ def register(sub: argparse._SubParsersAction) -> None:
             "with the hidden labeller, train Diffusion-DPO, xDPO (both forms) and SFT with the shipped digits "
             "configs, evaluate checkpoints and final models at the same seeds, and write report.md with a table, "
             "reward-vs-step curves and image grids. Each stage reuses what an earlier run left in --out, so an "
-            "interrupted demo continues where it stopped."
+            "interrupted demo continues where it stopped. --family flow runs the same on the flow-matching "
+            "twin digits-flow (an SD3 pipeline): Flow-DPO, xDPO (both forms) and SFT."
         ),
     )
-    p.add_argument("--out", default="outputs/digits-demo", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: outputs/digits-demo; --family flow: outputs/digits-flow-demo; "
+        "--ablation: outputs/digits-ablation)",
+    )
+    p.add_argument(
+        "--family",
+        choices=("sd", "flow"),
+        default="sd",
+        help="sd: the UNet base `digits`, Diffusion-DPO (default); flow: `digits-flow` (SD3 transformer, "
+        "rectified flow), Flow-DPO",
+    )
     p.add_argument(
         "--quick", action="store_true", help="a small smoke run (~3 min): fewer pairs, steps and samples"
     )
@@ -33,10 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from xdpo.demo.run import run_demo
+    from xdpo.demo.run import DEFAULT_OUT, run_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out if not (args.ablation and args.out == "outputs/digits-demo") else "outputs/digits-ablation"
-    run_demo(out, quick=args.quick, ablation=args.ablation)
+    out = args.out or ("outputs/digits-ablation" if args.ablation else DEFAULT_OUT[args.family])
+    run_demo(out, quick=args.quick, ablation=args.ablation, family=args.family)
     return 0

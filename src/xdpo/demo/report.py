@@ -78,7 +78,7 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
     base = tables["base"]
     base_px = _pixels(out / "samples" / "base", base)
     base_drift, base_div = drift_and_diversity(out / "samples" / "base", base, base_px)
-    dpo_slug = s.methods[0].slug
+    dpo_slug, dpo_name = s.methods[0].slug, s.methods[0].name  # Diffusion-DPO, or Flow-DPO (flow family)
     rows: list[dict[str, Any]] = [
         {
             "method": "base",
@@ -115,7 +115,7 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
             row["diversity"].append(v)
         rows.append(row)
 
-    # steps to reach Diffusion-DPO's final reward (curves averaged over training seeds)
+    # steps to reach the DPO row's final reward (curves averaged over training seeds)
     dpo_curve = mean_curve(curves, dpo_slug, s.train_seeds)
     target = dpo_curve[-1][1] if dpo_curve else None
     speed = {}
@@ -130,15 +130,18 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
     _grid(out / "grid.png", s, tables)
 
     side = json.loads(sidecar_path(pairs).read_text())
+    flow = getattr(s, "family", "sd") == "flow"
+    title = "# xdpo digits demo" + (", flow family (digits-flow)" if flow else "")
     lines = [
-        "# xdpo digits demo" + (" (quick)" if s.quick else "") + (": ablation" if s.ablation else ""),
+        title + (" (quick)" if s.quick else "") + (": ablation" if s.ablation else ""),
         "",
-        f"Base: the shipped digits pipeline. Pairs: {side['n_pairs']} from the base, labelled by the hidden labeller "
+        f"Base: {_base_sentence(side) if flow else 'the shipped digits pipeline.'} "
+        f"Pairs: {side['n_pairs']} from the base, labelled by the hidden labeller "
         f"(tie rate {side['tie_rate']:.2f}, label noise {side['noise_flip_rate']:.2f}, agreement of labels with the "
         f"true reward {side['agreement_with_true_reward']:.2f}). Training seeds: {', '.join(map(str, s.train_seeds))}. "
         f"Evaluation: {len(base)} samples of the held-out prompts at fixed seeds (same seeds for every model).",
         "",
-        "| method | hidden reward ↑ | win rate vs base | win rate vs Diffusion-DPO | prompt alignment | drift from base | diversity |",
+        f"| method | hidden reward ↑ | win rate vs base | win rate vs {dpo_name} | prompt alignment | drift from base | diversity |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -157,16 +160,16 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
         "ties count 1/2. Drift: RMS pixel change from the base image at the same seed; diversity: RMS distance "
         "between seeds of the same prompt.",
         "",
-        "## Steps to reach Diffusion-DPO's final reward",
+        f"## Steps to reach {dpo_name}'s final reward",
         "",
-        "| method | steps | speed-up over Diffusion-DPO |",
+        f"| method | steps | speed-up over {dpo_name} |",
         "|---|---|---|",
     ]
     for m in s.methods:
         st = speed.get(m.slug)
         ratio = (dpo_steps / st) if (st and dpo_steps) else None
         lines.append(f"| {m.name} | {_fmt(st, 0) if st is not None else 'not reached'} | {_fmt(ratio, 2)} |")
-    lines += ["", "## What this run says", "", *_answers(rows, speed, dpo_slug, s), ""]
+    lines += ["", "## What this run says", "", *_answers(rows, speed, dpo_slug, s, dpo_name), ""]
     lines += [
         "## Figures",
         "",
@@ -181,8 +184,9 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
         "",
         "## How the settings were chosen",
         "",
-        "The digits configs (`xdpo/configs/digits-*.yaml`) say in their comments how beta and the learning rate were "
-        "chosen for this world; the papers' values are for SD1.5 at batch 256-2048.",
+        f"The digits{'-flow' if flow else ''} configs (`xdpo/configs/digits-{'flow-' if flow else ''}*.yaml`) say "
+        "in their comments how beta and the learning rate were chosen for this world; the papers' values are for "
+        f"{'SD3.5 / video models (Flow-DPO)' if flow else 'SD1.5'} at batch {'64' if flow else '256-2048'}.",
         "",
         "## Timings (seconds)",
         "",
@@ -196,7 +200,20 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
     return report
 
 
-def _answers(rows: list[dict], speed: dict, dpo_slug: str, s: Any) -> list[str]:
+def _base_sentence(side: dict) -> str:
+    """The flow family's base, as sampled for the pairs."""
+    smp = side.get("sampling", {})
+    return (
+        "the shipped digits-flow pipeline (a StableDiffusion3Pipeline: an SD3 transformer trained by rectified "
+        f"flow; {smp.get('steps', '?')} FlowMatchEuler steps, guidance {smp.get('guidance', '?')}). Flow-DPO is "
+        "Diffusion-DPO's loss on velocity errors with a constant beta (Liu et al. 2025); xDPO and SFT use the "
+        "same errors."
+    )
+
+
+def _answers(
+    rows: list[dict], speed: dict, dpo_slug: str, s: Any, dpo_name: str = "Diffusion-DPO"
+) -> list[str]:
     base = rows[0]
     by = {r.get("slug"): r for r in rows[1:]}
     out = []
@@ -216,7 +233,8 @@ def _answers(rows: list[dict], speed: dict, dpo_slug: str, s: Any) -> list[str]:
         ratio = f"{dst / st:.2f}x" if st and dst else "not reached"
         higher = np.mean(r["reward"]) - np.mean(dpo["reward"])
         out.append(
-            f"- {r['method']} vs Diffusion-DPO: steps to Diffusion-DPO's final reward {ratio} (the paper claims ~1.5x); "
+            f"- {r['method']} vs {dpo_name}: steps to {dpo_name}'s final reward {ratio} (the paper claims ~1.5x"
+            f"{'' if dpo_name == 'Diffusion-DPO' else ' over Diffusion-DPO'}); "
             f"final reward {'higher' if higher > 0 else 'not higher'} (Δ {higher:+.3f}, win rate "
             f"{np.mean(r['win_dpo']):.2f})."
         )

@@ -3,6 +3,8 @@
 base (shipped) -> preference pairs (hidden labeller) -> train each method (the shipped digits configs)
 -> reward-vs-step curves from the checkpoints -> same-seed samples of the final models (`xdpo sample`)
 -> scores (`xdpo evaluate` scorers) -> report (report.py).
+Two families: `sd` (the UNet base `digits`, Diffusion-DPO) and `flow` (its rectified-flow twin
+`digits-flow`, an SD3 pipeline, Flow-DPO); each samples at its own defaults (`xdpo.digits.digits_sampling`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ METHODS = (
     Method("xDPO (Eq. 9)", "xdpo-eq9", "digits-xdpo-eq9.yaml"),
     Method("SFT", "sft", "digits-sft.yaml"),
 )
+FLOW_METHODS = (  # the same methods on digits-flow; Flow-DPO = Diffusion-DPO's loss on velocity errors
+    Method("Flow-DPO", "dpo", "digits-flow-dpo.yaml"),
+    Method("xDPO (Appendix C)", "xdpo", "digits-flow-xdpo.yaml"),
+    Method("xDPO (Eq. 9)", "xdpo-eq9", "digits-flow-xdpo-eq9.yaml"),
+    Method("SFT", "sft", "digits-flow-sft.yaml"),
+)
+FAMILIES = {"sd": "digits", "flow": "digits-flow"}  # --family -> the named base model
+DEFAULT_OUT = {"sd": "outputs/digits-demo", "flow": "outputs/digits-flow-demo"}
 REF_UPDATE = ("reference.strategy=periodic",)
 TIMESTEP_AWARE = ("timesteps.sampling=skewed", "timesteps.weighting=snr")
 ABLATION = (  # Kang et al. 2025, Tables 3-4
@@ -66,11 +76,25 @@ class DemoSettings:
     curve_points: int = 8  # checkpoints per run
     max_steps: int | None = None  # None: the configs' own
     methods: tuple[Method, ...] = METHODS
+    family: str = "sd"  # sd: the UNet base; flow: digits-flow
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def base(self) -> str:
+        """The named base model (`digits` or `digits-flow`)."""
+        return FAMILIES[self.family]
+
     @classmethod
-    def make(cls, out: str | Path, *, quick: bool = False, ablation: bool = False) -> DemoSettings:
-        methods = ABLATION if ablation else METHODS
+    def make(
+        cls, out: str | Path, *, quick: bool = False, ablation: bool = False, family: str = "sd"
+    ) -> DemoSettings:
+        from xdpo.errors import ConfigError
+
+        if family not in FAMILIES:
+            raise ConfigError(f"--family: {family!r} is not one of {', '.join(FAMILIES)}")
+        if ablation and family != "sd":
+            raise ConfigError("--ablation: Kang et al.'s ablation is run on the UNet base only (--family sd)")
+        methods = ABLATION if ablation else (FLOW_METHODS if family == "flow" else METHODS)
         if quick:
             return cls(
                 Path(out),
@@ -83,9 +107,14 @@ class DemoSettings:
                 curve_points=2,
                 max_steps=30,
                 methods=methods,
+                family=family,
             )
         # the ablation trains 9 methods: one training seed keeps it near the demo's time (say so in the report)
-        return cls(Path(out), ablation=ablation, methods=methods, train_seeds=(0,) if ablation else (0, 1))
+        seeds = (0,) if ablation else (0, 1)
+        # digits-flow samples and trains ~1.3x slower than the UNet base: half the pairs and 2 curve seeds
+        # keep its full demo near the UNet demo's ~15 min on 2 cores
+        flow = {"n_pairs": 1000, "curve_seeds": 2} if family == "flow" else {}
+        return cls(Path(out), ablation=ablation, methods=methods, train_seeds=seeds, family=family, **flow)
 
 
 def stage(name: str, settings: DemoSettings):
@@ -105,15 +134,17 @@ def stage(name: str, settings: DemoSettings):
 
 def make_pairs_once(s: DemoSettings) -> Path:
     from xdpo.digits.pairs import make_pairs, sidecar_path
+    from xdpo.evaluate.sample import resolve_model
 
     path = s.out / "pairs.parquet"
     side = sidecar_path(path)
     if path.is_file() and side.is_file():
         rec = json.loads(side.read_text())
-        if rec.get("n_pairs") == s.n_pairs and rec.get("seed") == s.pair_seed:
+        same_model = rec.get("model") == str(resolve_model(s.base))
+        if rec.get("n_pairs") == s.n_pairs and rec.get("seed") == s.pair_seed and same_model:
             print(f"   reusing {path}")
             return path
-    make_pairs(path, s.n_pairs, seed=s.pair_seed)
+    make_pairs(path, s.n_pairs, seed=s.pair_seed, model=s.base)
     return path
 
 
@@ -174,64 +205,72 @@ def eval_prompts_and_seeds(n_seeds: int) -> tuple[list[str], list[int]]:
 
 
 class SameSeedEvaluator:
-    """Mean hidden reward and prompt alignment of a UNet's samples at fixed (prompt, seed) noise.
+    """Mean hidden reward and prompt alignment of a denoiser's samples at fixed (prompt, seed) noise.
 
-    Loads the digits base once; `score(unet)` swaps the UNet in, samples the held-out prompts with the
-    digits sampling settings and the same initial noise every time, and scores with the hidden labeller.
+    Loads a digits base once (`digits` by default, or `digits-flow`, or a folder); `score(denoiser)` swaps
+    the denoiser in (`pipe.unet` or `pipe.transformer`), samples the held-out prompts at the model's own
+    sampling settings and the same initial noise every time, and scores with the hidden labeller.
     """
 
     def __init__(self, n_seeds: int, model: str | Path | None = None) -> None:
         import torch
 
-        from xdpo.digits.sampling import load_pipeline
+        from xdpo.digits.sampling import denoiser_name, load_pipeline
 
         prompts, seeds = eval_prompts_and_seeds(n_seeds)
         self.prompts = [p for sd in seeds for p in prompts]
         self.pipe = load_pipeline(model)
-        self.base_unet = self.pipe.unet
-        c = self.base_unet.config
+        self.attr = denoiser_name(self.pipe)
+        self.base_denoiser = getattr(self.pipe, self.attr)
+        c = self.base_denoiser.config
         shape = (c.in_channels, c.sample_size, c.sample_size)
         self.latents = torch.stack(
             [torch.randn(shape, generator=torch.Generator().manual_seed(sd)) for sd in seeds for _ in prompts]
         )
 
-    def score(self, unet=None) -> tuple[float, float]:
-        from xdpo.digits import DIGITS_SAMPLING
+    def score(self, denoiser=None) -> tuple[float, float]:
         from xdpo.digits.labeller import alignment, hidden_reward
         from xdpo.digits.sampling import generate
+        from xdpo.models.padding import HOOKED, collapse_zero_padding
 
-        self.pipe.unet = unet if unet is not None else self.base_unet
-        images = generate(
-            self.pipe,
-            self.prompts,
-            latents=self.latents,
-            steps=DIGITS_SAMPLING["steps"],
-            guidance=DIGITS_SAMPLING["guidance"],
-            progress=False,
-        )
-        self.pipe.unet = self.base_unet
+        if denoiser is not None and getattr(self.base_denoiser, HOOKED, False):
+            collapse_zero_padding(denoiser)  # as the loader did for the base (SD3 without T5)
+        setattr(self.pipe, self.attr, denoiser if denoiser is not None else self.base_denoiser)
+        try:
+            images = generate(self.pipe, self.prompts, latents=self.latents, progress=False)
+        finally:
+            setattr(self.pipe, self.attr, self.base_denoiser)
         return float(np.mean(hidden_reward(images, self.prompts))), float(
             np.mean(alignment(images, self.prompts))
         )
 
 
-def checkpoint_unet(ckpt: Path):
-    from diffusers import UNet2DConditionModel
+def checkpoint_denoiser(ckpt: Path):
+    """The denoiser a checkpoint (or final/) holds: `unet/` or `transformer/`, loaded with the diffusers
+    class its config.json names (UNet2DConditionModel, SD3Transformer2DModel, ...)."""
+    import diffusers
 
-    return UNet2DConditionModel.from_pretrained(ckpt / "unet").eval()
+    from xdpo.errors import DataError
+
+    for sub in ("unet", "transformer"):
+        config = Path(ckpt) / sub / "config.json"
+        if config.is_file():
+            cls = getattr(diffusers, json.loads(config.read_text())["_class_name"])
+            return cls.from_pretrained(config.parent).eval()
+    raise DataError(f"{ckpt}: no unet/ or transformer/ folder with a config.json")
 
 
 def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
     """Mean hidden reward of same-seed samples at every checkpoint of every run (step 0 = the base)."""
     from xdpo.train.checkpoint import list_checkpoints
 
-    ev = SameSeedEvaluator(s.curve_seeds)
+    ev = SameSeedEvaluator(s.curve_seeds, s.base)
     base_reward, base_align = ev.score()
     curves: dict[str, Any] = {"base": {"reward": base_reward, "alignment": base_align}, "runs": {}}
     for (slug, seed), out in runs.items():
         points = [(0, base_reward, base_align)]
         for step, ckpt in list_checkpoints(out):
-            points.append((step, *ev.score(checkpoint_unet(ckpt))))
+            points.append((step, *ev.score(checkpoint_denoiser(ckpt))))
         curves["runs"][f"{slug}-s{seed}"] = points
         print(f"   {slug} (seed {seed}): " + ", ".join(f"{st}:{r:.3f}" for st, r, _ in points), flush=True)
     (s.out / "curves.json").write_text(json.dumps(curves, indent=2))
@@ -239,15 +278,16 @@ def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[st
 
 
 def sample_and_score(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
-    """`xdpo sample` the base and every final model at the same seeds; score with the digits scorers."""
-    from xdpo.digits import DIGITS_SAMPLING, base_model_path
+    """`xdpo sample` the base and every final model at the same seeds and the base's sampling defaults
+    (`sampling_defaults`: the digits plugin registers `digits` and `digits-flow`); score with the digits scorers."""
     from xdpo.evaluate.evaluate import score_folder
-    from xdpo.evaluate.sample import sample_images
+    from xdpo.evaluate.sample import resolve_model, sample_images, sampling_defaults
     from xdpo.evaluate.scorers import load_scorers
 
     prompts, seeds = eval_prompts_and_seeds(s.eval_seeds)
     scorers = load_scorers("digits-reward,digits-alignment")
-    models = {"base": base_model_path()} | {
+    sampling = sampling_defaults(s.base)
+    models = {"base": resolve_model(s.base)} | {
         f"{slug}-s{seed}": out / "final" for (slug, seed), out in runs.items()
     }
     tables = {}
@@ -259,9 +299,9 @@ def sample_and_score(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict
                 prompts,
                 seeds,
                 out_dir=folder,
-                steps=DIGITS_SAMPLING["steps"],
-                guidance=DIGITS_SAMPLING["guidance"],
-                scheduler=DIGITS_SAMPLING["scheduler"],
+                steps=sampling["steps"],
+                guidance=sampling["guidance"],
+                scheduler=sampling["scheduler"],
                 batch_size=128,
                 progress=False,
             )
@@ -277,14 +317,15 @@ def _stale(folder: Path, model: Path) -> bool:
     return newest > manifest.stat().st_mtime
 
 
-def run_demo(out: str | Path, *, quick: bool = False, ablation: bool = False) -> Path:
-    """Run (or continue) the demo into `out`; return the report path."""
+def run_demo(out: str | Path, *, quick: bool = False, ablation: bool = False, family: str = "sd") -> Path:
+    """Run (or continue) the demo of `family` (sd or flow) into `out`; return the report path."""
     from xdpo.demo.report import write_report
 
-    s = DemoSettings.make(out, quick=quick, ablation=ablation)
+    s = DemoSettings.make(out, quick=quick, ablation=ablation, family=family)
     s.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with stage("1/5 preference pairs from the digits base (hidden labeller)", s):
+    base = "the digits base" if family == "sd" else f"the {s.base} base"
+    with stage(f"1/5 preference pairs from {base} (hidden labeller)", s):
         pairs = make_pairs_once(s)
     with stage("2/5 training", s):
         runs = train_all(s, pairs)

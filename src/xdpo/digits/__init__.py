@@ -7,12 +7,16 @@
 - `base.build_base`: the recipe that rebuilds the shipped base.
 - `flow_base_model_path()`: the shipped flow-matching twin, a `StableDiffusion3Pipeline` folder
   (src/xdpo/assets/digits-flow), rebuilt by `flow_base.build_flow_base`.
+- `digits_sampling(model)`: how a digits-world model samples (`DIGITS_SAMPLING` for the UNet base and
+  its fine-tunes, `flow_sampling()` for digits-flow and its fine-tunes).
 This module imports neither torch nor diffusers.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from xdpo.errors import XdpoError
 
@@ -20,6 +24,7 @@ from xdpo.errors import XdpoError
 DIGITS_SAMPLING = {"steps": 25, "guidance": 5.0, "scheduler": "ddim"}
 BASE_DIR_NAME = "digits-base"
 FLOW_BASE_DIR_NAME = "digits-flow"
+FLOW_PIPELINE = "StableDiffusion3Pipeline"  # the class of digits-flow (and of its fine-tunes' final/)
 
 
 def base_model_path() -> Path:
@@ -44,10 +49,43 @@ def flow_base_model_path() -> Path:
     return path
 
 
+def flow_sampling(path: str | Path | None = None) -> dict[str, Any]:
+    """digits-flow's sampling defaults, as its xdpo_digits.json records them (25 Euler steps, guidance 3.0);
+    scheduler "default": the pipeline's own FlowMatchEulerDiscreteScheduler. `path`: a rebuilt flow base
+    folder with its own xdpo_digits.json (default: the shipped one)."""
+    record = Path(path) / "xdpo_digits.json" if path else None
+    if record is None or not record.is_file():
+        record = flow_base_model_path() / "xdpo_digits.json"
+    rec = json.loads(record.read_text())["sampling"]
+    return {"steps": int(rec["steps"]), "guidance": float(rec["guidance"]), "scheduler": "default"}
+
+
+def digits_sampling(model: str | Path | None = None) -> dict[str, Any]:
+    """Sampling defaults of a digits-world model: None / `digits` -> `DIGITS_SAMPLING`; `digits-flow` ->
+    `flow_sampling()`; a folder by its pipeline class (a StableDiffusion3Pipeline folder, e.g. a
+    fine-tune's final/, samples as digits-flow, anything else as the UNet base)."""
+    if model is None or str(model) == "digits":
+        return dict(DIGITS_SAMPLING)
+    if str(model) == FLOW_BASE_DIR_NAME and not Path(model).exists():
+        return flow_sampling()
+    index = Path(model) / "model_index.json"
+    cls = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    return flow_sampling(model) if cls == FLOW_PIPELINE else dict(DIGITS_SAMPLING)
+
+
+def pipeline_sampling(pipe: Any) -> dict[str, Any]:
+    """`digits_sampling` of a loaded digits pipeline (by its class)."""
+    return flow_sampling() if type(pipe).__name__ == FLOW_PIPELINE else dict(DIGITS_SAMPLING)
+
+
 __all__ = [
     "BASE_DIR_NAME",
     "DIGITS_SAMPLING",
     "FLOW_BASE_DIR_NAME",
+    "FLOW_PIPELINE",
     "base_model_path",
+    "digits_sampling",
     "flow_base_model_path",
+    "flow_sampling",
+    "pipeline_sampling",
 ]

@@ -66,7 +66,7 @@ def register(subparsers) -> None:
         "make-pairs",
         help="sample labelled preference pairs from a digits model (Pick-a-Pic v2 parquet)",
         description=(
-            "Sample two images per caption from a digits model, score them with the hidden reward and "
+            "Sample two images per caption from a digits model (the UNet base or digits-flow), score them with the hidden reward and "
             "label them by Bradley-Terry with ties and noise. Writes the Pick-a-Pic v2 schema (caption, "
             "jpg_0, jpg_1, label_0, label_1) plus reward_0, reward_1, digit, and OUT.json with settings and counts."
         ),
@@ -79,7 +79,11 @@ def register(subparsers) -> None:
     mp.add_argument(
         "--seed", type=int, default=0, help="seed for captions, noise and labels (default: %(default)s)"
     )
-    mp.add_argument("--model", default=None, help="pipeline folder (default: the shipped base)")
+    mp.add_argument(
+        "--model",
+        default=None,
+        help="digits (the shipped UNet base, default), digits-flow (its flow-matching twin) or a pipeline folder",
+    )
     mp.add_argument(
         "--temperature",
         type=float,
@@ -98,14 +102,18 @@ def register(subparsers) -> None:
     mp.add_argument(
         "--tie-prob", type=float, default=d.tie_prob, help="probability of a tie when |R0-R1| < tie margin"
     )
+    flow = "digits-flow: 25 FlowMatchEuler steps, guidance 3.0"
     mp.add_argument(
         "--steps",
         type=int,
-        default=DIGITS_SAMPLING["steps"],
-        help="DDIM sampling steps (default: %(default)s)",
+        default=None,
+        help=f"sampling steps (default: the model's own; digits: {DIGITS_SAMPLING['steps']} DDIM; {flow})",
     )
     mp.add_argument(
-        "--guidance", type=float, default=DIGITS_SAMPLING["guidance"], help="classifier-free guidance scale"
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale (default: the model's own; digits: {DIGITS_SAMPLING['guidance']})",
     )
     mp.add_argument(
         "--batch-size", type=int, default=128, help="images per pipeline call (default: %(default)s)"

@@ -4,15 +4,19 @@
 - scorers `digits-reward` (the hidden ground-truth reward, `labeller.hidden_reward`) and
   `digits-alignment` (1 if the classifier reads the prompted digit, `labeller.alignment`);
 - the prompt set `digits` (held-out evaluation captions, `data.eval_prompts`);
-- sampling defaults for `--model digits` (`DIGITS_SAMPLING`: 25 DDIM steps, guidance 5).
+- sampling defaults for `--model digits` (`DIGITS_SAMPLING`: 25 DDIM steps, guidance 5) and
+  `--model digits-flow` (`flow_sampling()`, from its xdpo_digits.json: 25 FlowMatchEuler steps, guidance 3.0).
 Nothing heavy is imported until a scorer or the prompt set is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
+
+from xdpo.errors import XdpoError
 
 
 def _details(fn_name: str) -> str:
@@ -48,8 +52,9 @@ def eval_prompts() -> list[str]:
 
 
 def register() -> None:
-    """Register the digits scorers, the `digits` prompt set and `--model digits` sampling defaults."""
-    from xdpo.digits import DIGITS_SAMPLING
+    """Register the digits scorers, the `digits` prompt set and `--model digits` / `digits-flow` sampling
+    defaults (digits-flow's only where its folder is installed)."""
+    from xdpo.digits import DIGITS_SAMPLING, FLOW_BASE_DIR_NAME, flow_sampling
     from xdpo.evaluate.prompts import register_prompt_set
     from xdpo.evaluate.sample import register_sampling_defaults
     from xdpo.evaluate.scorers import register_scorer
@@ -58,3 +63,5 @@ def register() -> None:
     register_scorer("digits-alignment")(digits_alignment)
     register_prompt_set("digits", eval_prompts)
     register_sampling_defaults("digits", **DIGITS_SAMPLING)
+    with contextlib.suppress(XdpoError, OSError, KeyError, ValueError):  # an install without digits-flow
+        register_sampling_defaults(FLOW_BASE_DIR_NAME, **flow_sampling())

@@ -16,8 +16,9 @@ Recipe (`build_flow_base`), all on CPU, deterministic for a given seed and threa
    zero "T5" tokens on the sequence; pooled = both projected EOS embeddings.
    The pipeline samples with ``max_sequence_length=256`` zero T5 tokens (77 + 256 context tokens).
    All 256 are identical at every layer, so training encodes one and gives its attention logit
-   ``+log 256`` (`CollapsedJointAttnProcessor`): the same function (`collapsed_matches_full` checks it)
-   at a quarter of the cost.
+   ``+log 256`` (`xdpo.models.padding.CollapsedJointAttnProcessor`): the same function
+   (`collapsed_matches_full` checks it) at a quarter of the cost. xdpo's pipeline loader does the same
+   when sampling (`xdpo.models.padding.collapse_zero_padding`).
 3. `FlowMatchEulerDiscreteScheduler` with shift 1.0: the SD3 paper's shift (3.0 at 1024 px) compensates
    for high-resolution latents keeping their signal at a given noise level; 8x8x4 latents are far below
    its 256 px/shift-1 base setting (sampling the shipped model with shift 3.0 changed nothing: 98%/98%).
@@ -28,23 +29,24 @@ the 49,408-token embedding): built in 46 min wall on a 2-core machine shared wit
 ~0.33 s/step on a free core, ~23 min). Prompted-digit accuracy (labeller classifier, canonical prompts,
 200 samples, seed 1234) at the defaults, 25 Euler steps and guidance 3.0: 1.000 (guidance 2.0 / 4.0: 1.000,
 5.0: 0.985); held-out phrasings 0.99. Load it with ``text_encoder_3=None, tokenizer_3=None``
-(`load_flow_pipeline`).
+(xdpo's loader `xdpo.evaluate.sample.load_pipeline` does; `load_flow_pipeline` calls it).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from xdpo.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.models.padding import CollapsedJointAttnProcessor
 
 CFG_DROP = 0.1
 TEXT_HIDDEN = 16
@@ -113,45 +115,6 @@ def make_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
-
-
-class CollapsedJointAttnProcessor:
-    """`JointAttnProcessor2_0` for a context whose last token stands for `copies` identical tokens.
-
-    Identical context tokens stay identical through every joint block, so their keys and values are
-    equal and ``softmax`` over `copies` of them equals one of them with logit ``+ log(copies)``.
-    """
-
-    def __init__(self, copies: int = T5_TOKENS):
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n = hidden_states.shape[:2]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = (
-            heads(attn.to_q(hidden_states)),
-            heads(attn.to_k(hidden_states)),
-            heads(attn.to_v(hidden_states)),
-        )
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_copies
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        hidden_states, encoder_hidden_states = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return attn.to_out[1](attn.to_out[0](hidden_states)), encoder_hidden_states
 
 
 def collapsed_matches_full(transformer, seed: int = 0, copies: int = T5_TOKENS) -> float:
@@ -325,25 +288,13 @@ def default_sampling(r: FlowRecipe | None = None) -> dict:
     return {"steps": r.sample_steps, "guidance": r.guidance, "max_sequence_length": T5_TOKENS}
 
 
-def load_flow_pipeline(path: str | Path):
-    """`StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`, no progress bars.
+def load_flow_pipeline(path: str | Path) -> Any:
+    """A digits-flow folder through xdpo's one loader (`xdpo.evaluate.sample.load_pipeline`): its own
+    scheduler, CPU, float32, no progress bars. diffusers (0.42) loads the folder's null text_encoder_3 /
+    tokenizer_3 only when they are passed as None too (`xdpo.models.load.null_components` does that)."""
+    from xdpo.evaluate.sample import load_pipeline
 
-    diffusers (0.42) loads a `null` text_encoder_3 / tokenizer_3 entry of model_index.json only when
-    the call passes them as None too (they are not in `_optional_components`): the documented way of
-    running SD3 without T5.
-    """
-    from diffusers import StableDiffusion3Pipeline
-    from diffusers.utils import logging as dlog
-
-    was_enabled = dlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
-    finally:
-        if was_enabled:
-            dlog.enable_progress_bar()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(path, scheduler="default", device="cpu", dtype="fp32")
 
 
 def measure_flow_accuracy(
@@ -359,9 +310,8 @@ def measure_flow_accuracy(
     `steps` / `guidance` default to the folder's recorded sampling settings; image i starts from the
     i-th draw of ``torch.Generator().manual_seed(seed)`` (independent of batching).
     """
-    from PIL import Image
-
     from xdpo.digits.labeller import alignment
+    from xdpo.evaluate.sample import generate
 
     path = Path(path)
     rec = json.loads((path / "xdpo_digits.json").read_text()).get("sampling", default_sampling())
@@ -372,17 +322,9 @@ def measure_flow_accuracy(
     c = pipe.transformer.config
     shape = (len(prompts), c.in_channels, c.sample_size, c.sample_size)
     lat = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    images = []
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch_size):
-            arr = pipe(
-                prompts[i : i + batch_size],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=lat[i : i + batch_size],
-                output_type="np",
-            ).images
-            images += [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in arr]
+    images = generate(
+        pipe, prompts, steps=steps, guidance=guidance, latents=lat, batch_size=batch_size, progress=False
+    )
     acc = alignment(images, prompts)
     return {
         "accuracy": float(np.mean(acc)),

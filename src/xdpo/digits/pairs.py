@@ -1,7 +1,8 @@
-"""`make_pairs`: preference pairs from the digits base, labelled by the hidden labeller, Pick-a-Pic schema.
+"""`make_pairs`: preference pairs from a digits model, labelled by the hidden labeller, Pick-a-Pic schema.
 
 For pair i: a caption c_i drawn uniformly from `data.train_prompts()`, two images sampled from the model
-(DDIM, own noise each), true rewards R0, R1 (`labeller.hidden_reward`), label_0 from `labeller.bt_labels`.
+(the shipped UNet base by default with DDIM, or `digits-flow` / any digits folder at its own sampling
+defaults, `xdpo.digits.digits_sampling`; own noise each), true rewards R0, R1 (`labeller.hidden_reward`), label_0 from `labeller.bt_labels`.
 Written with `xdpo.data.write_pairs_parquet` (PNG bytes in jpg_0/jpg_1) plus extra columns `reward_0`,
 `reward_1` (hidden from training) and `digit`; a sidecar `<out>.json` records settings, seed, model and counts.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xdpo.digits import DIGITS_SAMPLING, base_model_path
+from xdpo.digits import digits_sampling
 from xdpo.digits.data import prompt_digits, train_prompts
 from xdpo.digits.labeller import LabellerSettings, alignment, bt_labels, hidden_reward, reward_constants
 from xdpo.errors import DataError
@@ -33,25 +34,32 @@ def make_pairs(
     *,
     model: str | Path | None = None,
     settings: LabellerSettings | None = None,
-    steps: int = DIGITS_SAMPLING["steps"],
-    guidance: float = DIGITS_SAMPLING["guidance"],
+    steps: int | None = None,
+    guidance: float | None = None,
     batch_size: int = 128,
     prompts: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Sample, label and write `n` pairs to `out` (parquet); return the sidecar record."""
+    """Sample, label and write `n` pairs to `out` (parquet); return the sidecar record.
+
+    `model`: None or `digits` (the shipped UNet base), `digits-flow`, or a pipeline folder; `steps` and
+    `guidance` default to the model's own (`xdpo.digits.digits_sampling`)."""
     from xdpo.data import write_pairs_parquet
     from xdpo.digits.sampling import generate, load_pipeline
+    from xdpo.evaluate.sample import resolve_model
 
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")
     settings = settings or LabellerSettings()
-    model_path = Path(model) if model else base_model_path()
+    model_path = resolve_model(model or "digits")
+    defaults = digits_sampling(model)
+    steps = defaults["steps"] if steps is None else steps
+    guidance = defaults["guidance"] if guidance is None else guidance
     t0 = time.time()
     rng = np.random.default_rng(seed)
     pool = prompts or train_prompts()
     captions = [pool[i] for i in rng.integers(0, len(pool), n)]
-    pipe = load_pipeline(model_path)
+    pipe = load_pipeline(model_path, scheduler=defaults["scheduler"])
     # images 0 and 1 of a pair sit side by side, so each batch holds whole pairs
     images = generate(
         pipe,
@@ -83,7 +91,12 @@ def make_pairs(
         "n_pairs": n,
         "seed": seed,
         "model": str(model_path),
-        "sampling": {"steps": steps, "guidance": guidance, "scheduler": DIGITS_SAMPLING["scheduler"]},
+        "sampling": {
+            "steps": steps,
+            "guidance": guidance,
+            "scheduler": defaults["scheduler"],
+            "scheduler_class": type(pipe.scheduler).__name__,
+        },
         "labeller": settings.to_dict(),
         "reward": reward_constants(),
         "counts": {

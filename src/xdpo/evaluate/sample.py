@@ -136,7 +136,8 @@ def load_pipeline(
     """Load a text-to-image pipeline (no safety checker, no progress bars), optional LoRA.
 
     The one pipeline loader of xdpo (`xdpo sample`, the digits world, the demo): the pipeline class
-    is the one its `model_index.json` names (`DiffusionPipeline.from_pretrained`).
+    is the one its `model_index.json` names (`DiffusionPipeline.from_pretrained`). An SD3 pipeline
+    without T5 attends to its zero T5 padding once (`xdpo.models.padding`: exact, several times faster).
     """
     import diffusers
     from diffusers.utils import logging as dlog
@@ -164,6 +165,10 @@ def load_pipeline(
     if lora is not None:
         folder, weight_name = resolve_lora(lora)
         pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
+    if type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "text_encoder_3", 0) is None:
+        from xdpo.models.padding import collapse_zero_padding
+
+        collapse_zero_padding(pipe.transformer)  # without T5: the same images, ~6x faster (digits-flow)
     if SCHEDULERS[scheduler]:
         if type(pipe.scheduler).__name__.startswith("FlowMatch"):
             raise ConfigError(
