@@ -71,8 +71,10 @@ def make_vae():
     )
 
 
-def make_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+def make_text_encoder(with_projection: bool = False):
+    """The digits bases' small CLIP text encoder (the real 49,408-token vocabulary, hidden 16); the flow
+    base uses two of them with a projection (`CLIPTextModelWithProjection`, as SD3's pipeline expects)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
         vocab_size=49408,
@@ -86,7 +88,7 @@ def make_text_encoder():
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(cfg)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
 
 def make_unet():

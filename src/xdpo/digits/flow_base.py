@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xdpo.digits.base import make_text_encoder as make_base_text_encoder
 from xdpo.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
 from xdpo.models.padding import CollapsedJointAttnProcessor
 
@@ -76,21 +77,7 @@ class FlowRecipe:
 
 
 def make_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        projection_dim=TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return CLIPTextModelWithProjection(cfg)
+    return make_base_text_encoder(with_projection=True)
 
 
 def make_transformer(r: FlowRecipe):
