@@ -5,6 +5,7 @@ and the family seam (conditions, time ids, flow sigmas, the denoiser call) again
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -442,3 +443,26 @@ def _prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a red square\na blue circle\n")
     return path
+
+
+COMPOSED = [  # every strategy on the new families: objectives, reference strategies, timestep strategies
+    ("sd3", {"loss.objective": "kto", "reference.strategy": "periodic", "reference.update_every": 1,
+             "reference.max_divergence": 10, "model.lora_rank": 4, "timesteps.sampling": "skewed",
+             "timesteps.weighting": "snr"}),
+    ("flux", {"loss.objective": "sft", "reference.strategy": "ema", "reference.update_every": 1,
+              "loss.beta_schedule": "flow", "loss.error_space": "epsilon"}),
+    ("sdxl", {"loss.divergence": "xdpo", "loss.outer": "ipo", "reference.strategy": "periodic",
+              "reference.update_every": 1, "reference.max_divergence": 10, "data.ties": "keep"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "extra"), COMPOSED, ids=[f for f, _ in COMPOSED])
+def test_strategies_compose_on_every_family(request, tmp_path, pairs_parquet, family, extra):
+    out = run(tmp_path, request.getfixturevalue(FIXTURE[family]), pairs_parquet, **extra)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    if extra.get("reference.strategy") in ("periodic", "ema"):
+        assert rows[-1]["ref_updates"] == 3
+    if "timesteps.weighting" in extra or "loss.beta_schedule" in extra:
+        assert any(r["lambda_mean"] != 1.0 for r in rows)
