@@ -32,6 +32,14 @@ def per_sample_error(pred: Tensor, target: Tensor, reduction: str = "mean") -> T
     return sq.mean(dim=dims) if reduction == "mean" else sq.sum(dim=dims)
 
 
+def space_error(m: Any, pred: Tensor, noisy: Tensor, t: Tensor, eps: Tensor, target: Tensor) -> Tensor:
+    """Per-sample error in `loss.error_space`: against the native target, or as a noise prediction vs eps."""
+    lc = m.loss_cfg
+    if lc.error_space == "epsilon":
+        return per_sample_error(m.process.to_epsilon(pred, noisy, t), eps, lc.error_reduction)
+    return per_sample_error(pred, target, lc.error_reduction)
+
+
 class KTOReferencePoint:
     """Diffusion-KTO's z0: the mean implicit reward g = e_ref - e_theta over a running window of the
     last `size` images of all processes (one optimizer step's worth), so that it never degenerates to
@@ -152,7 +160,7 @@ def encode_images_batch(comps: Components, batch: dict, gen: torch.Generator, sa
 
 def image_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOutput:
     """Diffusion-KTO on independent images: own (t, eps) per image, reference point over a window."""
-    lc, ts, proc = m.loss_cfg, m.timestep_cfg, m.process
+    ts, proc = m.timestep_cfg, m.process
     latents, cond = encode_images_batch(m.comps, batch, gen, m.sample_posterior)
     n = latents.shape[0]
     t = sample_timesteps(
@@ -164,9 +172,7 @@ def image_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOutput:
     model_t = proc.model_timestep(t)
 
     def errors(pred: Tensor) -> Tensor:
-        if lc.error_space == "epsilon":
-            return per_sample_error(proc.to_epsilon(pred, noisy, t), eps, lc.error_reduction)
-        return per_sample_error(pred, target, lc.error_reduction)
+        return space_error(m, pred, noisy, t, eps, target)
 
     with m.frozen(), m.autocast():
         ref_err = errors(m.reference.predict(noisy, model_t, cond))
@@ -199,11 +205,7 @@ def preference_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOu
     model_t = proc.model_timestep(t)
 
     def errors(pred: Tensor) -> Tensor:
-        if lc.error_space == "epsilon":
-            pred, tgt = proc.to_epsilon(pred, noisy, t), eps
-        else:
-            tgt = target
-        return per_sample_error(pred, tgt, lc.error_reduction)
+        return space_error(m, pred, noisy, t, eps, target)
 
     ref_err = None
     if NEEDS_REFERENCE[lc.objective]:
