@@ -207,6 +207,9 @@ class TrainConfig:
         "stop", "non-finite loss: stop the run (weights untouched), or skip the step and count it"
     )
     max_nonfinite: int = _f(10, "skip: stop after this many non-finite steps in a row")
+    log_deltas: bool = _f(
+        False, "also log every image's delta (policy minus reference error) per step in metrics.jsonl"
+    )
     online: bool = _f(
         False, "online DPO: every online_every steps, new pairs sampled from the policy and scored"
     )

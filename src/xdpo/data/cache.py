@@ -48,6 +48,8 @@ LATENT_KEYS = ("mean_w", "logvar_w", "mean_l", "logvar_l")
 IMAGE_SIZE_KEYS = ("original_size", "crop_top_left")
 """SDXL's per-image size conditions: batch keys [2B, 2] for [w; l], stored [P, 2, 2] (w, l)."""
 FLIP = "_flip"
+SMALL_TENSORS = ("label_w", "row", *IMAGE_SIZE_KEYS)
+"""Names (and their flipped variants) of a pair shard's small per-pair tensors, held in memory once read."""
 HASHED_BYTES = 16 << 20
 """Files up to this size are fingerprinted by content (configs, tokenizers), larger ones by size."""
 
@@ -259,6 +261,8 @@ def check_manifest(
 def item_choices(seed: int, prompt_dropout: float, flip: str) -> tuple[bool, bool, bool]:
     """(drop the caption, flip w, flip l) of item seed `seed`: the draws of `PreferencePairs._item` and
     `transform_pair`, in their order (no crop draws: random crops are never cached)."""
+    if prompt_dropout <= 0 and flip == "none":
+        return False, False, False  # nothing drawn (creating the generator alone costs ~10 us)
     rng = np.random.default_rng(seed)
     drop = prompt_dropout > 0 and rng.random() < prompt_dropout
     if flip == "pair":
@@ -301,8 +305,9 @@ class CachedPairs(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:  # open files stay in their process (DataLoader workers)
         return {**self.__dict__, "_files": {}}
 
-    def _open(self, path: Path) -> tuple[Any, set[str]]:
-        """An open shard (memory-mapped; a slice reads only its bytes) and its tensor names."""
+    def _open(self, path: Path) -> tuple[Any, set[str], dict[str, torch.Tensor]]:
+        """An open shard (memory-mapped; a slice reads only its bytes), its tensor names, and its small
+        per-pair tensors (labels, rows, SDXL sizes) read whole once: a slice costs ~20 us each."""
         if path not in self._files:
             from safetensors import safe_open
 
@@ -312,7 +317,9 @@ class CachedPairs(torch.utils.data.Dataset):
                 raise DataError(
                     f"data.cache: cannot read shard {path} ({e}); run `xdpo cache` again"
                 ) from None
-            self._files[path] = (handle, set(handle.keys()))
+            names = set(handle.keys())
+            small = {n: handle.get_tensor(n) for n in names if n.removesuffix(FLIP) in SMALL_TENSORS}
+            self._files[path] = (handle, names, small)
         return self._files[path]
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
@@ -321,10 +328,10 @@ class CachedPairs(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.n_pairs} cached pairs")
         drop, flip_w, flip_l = item_choices(seed, self.prompt_dropout, self.flip)
         shard, off = divmod(int(index), self.shard)
-        f, names = self._open(pair_shard(self.folder, shard))
+        f, names, small = self._open(pair_shard(self.folder, shard))
 
         def get(name: str) -> torch.Tensor:
-            return f.get_slice(name)[off : off + 1][0]
+            return small[name][off].clone() if name in small else f.get_slice(name)[off : off + 1][0]
 
         sw, sl = FLIP if flip_w else "", FLIP if flip_l else ""
         item: dict[str, Any] = {
@@ -342,7 +349,7 @@ class CachedPairs(torch.utils.data.Dataset):
                 item[name] = torch.stack([get(pick[0])[0], get(pick[1])[1]])
         c = self.empty if drop else int(self.caption_index[index])
         t_shard, t_off = divmod(c, self.shard)
-        t, cond_keys = self._open(text_shard(self.folder, t_shard))
+        t, cond_keys, _ = self._open(text_shard(self.folder, t_shard))
         item["cond"] = {k: t.get_slice(k)[t_off : t_off + 1][0] for k in sorted(cond_keys)}
         item["caption"] = self.captions[c]
         return item

@@ -14,7 +14,6 @@ import json
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from xdpo.train.checkpoint import (
     save_final,
     set_aside_newer,
 )
-from xdpo.train.distributed import is_fsdp, local_fraction, make_accelerator
+from xdpo.train.distributed import clip_grad_norm, is_fsdp, local_fraction, make_accelerator
 from xdpo.train.memory import estimate, format_estimate
 from xdpo.train.metrics import MetricsLog, summarize
 from xdpo.train.setup import build_probe, lambda_table, load_models, loss_kwargs
@@ -54,6 +53,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     out = Path(cfg.output_dir)
     t, lc, ts = cfg.train, cfg.loss, cfg.timesteps
     accelerator = accelerator or make_accelerator(cfg, out)  # DDP, FSDP2 (forced on CPU), no DeepSpeed
+    accelerator.gradient_accumulation_steps = t.grad_accum  # also when an accelerator is passed in
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main, sharded = accelerator.is_main_process, is_fsdp(accelerator)
     if main:
@@ -91,6 +91,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     accelerator.print(format_estimate(estimate(parts, family.denoiser, cfg)))
     lr = t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(t, params, lr)
+    # not prepared: accelerate's scheduler wrapper steps once per process (and skips while accumulating);
+    # this one steps exactly once per optimizer step
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=t.warmup_steps)
     if not sharded:  # FSDP: accelerate saves the sharded model and optimizer itself
         register_model_hooks(accelerator, lora, family.denoiser)
@@ -223,13 +225,17 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     try:
         while step < t.max_steps:
             t0, records, finite = time.perf_counter(), [], []
+            # accelerate's micro-batch counter, derived from ours (a resume or an interrupted step cannot
+            # shift it): accumulate() syncs gradients (DDP all-reduce, FSDP2 reduce-scatter) on the last
+            # micro-batch only, and backward() divides the loss by grad_accum
+            accelerator.step = step * t.grad_accum
             for micro in range(t.grad_accum):
                 batch = next(batches)
                 gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, micro, rank))
-                with accelerator.no_sync(unet) if micro < t.grad_accum - 1 else nullcontext():
+                with accelerator.accumulate(unet):
                     res = preference_step(m, batch, gen)
                     loss = res.out.loss.mean()
-                    accelerator.backward(loss / t.grad_accum)
+                    accelerator.backward(loss)
                 finite.append(torch.isfinite(loss.detach()))
                 records.append((res.out, res.timesteps, res.weight))
             # one collective per step, on every process alike: all finite? anyone asked to stop?
@@ -253,7 +259,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
             if all_finite:
                 skipped_run = 0
                 if t.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    grad_norm = clip_grad_norm(accelerator, params, t.max_grad_norm)
                 optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -265,7 +271,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
             state["kto_window"] = m.kto_point.state() if lc.objective == "kto" else []
             state["nonfinite_in_a_row"] = skipped_run
             state["nonfinite_total"] = state.get("nonfinite_total", 0) + (0 if all_finite else 1)
-            row = {"step": step, **summarize(accelerator, records)}
+            row = {"step": step, **summarize(accelerator, records, keep_deltas=t.log_deltas)}
             row.update(
                 lr=lr_now,
                 grad_norm=None if grad_norm is None else float(grad_norm),

@@ -16,10 +16,15 @@ QUANTILES = torch.tensor([0.05, 0.5, 0.95])
 ROWS = ("loss", "reward_w", "reward_l", "delta_w", "delta_l", "timestep", "lambda", "clamp_w", "clamp_l")
 
 
-def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor, torch.Tensor | None]]) -> dict:
+def summarize(
+    accelerator: Any,
+    records: list[tuple[LossOutput, torch.Tensor, torch.Tensor | None]],
+    keep_deltas: bool = False,
+) -> dict:
     """Means over all pairs of the optimizer step (all micro-batches, all processes): one gather, one sync.
 
-    `records` holds (loss record, timesteps [B], lambda(t) [B] or None) per micro-batch.
+    `records` holds (loss record, timesteps [B], lambda(t) [B] or None) per micro-batch. `keep_deltas`
+    adds `deltas`: every image's delta = e_theta - e_ref (winners, then losers; 5 significant digits).
     """
     parts = []
     for r, ts, w in records:
@@ -78,7 +83,10 @@ def summarize(accelerator: Any, records: list[tuple[LossOutput, torch.Tensor, to
         "delta_q50",
         "delta_q95",
     )
-    return dict(zip(keys, stats, strict=True))
+    row = dict(zip(keys, stats, strict=True))
+    if keep_deltas:
+        row["deltas"] = [float(f"{d:.5g}") for d in deltas.tolist()]
+    return row
 
 
 class MetricsLog:
