@@ -51,8 +51,9 @@ SD15_UNET = {
 """runwayml/stable-diffusion-v1-5 unet/config.json (the architecture keys)."""
 
 
-def build_sd15_shaped(out: Path) -> Path:
-    """SD 1.5's UNet and VAE with random weights, the real CLIP tokenizer, a 1-layer CLIP text encoder."""
+def build_sd15_shaped(out: Path, unet: dict | None = None) -> Path:
+    """SD 1.5's UNet and VAE with random weights, the real CLIP tokenizer, a 1-layer CLIP text encoder.
+    `unet`: keys of the UNet config to change (e.g. a narrower `block_out_channels`)."""
     from cache_flip import SD15_VAE  # benchmarks/cache_flip.py (this script's folder is on sys.path)
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -78,7 +79,7 @@ def build_sd15_shaped(out: Path) -> Path:
         vae=AutoencoderKL(**SD15_VAE),
         text_encoder=text,
         tokenizer=tok,
-        unet=UNet2DConditionModel(**SD15_UNET),
+        unet=UNet2DConditionModel(**{**SD15_UNET, **(unet or {})}),
         scheduler=DDPMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": "epsilon"}),
         safety_checker=None,
         feature_extractor=None,
