@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out",
         default=None,
         help="output folder (default: outputs/digits-demo; --family flow: outputs/digits-flow-demo; "
-        "--ablation: outputs/digits-ablation)",
+        "--ablation: outputs/digits-ablation; --online: outputs/digits-online)",
     )
     p.add_argument(
         "--family",
@@ -39,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the Kang et al. ablation instead: + reference update, + timestep-aware, both, xDPO + both, KTO, SFT",
     )
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="on-policy rounds (train.online) against one offline round at equal optimizer steps, same scorer "
+        "and seeds (default out: outputs/digits-online; --family flow: outputs/digits-flow-online)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.set_defaults(func=run)
 
@@ -50,6 +56,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "online", False):
+        from xdpo.demo.online import DEFAULT_OUT as ONLINE_OUT
+        from xdpo.demo.online import run_online
+        from xdpo.errors import ConfigError
+
+        if args.ablation:
+            raise ConfigError("--online and --ablation are two different demos: choose one")
+        run_online(args.out or ONLINE_OUT[args.family], quick=args.quick, family=args.family)
+        return 0
     out = args.out or ("outputs/digits-ablation" if args.ablation else DEFAULT_OUT[args.family])
     run_demo(out, quick=args.quick, ablation=args.ablation, family=args.family)
     return 0

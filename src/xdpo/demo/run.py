@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,11 @@ def run_config(s: DemoSettings, m: Method, seed: int, pairs: Path):
     return cfg
 
 
-def train_all(s: DemoSettings, pairs: Path) -> dict[tuple[str, int], Path]:
-    """Train every method x seed; a finished run is reused, an interrupted one resumed."""
+def train_all(
+    s: DemoSettings, pairs: Path, prepare: Callable[[Method, int, Any], None] | None = None
+) -> dict[tuple[str, int], Path]:
+    """Train every method x seed; a finished run is reused, an interrupted one resumed.
+    `prepare(method, seed, cfg)`, if given, runs just before each run is trained (e.g. to seed its folder)."""
     from xdpo.train.checkpoint import list_checkpoints
     from xdpo.train.loop import train
 
@@ -181,27 +185,37 @@ def train_all(s: DemoSettings, pairs: Path) -> dict[tuple[str, int], Path]:
             print(f"   {m.name} (seed {seed}): {cfg.train.max_steps} steps -> {out}", flush=True)
             if list_checkpoints(out):
                 cfg.train.resume_from = "latest"
+            if prepare is not None:
+                prepare(m, seed, cfg)
             train(cfg)
     return runs
 
 
 def _same_config(out: Path, cfg) -> bool:
     """Whether the run in `out` was made with `cfg` (ignoring resume_from)."""
+    import copy
+
     import yaml
 
     from xdpo.config import to_dict
+    from xdpo.models.load import check_pipeline
+    from xdpo.train.setup import resolve_timesteps
 
     if not (out / "config.yaml").is_file():
         return False
-    old, new = yaml.safe_load((out / "config.yaml").read_text()), to_dict(cfg)
+    resolved = copy.deepcopy(cfg)  # train() writes config.yaml with timesteps.sampling=auto resolved
+    resolve_timesteps(
+        resolved, check_pipeline(cfg.model.pretrained, cfg.model.family, cfg.model.revision).process
+    )
+    old, new = yaml.safe_load((out / "config.yaml").read_text()), to_dict(resolved)
     old["train"]["resume_from"] = new["train"]["resume_from"] = ""
     return old == new
 
 
-def eval_prompts_and_seeds(n_seeds: int) -> tuple[list[str], list[int]]:
+def eval_prompts_and_seeds(n_seeds: int, first_seed: int = 1000) -> tuple[list[str], list[int]]:
     from xdpo.digits.data import eval_prompts
 
-    return eval_prompts(), list(range(1000, 1000 + n_seeds))  # seeds apart from the pairs' seeds
+    return eval_prompts(), list(range(first_seed, first_seed + n_seeds))  # apart from the pairs' seeds
 
 
 class SameSeedEvaluator:
@@ -212,13 +226,14 @@ class SameSeedEvaluator:
     sampling settings and the same initial noise every time, and scores with the hidden labeller.
     """
 
-    def __init__(self, n_seeds: int, model: str | Path | None = None) -> None:
+    def __init__(self, n_seeds: int, model: str | Path | None = None, first_seed: int = 1000) -> None:
         import torch
 
         from xdpo.digits.sampling import denoiser_name, load_pipeline
 
-        prompts, seeds = eval_prompts_and_seeds(n_seeds)
+        prompts, seeds = eval_prompts_and_seeds(n_seeds, first_seed)
         self.prompts = [p for sd in seeds for p in prompts]
+        self.seeds = [sd for sd in seeds for _ in prompts]
         self.pipe = load_pipeline(model)
         self.attr = denoiser_name(self.pipe)
         self.base_denoiser = getattr(self.pipe, self.attr)
@@ -228,8 +243,8 @@ class SameSeedEvaluator:
             [torch.randn(shape, generator=torch.Generator().manual_seed(sd)) for sd in seeds for _ in prompts]
         )
 
-    def score(self, denoiser=None) -> tuple[float, float]:
-        from xdpo.digits.labeller import alignment, hidden_reward
+    def images(self, denoiser=None) -> list:
+        """Samples of `denoiser` (None: the base) at the fixed (prompt, seed) noise, in `self.prompts` order."""
         from xdpo.digits.sampling import generate
         from xdpo.models.padding import HOOKED, collapse_zero_padding
 
@@ -237,9 +252,15 @@ class SameSeedEvaluator:
             collapse_zero_padding(denoiser)  # as the loader did for the base (SD3 without T5)
         setattr(self.pipe, self.attr, denoiser if denoiser is not None else self.base_denoiser)
         try:
-            images = generate(self.pipe, self.prompts, latents=self.latents, progress=False)
+            return generate(self.pipe, self.prompts, latents=self.latents, progress=False)
         finally:
             setattr(self.pipe, self.attr, self.base_denoiser)
+
+    def score(self, denoiser=None) -> tuple[float, float]:
+        """Mean hidden reward and mean prompt alignment of `images(denoiser)`."""
+        from xdpo.digits.labeller import alignment, hidden_reward
+
+        images = self.images(denoiser)
         return float(np.mean(hidden_reward(images, self.prompts))), float(
             np.mean(alignment(images, self.prompts))
         )
