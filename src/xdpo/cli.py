@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "xdpo.pairs.cli",
     "xdpo.digits.cli",
     "xdpo.demo.cli",
+    "xdpo.study.cli",
 ]
 
 
