@@ -42,10 +42,15 @@ SFT_LRS = LRS
 REF_UPDATE = ("reference.strategy=periodic",)
 TIMESTEP_AWARE = ("timesteps.sampling=skewed", "timesteps.weighting=snr")
 NO_GUARD = ("reference.strategy=periodic", "reference.update_every=4", "reference.max_divergence=1e9")
+# the digits configs' guard (tau 32, delta 0.1) was set at beta 300; at the sweep's beta 30 the policy moves
+# faster and the guard freezes the reference after <= 1 update, so the update is also run where it operates
+REF_LOOSE = ("reference.strategy=periodic", "reference.update_every=16", "reference.max_divergence=0.5")
 ABLATION = {  # key -> (label, overrides, steps factor)
     "dpo-ref": ("+ reference update", REF_UPDATE, 1),
     "dpo-ts": ("+ timestep-aware", TIMESTEP_AWARE, 1),
     "dpo-both": ("+ both", REF_UPDATE + TIMESTEP_AWARE, 1),
+    "dpo-ref16": ("+ reference update, tau 16, delta 0.5", REF_LOOSE, 1),
+    "dpo-both16": ("+ both, tau 16, delta 0.5", REF_LOOSE + TIMESTEP_AWARE, 1),
     "dpo-tau4": ("+ reference update, tau 4, no guard (2x steps)", NO_GUARD, 2),
 }
 
@@ -179,10 +184,11 @@ def label(method: str, world: str) -> str:
     return BASELINE[world] if method == "dpo" else name
 
 
-# seconds on one core, measured on these CPUs (1 thread): per training step, per sampled image, per pair
+# seconds on one core (1 thread), fitted to the full study's run on these CPUs (2 workers, 2 cores, partly
+# shared): per training step, per sampled image, per pair, per job (loading, checkpoints, final model)
 COST = {
-    "sd": {"step": 0.25, "image": 0.10, "pair": 0.14, "job": 15.0},
-    "flow": {"step": 0.27, "image": 0.12, "pair": 0.16, "job": 18.0},
+    "sd": {"step": 0.27, "image": 0.12, "pair": 0.3, "job": 30.0},
+    "flow": {"step": 0.30, "image": 0.14, "pair": 0.3, "job": 35.0},
 }
 
 

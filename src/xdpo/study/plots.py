@@ -58,7 +58,7 @@ def delta_figure(path: Path, groups: dict[str, Runs], edges: list[float], title:
         lo, hi = runs[0]["delta"]["phases"][k]["steps"]
         ax.set_title(f"steps {lo}-{hi}", fontsize=9)
         ax.axvspan(-1, 1, color="gray", alpha=0.1)
-        ax.set_xlabel("n * delta (n = 6); shaded: |n delta| < 1")
+        ax.set_xlabel("n * delta (n = 6; the end bins hold all beyond ±4); shaded: |n delta| < 1", fontsize=8)
     axes[0].set_ylabel("share of images")
     axes[-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

@@ -101,9 +101,8 @@ def run_study(
     )
     chosen = select(s, sweep)
     jobs = main_jobs(s, chosen)
-    main = stage(
-        f"3/4 main runs ({len(jobs)}): chosen, matched beta, ablation", lambda: run_jobs(jobs, s, "main")
-    )
+    print(f"   {len(jobs)} main runs", flush=True)
+    main = stage("3/4 main runs: chosen, matched beta, ablation", lambda: run_jobs(jobs, s, "main"))
     from xdpo.study.report import write_report
 
     report = stage("4/4 report", lambda: write_report(s, sweep, chosen, main, timings, est))
