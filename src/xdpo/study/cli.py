@@ -13,12 +13,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Compare Diffusion-DPO (Flow-DPO on the flow base), xDPO in both forms, SFT and Diffusion-KTO in "
             "the digits worlds (the UNet base `digits` and its rectified-flow twin `digits-flow`). Stages: "
             "pairs from each base labelled by the hidden labeller; a sweep of every method over the same "
-            "(beta, lr) budget with one seed; each method at its best point with 3 training seeds, both xDPO "
-            "forms also at Diffusion-DPO's initial effective beta (beta / 1.05), and Kang et al.'s ablation "
-            "(+ reference update, + timestep-aware, both, tau 4 without the guard for twice the steps); then "
-            "report.md with reward-vs-step curves (95%% intervals over seeds), steps to reach Diffusion-DPO's "
+            "(beta, lr) budget with one seed; each method at its best point with 3 training seeds, xDPO "
+            "(Appendix C) also at Diffusion-DPO's initial effective beta (beta / 1.05), and Kang et al.'s "
+            "ablation on the UNet base (+ reference update, + timestep-aware, both: with the configs' guard and "
+            "with tau 16 / delta 0.5; tau 4 without the guard for twice the steps; KTO at its own sweep point); "
+            "then "
+            "report.md with reward-vs-step curves (95% intervals over seeds), steps to reach Diffusion-DPO's "
             "final reward, same-seed win rates, histograms of n*delta over training and plain answers. Every "
-            "stage resumes from what --out holds. About 2 hours on 2 cores."
+            "stage resumes from what --out holds. About 80 minutes on 2 cores (`--plan` prints the estimate)."
         ),
     )
     p.add_argument(
