@@ -358,5 +358,5 @@ def write_report(s: StudySettings, sweep: dict, chosen: dict, main: dict, timing
         "runs": {name: {k: v for k, v in res.items()} for name, res in main.items()},
         "timings_s": timings,
     }
-    (s.out / "results.json").write_text(json.dumps(_json_safe(results), indent=1, default=str))
+    (s.out / "results.json").write_text(json.dumps(_json_safe(results), default=str))  # ~1 MB: one line
     return report
