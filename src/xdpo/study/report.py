@@ -71,7 +71,7 @@ def row_stats(runs: Runs, dpo: Runs, base: list[float]) -> dict[str, Any]:
     }
 
 
-def table(rows: dict[str, dict], world: str, same: bool) -> list[str]:
+def table(rows: dict[str, dict], world: str) -> list[str]:
     bl = BASELINE[world]
     lines = [
         f"| method | beta | lr | hidden reward ↑ [95% CI] | minus {bl} | win rate vs {bl} | win rate vs base "
@@ -92,12 +92,12 @@ def table(rows: dict[str, dict], world: str, same: bool) -> list[str]:
             f"{_ci(*r['win_vs_base'], nd=2)} | {r['alignment']:.2f} | {r['drift']:.3f} | {r['diversity']:.3f} | "
             f"{reach} | {r['ndelta_beyond_1_last_third']:.2f} |"
         )
-    return lines + ([""] if same else [])
+    return [*lines, ""]
 
 
 def sweep_table(selection: dict, world: str) -> list[str]:
     lines = [
-        "| method | " + " | ".join(["beta, lr: reward (share \\|n δ\\| > 1, last third)"]) + " |",
+        "| method | beta, lr: reward (share \\|n δ\\| > 1, last third) |",
         "|---|---|",
     ]
     for method, rows in selection["grid"][world].items():
@@ -303,7 +303,7 @@ def write_report(s: StudySettings, sweep: dict, chosen: dict, main: dict, timing
             "",
         ]
         md += [f"Base: hidden reward {np.mean(base):.3f} on the final-evaluation samples.", ""]
-        md += table(rows[world], world, True)
+        md += table(rows[world], world)
         plots.curves_figure(
             s.out / f"curves_{world}.png",
             {label(k, world): methods[k] for k in rows[world]},
@@ -329,7 +329,7 @@ def write_report(s: StudySettings, sweep: dict, chosen: dict, main: dict, timing
                 if k in methods
             }
             md += ["## Kang et al. ablation (UNet base, Diffusion-DPO's chosen beta and lr)", ""]
-            md += table({k: v for k, v in ablation.items()}, world, True)
+            md += table(ablation, world)
             md += [
                 f"- {label(k, world)}: {_updates(v)}"
                 for k, v in ablation.items()
@@ -355,7 +355,7 @@ def write_report(s: StudySettings, sweep: dict, chosen: dict, main: dict, timing
         "selection": selection,
         "rows": rows,
         "ablation": {k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in ablation.items()},
-        "runs": {name: {k: v for k, v in res.items()} for name, res in main.items()},
+        "runs": main,
         "timings_s": timings,
     }
     (s.out / "results.json").write_text(json.dumps(_json_safe(results), default=str))  # ~1 MB: one line

@@ -35,8 +35,13 @@ def evaluator(world: str, n_seeds: int, first_seed: int):
     if key not in _EVALUATORS:
         ev = SameSeedEvaluator(n_seeds, WORLDS[world], first_seed=first_seed)
         ev.base_images = ev.images()
+        ev.base_pixels = _pixels(ev.base_images)  # drift compares every job's images with these
         _EVALUATORS[key] = ev
     return _EVALUATORS[key]
+
+
+def _pixels(images: list) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("L"), dtype=np.float32) / 255.0 for im in images])
 
 
 def image_stats(ev, images: list) -> dict[str, Any]:
@@ -44,9 +49,8 @@ def image_stats(ev, images: list) -> dict[str, Any]:
     same-seed image and diversity (mean RMS distance between a prompt's images at different seeds)."""
     from xdpo.digits.labeller import alignment, hidden_reward
 
-    px = np.stack([np.asarray(im.convert("L"), dtype=np.float32) / 255.0 for im in images])
-    base = np.stack([np.asarray(im.convert("L"), dtype=np.float32) / 255.0 for im in ev.base_images])
-    drift = float(np.sqrt(((px - base) ** 2).mean(axis=(1, 2))).mean())
+    px = _pixels(images)
+    drift = float(np.sqrt(((px - ev.base_pixels) ** 2).mean(axis=(1, 2))).mean())
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(ev.prompts):
         by_prompt.setdefault(p, []).append(i)
