@@ -196,6 +196,35 @@ def train_overrides(out: Path, pipe: Path | str, pairs: Path | str, **overrides)
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def torchrun_cmd(command: str, *args: str) -> list[str]:
+    """`torchrun --nproc_per_node 2 -m xdpo COMMAND ARGS...` (2 CPU processes over gloo)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "xdpo",
+        command,
+        *args,
+    ]
+
+
+def torchrun(command: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run `torchrun_cmd` with one thread per process, offline; fail with its output's tail; return it."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        torchrun_cmd(command, *args), capture_output=True, text=True, timeout=600, env=full_env
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
 def run_training(out: Path, pipe: Path | str, pairs: Path | str, **overrides) -> Path:
     """`xdpo.train.loop.train` on a test config; returns output_dir."""
     from xdpo.config import load_config

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_training, train_overrides
+from conftest import run_training, torchrun_cmd, train_overrides
 from xdpo.train.metrics import read_metrics
 
 SAFETY = {"train.checkpoint_every": 1, "train.checkpoints_keep": 1, "model.lora_rank": 4}
@@ -168,17 +168,7 @@ def test_sigterm_with_two_processes_stops_all_at_one_step(tmp_path, tiny_pipelin
     out = tmp_path / "ddp"
     args = overrides(tmp_path, tiny_pipeline_dir, pairs_parquet, "ddp", **{"train.max_steps": 200})
     args += ["train.checkpoint_every=0"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "xdpo",
-        "train",
-        *args,
-    ]
+    cmd = torchrun_cmd("train", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240

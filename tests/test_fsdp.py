@@ -4,12 +4,11 @@ sharded, full fine-tune and LoRA (with the periodic reference) train, resume, an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import torchrun
 
 FSDP_ENV = {  # what `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports
     "ACCELERATE_USE_FSDP": "true",
@@ -21,17 +20,13 @@ FSDP_ENV = {  # what `accelerate launch --config_file configs/accelerate/fsdp.ya
 
 
 def launch(out, pipe, pairs, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xdpo", "train"]
-    cmd += [
+    args = [
         f"model.pretrained={pipe}", f"data.path={pairs}", "data.resolution=32", f"output_dir={out}",
         "train.batch_size=2", "train.learning_rate=1e-3", "train.scale_lr=false", "train.warmup_steps=0",
         "train.checkpoint_every=1", "loss.beta=100", "reference.strategy=periodic", "reference.update_every=2",
         "reference.max_divergence=10", *extra,
     ]  # fmt: skip
-    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+    return torchrun("train", *args, env=FSDP_ENV)
 
 
 def steps(out):

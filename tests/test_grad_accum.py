@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import run_training, train_overrides
+from conftest import run_training, torchrun, train_overrides
 from xdpo.config import load_config
 
 ACCUM = {
@@ -27,8 +27,9 @@ ACCUM = {
 }
 
 
-def by_hand(out, pipe, pairs, world: int = 1, **overrides):
-    """(gradient norm, weights after the optimizer step) of step 1, computed without the loop."""
+def by_hand(out, pipe, pairs, world: int = 1, grads: dict | None = None, **overrides):
+    """(gradient norm, weights after the optimizer step) of step 1, computed without the loop; `grads`, if
+    given, receives each parameter's gradient (before clipping) by name."""
     from accelerate.utils import set_seed
 
     from xdpo.data import collate_pairs, open_data
@@ -51,6 +52,8 @@ def by_hand(out, pipe, pairs, world: int = 1, **overrides):
             gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 0, micro, rank))
             loss = preference_step(m, collate_pairs([data[k] for k in keys]), gen).out.loss.mean()
             (loss / (t.grad_accum * world)).backward()  # DDP averages over processes
+    if grads is not None:
+        grads.update({k: v.grad.clone() for k, v in unet.named_parameters() if v.grad is not None})
     norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
     make_optimizer(t, params, t.learning_rate).step()
     return norm, {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -127,35 +130,13 @@ def test_accumulation_on_two_processes_averages_every_micro_batch(
 ):
     """2 processes x 2 micro-batches over gloo (DDP, or FSDP2 as tests/test_fsdp.py forces it): the synced
     gradient is the mean over all 4 micro-batches."""
-    import os
-    import subprocess
-    import sys
-
     from test_fsdp import FSDP_ENV
 
     out = tmp_path / mode
     args = train_overrides(out, tiny_pipeline_dir, pairs_parquet, **{**ACCUM, "train.batch_size": 1})
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "xdpo",
-        "train",
-        *args,
-    ]
-    env = {
-        **os.environ,
-        **(FSDP_ENV if mode == "fsdp" else {}),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "effective batch 4 pairs" in proc.stdout
-    assert f"distributed: {'FSDP' if mode == 'fsdp' else 'MULTI_CPU'}, 2 process(es)" in proc.stdout
+    log = torchrun("train", *args, env=FSDP_ENV if mode == "fsdp" else {})
+    assert "effective batch 4 pairs" in log
+    assert f"distributed: {'FSDP' if mode == 'fsdp' else 'MULTI_CPU'}, 2 process(es)" in log
     norm, _ = by_hand(tmp_path / "hand", tiny_pipeline_dir, pairs_parquet, world=2, **{"train.batch_size": 1})
     row = logged(out)[0]
     assert row["pairs_seen"] == 4 and math.isfinite(row["grad_norm"])

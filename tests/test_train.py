@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from conftest import run_training
+from conftest import run_training, torchrun
 from xdpo.config import load_config
 
 REQUIRED_METRICS = {
@@ -191,40 +191,17 @@ def test_interrupted_run_keeps_its_progress(tmp_path, tiny_pipeline_dir, pairs_p
 @pytest.mark.slow
 def test_two_processes_with_torchrun(tmp_path, tiny_pipeline_dir, pairs_parquet):
     """DDP over gloo on CPU: 2 processes, the effective batch doubles, one metrics line per step, resumable."""
-    import os
-    import subprocess
-    import sys
 
     def launch(steps, *extra):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "xdpo",
-            "train",
-            f"model.pretrained={tiny_pipeline_dir}",
-            f"data.path={pairs_parquet}",
-            "data.resolution=32",
-            f"output_dir={tmp_path / 'ddp'}",
-            f"train.max_steps={steps}",
-            "train.batch_size=2",
-            "model.lora_rank=4",
-            "train.learning_rate=1e-3",
-            "train.scale_lr=false",
-            "train.warmup_steps=0",
-            "train.checkpoint_every=0",
+        return torchrun(
+            "train", f"model.pretrained={tiny_pipeline_dir}", f"data.path={pairs_parquet}", "data.resolution=32",
+            f"output_dir={tmp_path / 'ddp'}", f"train.max_steps={steps}", "train.batch_size=2", "model.lora_rank=4",
+            "train.learning_rate=1e-3", "train.scale_lr=false", "train.warmup_steps=0", "train.checkpoint_every=0",
             *extra,
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
+        )  # fmt: skip
 
     first = launch(2)
-    assert "effective batch 4 pairs" in first.stdout
+    assert "effective batch 4 pairs" in first
     launch(3, "train.resume_from=latest")
     rows = read_metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -311,6 +288,30 @@ def test_memory_estimate_counts_adapters_and_the_full_optimizer(tiny_pipeline_di
     assert lora["_trainable"] == attached
 
 
+def test_memory_estimate_divides_what_each_sharding_shards(tiny_pipeline_dir):
+    """FSDP2 / ZeRO-3 divide weights, gradients and optimizer state by the processes, ZeRO-2 the last two,
+    ZeRO-1 the optimizer; DeepSpeed in bf16 keeps a bf16 model and fp32 masters in its optimizer shards."""
+    from xdpo.models.families import get_family
+    from xdpo.train.memory import estimate, format_estimate, meta_modules
+
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=x"])
+    mods = meta_modules(str(tiny_pipeline_dir), get_family("sd"), cfg)
+    one = estimate(mods, "unet", cfg)
+    p = one["_params"]
+    fsdp, zero2 = (estimate(mods, "unet", cfg, (mode, 4)) for mode in ("fsdp", "zero2"))
+    assert fsdp["denoiser weights"] == one["denoiser weights"] / 4 and fsdp["optimizer state"] == 2 * p
+    assert (
+        zero2["denoiser weights"] == 4 * p
+        and zero2["gradients"] == p
+        and zero2["reference"] == one["reference"]
+    )
+    assert estimate(mods, "unet", cfg, ("zero1", 4))["gradients"] == 4 * p
+    cfg.train.mixed_precision = "bf16"
+    z3 = estimate(mods, "unet", cfg, ("zero3", 4))
+    assert z3["denoiser weights"] == 2 * p / 4 and z3["optimizer state"] == (8 + 4) * p / 4
+    assert "sharded: zero3 over 4 processes" in format_estimate(z3)
+
+
 def test_adamw8bit_steps(tmp_path, tiny_pipeline_dir, pairs_parquet):
     """8-bit AdamW (bitsandbytes) trains: large tensors get uint8 moments, and a run's weights move."""
     try:
@@ -374,3 +375,37 @@ def test_online_rounds_resume_exactly(tmp_path, monkeypatch):
     wa = load_file(fresh / "final" / "pytorch_lora_weights.safetensors")
     wb = load_file(part / "final" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize(
+    ("mode", "calls"), [("MULTI_CPU", [1]), ("FSDP", [1, None]), ("DEEPSPEED", [1, None])]
+)
+def test_online_round_pads_sampling_calls_when_forwards_are_collectives(
+    tmp_path, tiny_pipeline_dir, monkeypatch, mode, calls
+):
+    """3 prompts on 2 processes: process 1 samples prompt 1; under FSDP or ZeRO-3 (forwards gather the
+    parameters from every process) it makes a second, discarded call so both make 2 and none waits forever."""
+    import xdpo.pairs.generate as generate
+    from xdpo.models.load import load_components
+    from xdpo.train import online
+
+    made: list = []
+
+    def fake_sample(pipe, records, *, first_index, **kw):
+        made.append(first_index)
+        return {"caption": [records[0]["prompt"]], "first_index": [first_index]}
+
+    monkeypatch.setattr(generate, "sample_and_pair", fake_sample)
+    monkeypatch.setattr(generate, "write_columns", lambda path, cols: made.append(("wrote", cols)))
+    (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "train.online=true",
+                             f"train.online_prompts={tmp_path / 'prompts.txt'}", "train.online_scorer=x"])  # fmt: skip
+    comps = load_components(cfg.model)
+    plugin = type("Plugin", (), {"zero_stage": 3})()
+    accelerator = type("Acc", (), {
+        "process_index": 1, "num_processes": 2, "is_main_process": False, "wait_for_everyone": lambda self: None,
+        "distributed_type": type("T", (), {"name": mode})(), "state": type("S", (), {"deepspeed_plugin": plugin})(),
+    })()  # fmt: skip
+    online.make_round(cfg, comps, comps.denoiser, None, tmp_path, 0, accelerator)
+    assert [c for c in made if not isinstance(c, tuple)] == [1 if c == 1 else 0 for c in calls]
+    assert made[-1] == ("wrote", {"caption": ["b"], "first_index": [1]})  # the padding call is discarded

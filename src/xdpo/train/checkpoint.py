@@ -5,6 +5,8 @@ Layout of `output_dir/checkpoints/step-N/`:
   optimizer.bin, custom_checkpoint_0.pkl (lr scheduler), random_states_*.pkl   (accelerate)
   trainer_state.json                                           (step, pairs_seen, reference state, ...)
   reference.safetensors       (periodic/ema reference: its denoiser weights, or its LoRA snapshot)
+FSDP writes pytorch_model_fsdp_0/ and optimizer_0/ (sharded) instead of the denoiser and optimizer.bin;
+DeepSpeed writes pytorch_model/ (the engine's checkpoint: module weights, each process's optimizer shard).
 A checkpoint is written to `step-N.tmp` and renamed when complete, so a crash never leaves a
 half-written checkpoint that `resume_from=latest` would pick; the next run removes such leftovers
 (`clean_partial`). Re-saving an existing step renames the old folder aside first, so the newest
@@ -27,6 +29,7 @@ from xdpo.models.load import pipeline_kwargs
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
 REFERENCE_FILE = "reference.safetensors"
+DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder for the DeepSpeed engine's checkpoint
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -168,14 +171,37 @@ def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict, dict]:
     return json.loads((path / "trainer_state.json").read_text()), tensors
 
 
-def save_final(accelerator: Any, model: Any, cfg: Any, comps: Any, out: Path, step: int) -> None:
+def deepspeed_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights of a DeepSpeed ZeRO-1/2/3 checkpoint written by `save_checkpoint`: the
+    optimizer's fp32 master weights for what was trained (the model itself holds 16-bit copies under
+    bf16/fp16), the saved module weights for the frozen rest. DeepSpeed's own files (trusted: written by
+    this run) are read with its loader."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with _quiet_logs():
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG))
+
+
+def _quiet_logs():
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def save_final(
+    accelerator: Any, model: Any, cfg: Any, comps: Any, out: Path, step: int, checkpoint: Path | None = None
+) -> None:
     """LoRA: final/pytorch_lora_weights.safetensors (the family pipeline's `load_lora_weights(final)`).
     Full: a complete pipeline folder with the trained denoiser (`<FamilyPipeline>.from_pretrained(final)`,
-    or `DiffusionPipeline.from_pretrained(final)`), with the components the run trained with."""
+    or `DiffusionPipeline.from_pretrained(final)`), with the components the run trained with.
+    DeepSpeed: the weights come from `checkpoint` (this step's, just saved), in fp32."""
     # FSDP: the whole weights, gathered by every process (a collective), saved by the main one
     whole = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "FSDP" else None
     if not accelerator.is_main_process:
         return
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        whole = deepspeed_weights(checkpoint)
     fam = comps.family
     pipeline_cls = fam.pipeline_cls()
     model = accelerator.unwrap_model(model)

@@ -6,8 +6,12 @@
   multi-CPU data parallelism; xdpo then forces accelerate's own FSDP plugin back on (the GPU code
   path, over gloo), and says so. FSDP1 is refused: xdpo's LoRA reference runs the model in place.
 - Gradient accumulation: `accelerator.accumulate` with `train.grad_accum` micro-batches per optimizer step.
-- DeepSpeed: refused with one line until its reference handling is tested on GPUs.
-The run's first lines state the mode, and under FSDP how many parameters this process holds.
+- DeepSpeed ZeRO-1/2/3 (`configs/accelerate/deepspeed-zero{2,3}.yaml`): the engine steps inside
+  `accelerator.backward` on the last micro-batch (its clipping is `train.max_grad_norm`, its accumulation
+  `train.grad_accum`, its micro-batch `train.batch_size` pairs: xdpo writes them into the DeepSpeed config);
+  DeepSpeed skips a step whose gradients are not finite. Without GPUs xdpo forces accelerate's DeepSpeed
+  state on (gloo), as for FSDP, and says so.
+The run's first lines state the mode, and under FSDP or ZeRO-3 how many parameters this process holds.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from xdpo.errors import XdpoError
 
 def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
 
 
 def make_accelerator(cfg: Any, out: Path) -> Any:
@@ -55,14 +63,93 @@ def make_accelerator(cfg: Any, out: Path) -> Any:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # read again by prepare()
         accelerator.print("FSDP requested without GPUs: accelerate's FSDP plugin forced on (gloo)")
     kind = state.distributed_type
+    if deepspeed_requested() and kind == DistributedType.MULTI_CPU:
+        _force_deepspeed(accelerator, t.mixed_precision)
+        kind = state.distributed_type
     if kind == DistributedType.DEEPSPEED:
-        raise XdpoError(
-            "DeepSpeed is not supported yet (its reference and checkpoint handling are untested); use FSDP: "
-            "accelerate launch --config_file configs/accelerate/fsdp.yaml -m xdpo train ..."
-        )
+        configure_deepspeed(accelerator, cfg)
     if kind == DistributedType.FSDP and state.fsdp_plugin.fsdp_version != 2:
         raise XdpoError("FSDP version 1 is not supported: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
     return accelerator
+
+
+def _force_deepspeed(accelerator: Any, mixed_precision: str) -> None:
+    """accelerate's DeepSpeed state on CPU processes (accelerate turns it into MULTI_CPU): the GPU code path
+    over gloo. DeepSpeed's CPU backend joins the torch process group accelerate already made."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    plugin = DeepSpeedPlugin()  # from the environment `accelerate launch` (or the test) exports
+    plugin.set_mixed_precision(mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    state = accelerator.state
+    state.distributed_type, state.deepspeed_plugins = DistributedType.DEEPSPEED, plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    accelerator.deepspeed_engine_wrapped = None
+    accelerator.native_amp = False
+    accelerator.print("DeepSpeed requested without GPUs: accelerate's DeepSpeed state forced on (gloo)")
+
+
+def configure_deepspeed(accelerator: Any, cfg: Any) -> None:
+    """The DeepSpeed config's batch, accumulation and clipping from the xdpo config (the one source of truth;
+    a disagreeing value in the accelerate/DeepSpeed config is overridden and said so)."""
+    t = cfg.train
+    plugin = accelerator.state.deepspeed_plugin
+    if int(plugin.zero_stage) == 0:
+        raise XdpoError(
+            "DeepSpeed ZeRO stage 0 is plain data parallelism: use DDP (configs/accelerate/ddp.yaml)"
+        )
+    ds = plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            accelerator.print(f"DeepSpeed config {key}={ds[key]} ignored: the xdpo config sets {value}")
+        ds[key] = value
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it (micro batch x accumulation x processes)
+    if "optimizer" in ds or "scheduler" in ds:
+        raise XdpoError(
+            "DeepSpeed config: remove its `optimizer` / `scheduler` sections: train.optimizer, "
+            "train.learning_rate and train.warmup_steps set them"
+        )
+    plugin.gradient_clipping, plugin.gradient_accumulation_steps = t.max_grad_norm, t.grad_accum
+    # ZeRO-3 makes transformers (and diffusers) load every model under `deepspeed.zero.Init`, partitioned:
+    # the frozen text encoders would then run with empty weights. Models load whole (as on one GPU);
+    # deepspeed.initialize partitions the denoiser (and only it) in `prepare`.
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    plugin.dschf = None
+
+
+def deepspeed_stage(accelerator: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, None for any other mode."""
+    if accelerator.distributed_type.name != "DEEPSPEED":
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def policy_autocast(accelerator: Any, model: Any, mixed_precision: str) -> Any:
+    """DeepSpeed casts the model to bf16/fp16 and does not autocast: run its forward (and the reference's,
+    through the returned context) under torch.autocast, as accelerate does for its own mixed precision."""
+    if deepspeed_stage(accelerator) is None or mixed_precision == "no":
+        return accelerator.autocast
+    from functools import partial
+
+    from xdpo.models.load import DTYPES
+
+    context = partial(torch.autocast, accelerator.device.type, dtype=DTYPES[mixed_precision])
+    forward = model.forward
+    model.forward = lambda *a, **kw: _autocast_call(context, forward, *a, **kw)
+    return context
+
+
+def _autocast_call(context: Any, forward: Any, *a: Any, **kw: Any) -> Any:
+    with context():
+        return forward(*a, **kw)
 
 
 def clip_grad_norm(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -87,22 +174,41 @@ def is_fsdp(accelerator: Any) -> bool:
     return accelerator.distributed_type.name == "FSDP"
 
 
+def is_partitioned(accelerator: Any) -> bool:
+    """Parameters split across processes (FSDP2, DeepSpeed ZeRO-3): forwards are collectives."""
+    return is_fsdp(accelerator) or deepspeed_stage(accelerator) == 3
+
+
 def local_fraction(model: Any) -> tuple[int, int]:
-    """(parameters this process holds, parameters in the model): sharded DTensors count their local part."""
+    """(parameters this process holds, parameters in the model): sharded DTensors count their local part,
+    ZeRO-3 parameters their partition."""
     local = total = 0
     for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            total += p.ds_numel
+            local += p.ds_tensor.numel()
+            continue
         total += p.numel()
         local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
     return local, total
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A sharded DTensor gathered whole (a collective: every process calls it); other tensors as they are."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """A sharded parameter gathered whole (a collective: every process calls it): an FSDP2 DTensor, or a
+    ZeRO-3 partitioned parameter (a copy); other tensors as they are."""
+    if hasattr(t, "full_tensor"):
+        return t.full_tensor()
+    if hasattr(t, "ds_id"):
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters([t]):
+            return t.detach().clone()
+    return t
 
 
 def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`value` (whole) laid out as `param`: sharded the same way when `param` is a DTensor."""
+    """`value` (whole) laid out as `param`: sharded the same way when `param` is a DTensor (a ZeRO-3
+    parameter keeps whole values: they are written into it under `GatheredParameters`)."""
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 

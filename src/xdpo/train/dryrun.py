@@ -15,7 +15,7 @@ def dry_run(cfg: Config) -> int:
     from xdpo.data.entry import open_table
     from xdpo.data.validate import validate_pairs
     from xdpo.models.load import check_pipeline
-    from xdpo.train.memory import estimate, format_estimate, meta_modules
+    from xdpo.train.memory import estimate, format_estimate, meta_modules, sharding_from_env
     from xdpo.train.setup import resolve_timesteps
 
     fam = check_pipeline(cfg.model.pretrained, cfg.model.family, cfg.model.revision)
@@ -45,6 +45,7 @@ def dry_run(cfg: Config) -> int:
         print(f"Data: {d.path}: {n} usable {kind} ({items.n_ties} ties, {items.n_dropped} dropped)")
         if not report.ok and d.on_bad_row == "error":
             print(f"A run would stop here (data.on_bad_row=error): {report.first_error()}")
-    print(format_estimate(estimate(meta_modules(cfg.model.pretrained, fam, cfg), fam.denoiser, cfg)))
+    modules = meta_modules(cfg.model.pretrained, fam, cfg)
+    print(format_estimate(estimate(modules, fam.denoiser, cfg, sharding_from_env())))
     print("Dry run: nothing was written.")
     return 0

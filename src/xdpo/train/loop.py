@@ -33,8 +33,15 @@ from xdpo.train.checkpoint import (
     save_final,
     set_aside_newer,
 )
-from xdpo.train.distributed import clip_grad_norm, is_fsdp, local_fraction, make_accelerator
-from xdpo.train.memory import estimate, format_estimate
+from xdpo.train.distributed import (
+    clip_grad_norm,
+    deepspeed_stage,
+    is_partitioned,
+    local_fraction,
+    make_accelerator,
+    policy_autocast,
+)
+from xdpo.train.memory import estimate, format_estimate, sharding_of
 from xdpo.train.metrics import MetricsLog, summarize
 from xdpo.train.setup import build_probe, lambda_table, load_models, loss_kwargs
 from xdpo.train.step import KTOReferencePoint, TrainModels, make_optimizer, preference_step
@@ -52,10 +59,11 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
 
     out = Path(cfg.output_dir)
     t, lc, ts = cfg.train, cfg.loss, cfg.timesteps
-    accelerator = accelerator or make_accelerator(cfg, out)  # DDP, FSDP2 (forced on CPU), no DeepSpeed
+    accelerator = accelerator or make_accelerator(cfg, out)  # DDP, FSDP2, DeepSpeed (both forced on CPU)
     accelerator.gradient_accumulation_steps = t.grad_accum  # also when an accelerator is passed in
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main, sharded = accelerator.is_main_process, is_fsdp(accelerator)
+    main, sharded = accelerator.is_main_process, is_partitioned(accelerator)  # FSDP2 or ZeRO-3
+    zero = deepspeed_stage(accelerator)  # None unless DeepSpeed
     if main:
         for note in clean_partial(out):
             accelerator.print(f"Checkpoints: {note}")
@@ -88,20 +96,26 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     comps, process, unet, reference, params = load_models(cfg, device)
     lora = cfg.model.lora_rank > 0
     parts = {family.denoiser: unet, **({} if cfg.data.cache else {"vae": comps.vae}), **comps.text_encoders}
-    accelerator.print(format_estimate(estimate(parts, family.denoiser, cfg)))
+    accelerator.print(format_estimate(estimate(parts, family.denoiser, cfg, sharding_of(accelerator))))
     lr = t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(t, params, lr)
     # not prepared: accelerate's scheduler wrapper steps once per process (and skips while accumulating);
     # this one steps exactly once per optimizer step
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=t.warmup_steps)
-    if not sharded:  # FSDP: accelerate saves the sharded model and optimizer itself
+    if accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"):  # those save their shards themselves
         register_model_hooks(accelerator, lora, family.denoiser)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     params = [p for p in unet.parameters() if p.requires_grad]  # FSDP2 replaced them by sharded ones
+    autocast = policy_autocast(
+        accelerator, unet, t.mixed_precision
+    )  # DeepSpeed: bf16/fp16 model, fp32 inputs
     reference.sharded = sharded
     if sharded:
         held, total = local_fraction(unet)
-        print(f"FSDP: process {rank} holds {held:,} of {total:,} parameters ({held / total:.2f})", flush=True)
+        mode = "FSDP" if zero is None else "ZeRO-3"
+        print(
+            f"{mode}: process {rank} holds {held:,} of {total:,} parameters ({held / total:.2f})", flush=True
+        )
     accelerator.register_for_checkpointing(lr_scheduler)
     m = TrainModels(
         comps=comps,
@@ -112,7 +126,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         timestep_cfg=ts,
         loss_kw=loss_kwargs(cfg),
         lambda_table=lambda_table(cfg, process),
-        autocast=accelerator.autocast,
+        autocast=autocast,
         gather=accelerator.gather,
         rank=rank,
         frozen=torch.no_grad if sharded else torch.inference_mode,
@@ -165,11 +179,12 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     accelerator.print(
         source + f"{family.name} ({family.pipeline_class}, {process.kind}); "
         f"{'LoRA r=' + str(cfg.model.lora_rank) if lora else 'full fine-tune'}, "
-        f"{sum(p.numel() for p in params):,} trainable; effective batch {t.batch_size * t.grad_accum * world} "
+        f"{sum(getattr(p, 'ds_numel', p.numel()) for p in params):,} trainable; effective batch {t.batch_size * t.grad_accum * world} "
         f"pairs, lr {lr:.3g}; {lc.objective}/{lc.divergence}/{lc.outer} beta={lc.beta:g}; "
         f"reference {cfg.reference.strategy}; timesteps {ts.sampling}/{ts.weighting}; "
         f"errors {lc.error_space}/{lc.error_reduction}, beta schedule {lc.beta_schedule}; "
-        f"distributed: {accelerator.distributed_type.name}, {world} process(es)"
+        f"distributed: {accelerator.distributed_type.name}{'' if zero is None else f' ZeRO-{zero}'}, "
+        f"{world} process(es)"
     )
 
     def micro_batches(data, seed, start, stop):
@@ -242,6 +257,14 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
             flags = torch.stack([torch.stack(finite).all(), torch.tensor(stop["requested"], device=device)])
             flags = accelerator.gather(flags.float().unsqueeze(0)).view(-1, 2)
             all_finite, stop["requested"] = bool(flags[:, 0].min() > 0), bool(flags[:, 1].max() > 0)
+            if zero is not None and not all_finite and not accelerator.optimizer_step_was_skipped:
+                # DeepSpeed steps inside backward(); it skips non-finite gradients, not a non-finite loss
+                in_update = True  # the weights moved without the step: nothing of this state is saved
+                raise XdpoError(
+                    f"non-finite loss at step {step + 1} with finite gradients: DeepSpeed applied the update; "
+                    "the weights after it are not saved (resume from the last checkpoint with a lower "
+                    "train.learning_rate or loss.beta)"
+                )
             if not all_finite:
                 optimizer.zero_grad(set_to_none=True)  # the weights never see a non-finite gradient
                 skipped_run += 1
@@ -315,8 +338,8 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         bar.close()
         log.close()
 
-    save_checkpoint(accelerator, out, step, state, t.checkpoints_keep, reference.tensors())
-    save_final(accelerator, unet, cfg, comps, out / "final", step)
+    last = save_checkpoint(accelerator, out, step, state, t.checkpoints_keep, reference.tensors())
+    save_final(accelerator, unet, cfg, comps, out / "final", step, checkpoint=last)
     accelerator.wait_for_everyone()
     if t.report_to != "none":
         accelerator.end_training()

@@ -8,7 +8,11 @@ Counts come from the loaded modules, or from the component configs instantiated 
   moments (rows + columns of each matrix) x 4;
 - reference: full fine-tune, a frozen copy in `model.reference_dtype` (+ the initial model for `periodic`,
   unless offloaded; `ema` keeps its copy in fp32); LoRA, nothing (adapters disabled) or a snapshot T x 4;
-- frozen VAE and text encoders in the mixed-precision dtype.
+- frozen VAE and text encoders in the mixed-precision dtype;
+- sharding over N processes (`sharding=(mode, N)`): FSDP2 and ZeRO-3 divide the denoiser's weights,
+  gradients and optimizer state by N, ZeRO-2 the gradients and optimizer state, ZeRO-1 the optimizer
+  state. DeepSpeed keeps the model in the mixed-precision dtype (P x w) and fp32 master weights in its
+  optimizer shards (T x 4 / N, counted there). The reference is not sharded (a full copy per process).
 Activations depend on resolution, batch, attention kernels and gradient checkpointing and are not
 estimated: measure them with `benchmarks/step_overhead.py` style runs at your sizes.
 """
@@ -69,8 +73,41 @@ def meta_modules(pretrained: str, fam: Any, cfg: Any) -> dict[str, Any]:
     return out
 
 
-def estimate(modules: dict[str, Any], denoiser: str, cfg: Any) -> dict[str, float]:
-    """Bytes by part (see the module docstring)."""
+SHARDED = {  # mode -> which parts are divided by the number of processes
+    "none": (),
+    "fsdp": ("denoiser weights", "gradients", "optimizer state"),
+    "zero1": ("optimizer state",),
+    "zero2": ("gradients", "optimizer state"),
+    "zero3": ("denoiser weights", "gradients", "optimizer state"),
+}
+
+
+def sharding_of(accelerator: Any) -> tuple[str, int]:
+    """(mode, processes) of a prepared-to-be accelerator, for `estimate`."""
+    name, world = accelerator.distributed_type.name, accelerator.num_processes
+    if name == "FSDP":
+        return "fsdp", world
+    if name == "DEEPSPEED":
+        return f"zero{int(accelerator.state.deepspeed_plugin.zero_stage)}", world
+    return "none", world
+
+
+def sharding_from_env() -> tuple[str, int]:
+    """(mode, processes) from what `accelerate launch` exports (`xdpo train --dry-run` under it)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "fsdp", world
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        return f"zero{int(os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2'))}", world
+    return "none", world
+
+
+def estimate(
+    modules: dict[str, Any], denoiser: str, cfg: Any, sharding: tuple[str, int] = ("none", 1)
+) -> dict[str, float]:
+    """Bytes by part per device (see the module docstring)."""
     t, m, r = cfg.train, cfg.model, cfg.reference
     w = BYTES[t.mixed_precision]
     den = modules[denoiser]
@@ -89,24 +126,32 @@ def estimate(modules: dict[str, Any], denoiser: str, cfg: Any) -> dict[str, floa
         ref = (4 if r.strategy == "ema" else ref_b) * p
         ref += ref_b * p if r.strategy == "periodic" and not r.offload else 0
     frozen = sum(sum(x.numel() for x in mod.parameters()) for k, mod in modules.items() if k != denoiser)
-    return {
+    mode, world = sharding
+    out = {
         "denoiser weights": (p * w + 4 * trainable) if lora else 4 * p,
         "gradients": 4 * trainable,
         "optimizer state": opt.get(t.optimizer, 8 * trainable),
         "reference": ref,
         "frozen VAE + text encoders": frozen * w,
-        "_params": p,
-        "_trainable": trainable,
     }
+    if mode.startswith("zero") and w < 4:  # a 16-bit model, fp32 master weights in the optimizer shards
+        out["denoiser weights"] = (p + trainable) * w if lora else p * w
+        out["gradients"] = w * trainable
+        out["optimizer state"] += 4 * trainable
+    for part in SHARDED[mode]:
+        out[part] /= max(world, 1)
+    return {**out, "_params": p, "_trainable": trainable, "_sharding": f"{mode} x {world}"}
 
 
 def format_estimate(est: dict[str, float]) -> str:
     parts = {k: v for k, v in est.items() if not k.startswith("_")}
+    sharded = est.get("_sharding", "none x 1")
     total = sum(parts.values())
     unit, scale = ("GiB", 1024**3) if total >= 1024**3 else ("MiB", 1024**2)
     lines = [f"  {k:<28} {v / scale:9.2f} {unit}" for k, v in parts.items()]
     lines.append(f"  {'total (without activations)':<28} {total / scale:9.2f} {unit}")
     head = (
-        f"Memory estimate per device ({est['_params']:,} denoiser parameters, {est['_trainable']:,} trained):"
+        f"Memory estimate per device ({est['_params']:,} denoiser parameters, {est['_trainable']:,} trained"
     )
+    head += "):" if sharded.startswith("none") else f"; sharded: {sharded.replace('x', 'over')} processes):"
     return "\n".join([head, *lines, "  activations: not estimated (resolution, batch, checkpointing)"])

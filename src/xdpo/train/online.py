@@ -17,6 +17,7 @@ from typing import Any
 
 from xdpo.errors import ConfigError
 from xdpo.train.batches import mix_seed
+from xdpo.train.distributed import is_partitioned
 
 
 def round_file(out: Path, r: int) -> Path:
@@ -38,6 +39,8 @@ def make_round(cfg: Any, comps: Any, model: Any, reward: Any, out: Path, r: int,
     rank, world = accelerator.process_index, accelerator.num_processes
     records = resolve_prompt_records(t.online_prompts)
     mine = list(range(rank, len(records), world))
+    if is_partitioned(accelerator):  # forwards are collectives: as many sampling calls on every process
+        mine += [None] * (-(-len(records) // world) - len(mine))
     defaults = sampling_defaults(cfg.model.pretrained)
     pipe = comps.family.pipeline_cls()(**{**comps.pipe.components, comps.family.denoiser: model})
     if comps.family.process == "ddpm" and defaults["scheduler"] == "ddim":
@@ -53,11 +56,12 @@ def make_round(cfg: Any, comps: Any, model: Any, reward: Any, out: Path, r: int,
         cols: dict[str, list] = {}
         for i in mine:  # one prompt at a time: global prompt index i, seeds seed + i * K + k
             got = sample_and_pair(
-                pipe, [records[i]], per_prompt=t.online_per_prompt, reward=reward, seed=seed, first_index=i,
+                pipe, [records[i or 0]], per_prompt=t.online_per_prompt, reward=reward, seed=seed,
+                first_index=i or 0,
                 min_gap=t.online_min_gap, steps=t.online_sample_steps or defaults["steps"],
                 guidance=defaults["guidance"], batch_size=t.online_per_prompt,
             )  # fmt: skip
-            for k, v in got.items():
+            for k, v in got.items() if i is not None else ():  # (None: a padding call, discarded)
                 cols.setdefault(k, []).extend(v)
         part = path.with_name(f"{path.stem}.part{rank}.parquet")
         part.parent.mkdir(parents=True, exist_ok=True)

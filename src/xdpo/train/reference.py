@@ -21,7 +21,7 @@ the rest of the run; `reinit` resets it to the initial model (checks continue).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -63,7 +63,22 @@ def eval_mode(module: Any):
 
 
 def _trainable_state(unet: Any) -> dict[str, Tensor]:
-    return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+    """The trained parameters, copied: FSDP2 keeps its shards, ZeRO-3 parameters are gathered whole."""
+    return {
+        n: full_tensor(p) if hasattr(p, "ds_id") else p.detach().clone()
+        for n, p in unet.named_parameters()
+        if p.requires_grad
+    }
+
+
+def _writable(params: list[Tensor]) -> Any:
+    """Write whole values into parameters: ZeRO-3 ones are gathered, written, and re-partitioned on exit
+    (every process writes the same values)."""
+    if params and hasattr(params[0], "ds_id"):
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        return GatheredParameters(params, modifier_rank=0)
+    return nullcontext()
 
 
 class Reference:
@@ -85,7 +100,7 @@ class Reference:
         self.last_se: float | None = None
         self.snapshot: dict[str, Tensor] | None = None
         self.probe: tuple[Tensor, dict[str, Tensor]] | None = None
-        self.sharded = False  # FSDP2: parameters are DTensors, gathered by the model's own forward hooks
+        self.sharded = False  # FSDP2 / ZeRO-3: parameters partitioned, gathered by the model's forward hooks
         self.ref_unet = self.init_unet = None
         if not lora:
             # an EMA moves by (1 - decay) x small steps each update: below half precision's resolution
@@ -119,15 +134,16 @@ class Reference:
         """The adapter snapshot in place of the policy's adapters, restored on exit. Safe for autograd: the
         reference runs before the policy's forward, and the swap happens outside any graph."""
         params = dict(self.base.named_parameters())
+        mine = [params[k] for k in self.snapshot]
         saved = {}
-        with torch.no_grad():
+        with torch.no_grad(), _writable(mine):
             for k, v in self.snapshot.items():
                 saved[k] = params[k].detach().clone()
                 params[k].copy_(v)
         try:
             yield
         finally:
-            with torch.no_grad():
+            with torch.no_grad(), _writable(mine):
                 for k, v in saved.items():
                     params[k].copy_(v)
 
@@ -212,7 +228,7 @@ class Reference:
                     self.snapshot[k].lerp_(v.to(self.snapshot[k].dtype), weight)
             return
         for p_ref, p in zip(self.ref_unet.parameters(), policy.parameters(), strict=True):
-            p = full_tensor(p.detach())  # FSDP: the whole parameter (every process gathers alike)
+            p = full_tensor(p).detach()  # FSDP / ZeRO-3: the whole parameter (every process gathers alike)
             p_ref.lerp_(p.to(p_ref.dtype), weight) if weight < 1.0 else p_ref.copy_(p)
 
     @torch.no_grad()
