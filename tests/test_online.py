@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import run
+from test_train import read_metrics, run
 from xdpo.config import load_config
-from xdpo.train.metrics import read_metrics
 
 
 @pytest.mark.slow
