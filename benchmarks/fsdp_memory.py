@@ -1,14 +1,17 @@
-"""FSDP2 on 2 processes vs 1 process: parameter and optimizer-state bytes each process holds.
+"""FSDP2 and DeepSpeed ZeRO-2/3 on 2 processes vs 1 process: parameter and optimizer-state bytes each
+process holds.
 
 Runs `xdpo train` (full fine-tune, AdamW) for `--steps` steps on a random UNet with SD 1.5's block layout
 and `--widths` channels (default (64, 128, 256, 256): ~34M parameters), once as a single process and
-once under `torchrun --nproc_per_node 2` with accelerate's FSDP2 plugin (over gloo on CPU, forced on as
-tests/test_fsdp.py does). After the last step each process counts the bytes of the tensors it holds:
-the denoiser's parameters and AdamW's state (the local shards of DTensors), and the frozen reference
-copy (not sharded: a full copy per process). Prints the per-process bytes and the 2-process / 1-process
-ratios (expected ~0.5 for the parameters and optimizer state).
+once per mode under `torchrun --nproc_per_node 2` with accelerate's FSDP2 plugin or DeepSpeed (over gloo
+on CPU, forced on as tests/test_fsdp.py and tests/test_deepspeed.py do). After the last step each process
+counts the bytes of the tensors it holds: the denoiser's parameters (DTensor local shards, ZeRO-3
+partitions), AdamW's moments, DeepSpeed's fp32 master partitions (the weights the optimizer updates;
+fp32 runs have them too), and the frozen reference copy (not sharded: a full copy per process). Prints
+the per-process bytes and the 2-process / 1-process ratios: expected ~0.5 for the parameters under FSDP
+and ZeRO-3 (1.0 under ZeRO-2) and for the optimizer moments under all three.
 
-    python benchmarks/fsdp_memory.py [--widths 64,128,256,256] [--steps 1]
+    python benchmarks/fsdp_memory.py [--widths 64,128,256,256] [--steps 1] [--modes fsdp,zero2,zero3]
 """
 
 from __future__ import annotations
@@ -29,11 +32,23 @@ FSDP_ENV = {  # what `accelerate launch --config_file configs/accelerate/fsdp.ya
     "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
     "FSDP_RESHARD_AFTER_FORWARD": "true",
 }
+DS_ENV = {  # `accelerate launch --config_file configs/accelerate/deepspeed-zero{2,3}.yaml` (tests/test_deepspeed.py)
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+}
+MODES = {
+    "fsdp": FSDP_ENV,
+    "zero2": {**DS_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+    "zero3": {**DS_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+}
 
 
 def local_bytes(t: Any) -> int:
-    """Bytes of the part of `t` this process holds (a DTensor's local shard)."""
-    t = t.to_local() if hasattr(t, "to_local") else t
+    """Bytes of the part of `t` this process holds (a DTensor's local shard, a ZeRO-3 partition)."""
+    t = t.to_local() if hasattr(t, "to_local") else t.ds_tensor if hasattr(t, "ds_tensor") else t
     return t.numel() * t.element_size()
 
 
@@ -48,11 +63,16 @@ def child(args: argparse.Namespace) -> None:
     report: dict = {}
 
     def count(
-        accelerator: Any, unet: Any, cfg: Any, comps: Any, final: Path, step: int
+        accelerator: Any, unet: Any, cfg: Any, comps: Any, final: Path, step: int, **kw: Any
     ) -> None:  # in place of save_final: after the last step
         final.mkdir(parents=True, exist_ok=True)
         opt = accelerator._optimizers[0].optimizer
-        states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        masters = [  # DeepSpeed ZeRO-1/2 and ZeRO-3 keep the fp32 partitions the optimizer updates here
+            *getattr(opt, "single_partition_of_fp32_groups", []),
+            *getattr(opt, "fp32_partitioned_groups_flat", []),
+        ]
+        opt = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
+        states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
         ref = loop_models["reference"].ref_unet
         report.update(
             rank=accelerator.process_index,
@@ -60,6 +80,7 @@ def child(args: argparse.Namespace) -> None:
             mode=accelerator.distributed_type.name,
             params=sum(local_bytes(p) for p in unet.parameters()),
             optimizer=sum(local_bytes(v) for v in states),
+            masters=sum(local_bytes(v) for v in masters),
             reference=sum(local_bytes(p) for p in ref.parameters()),
         )
 
@@ -82,10 +103,13 @@ def child(args: argparse.Namespace) -> None:
         ],
     )  # fmt: skip
     loop.train(cfg)
-    print("FSDP-MEMORY " + json.dumps(report), flush=True)
+    sys.stdout.write("FSDP-MEMORY " + json.dumps(report) + "\n")  # one write: ranks share the pipe
+    sys.stdout.flush()
 
 
-def launch(world: int, args: argparse.Namespace, pipe: Path, pairs: Path, out: Path) -> list[dict]:
+def launch(
+    world: int, args: argparse.Namespace, pipe: Path, pairs: Path, out: Path, mode: str = ""
+) -> list[dict]:
     script = [__file__, "--child", "--pipe", str(pipe), "--pairs", str(pairs), "--out", str(out)]
     script += ["--steps", str(args.steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -93,7 +117,7 @@ def launch(world: int, args: argparse.Namespace, pipe: Path, pairs: Path, out: P
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), *script]
-        env.update(FSDP_ENV)
+        env.update(MODES[mode])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = [json.loads(x.split(" ", 1)[1]) for x in proc.stdout.splitlines() if x.startswith("FSDP-MEMORY ")]
     if len(rows) != world:  # a gloo teardown abort after the work is done is tolerated (issue 9)
@@ -120,6 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", default="64,128,256,256", help="block_out_channels (multiples of 32)")
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--modes", default="fsdp,zero2,zero3", help="2-process modes to compare with 1 process")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pipe", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
@@ -136,21 +161,26 @@ def main() -> None:
         pipe = build_pipeline(tmp / "pipe", widths)
         pairs = make_pairs(tmp / "pairs.parquet", 8, 32)
         one = launch(1, args, pipe, pairs, tmp / "one")[0]
-        two = launch(2, args, pipe, pairs, tmp / "two")
+        runs = {mode: launch(2, args, pipe, pairs, tmp / mode, mode) for mode in args.modes.split(",")}
     mib = 2**20
     print(
         f"\nfull fine-tune, AdamW, UNet block_out_channels {widths}, {args.steps} step(s); MiB held per process"
     )
-    print(f"{'run':<27} {'parameters':>11} {'optimizer':>10} {'reference':>10}")
-    print(f"{'1 process (' + one['mode'] + ')':<27} {one['params'] / mib:11.2f} {one['optimizer'] / mib:10.2f} "
-          f"{one['reference'] / mib:10.2f}")  # fmt: skip
-    for r in two:
-        print(f"{'2 processes, rank ' + str(r['rank']) + ' (' + r['mode'] + ')':<27} {r['params'] / mib:11.2f} "
-              f"{r['optimizer'] / mib:10.2f} {r['reference'] / mib:10.2f}")  # fmt: skip
-    for key in ("params", "optimizer", "reference"):
-        ratio = max(r[key] for r in two) / one[key]
-        note = "not sharded: a full copy per process" if key == "reference" else "expected ~0.5"
-        print(f"{key} per process, 2 processes / 1 process: {ratio:.3f} ({note})")
+    print(f"{'run':<30} {'parameters':>11} {'AdamW state':>12} {'fp32 masters':>13} {'reference':>10}")
+
+    def line(label: str, r: dict) -> str:
+        return (f"{label:<30} {r['params'] / mib:11.2f} {r['optimizer'] / mib:12.2f} {r['masters'] / mib:13.2f} "
+                f"{r['reference'] / mib:10.2f}")  # fmt: skip
+
+    print(line(f"1 process ({one['mode']})", one))
+    for mode, two in runs.items():
+        for r in two:
+            print(line(f"{mode}: 2 processes, rank {r['rank']}", r))
+    print("\n2 processes / 1 process, per process (the most any rank holds):")
+    for mode, two in runs.items():
+        ratios = {key: max(r[key] for r in two) / one[key] for key in ("params", "optimizer", "reference")}
+        print(f"  {mode:<6} parameters {ratios['params']:.3f}  AdamW state {ratios['optimizer']:.3f}  reference "
+              f"{ratios['reference']:.3f} (not sharded: a full copy per process)")  # fmt: skip
 
 
 if __name__ == "__main__":
