@@ -4,14 +4,12 @@ uncached runs, refusals, resume after a kill, flips, and two processes sharing t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import torchrun
 from xdpo.cli import main
 from xdpo.config import load_config
 from xdpo.data.cache import open_cache, open_pairs, pair_shard, read_manifest
@@ -290,15 +288,10 @@ def test_two_processes_share_the_encoding(tmp_path, tiny_pipeline_dir, pairs_par
     """torchrun, 2 processes on the CPU: each encodes its shards; the result equals a one-process cache."""
     folder = tmp_path / "ddp"
     args = overrides(tiny_pipeline_dir, pairs_parquet, **{"data.cache": folder}, **AUGMENT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "xdpo", "cache"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [*cmd, "--shard-size", "3", *args], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = torchrun("cache", "--shard-size", "3", *args)
     for rank in (0, 1):  # 11 pairs in 4 shards, 11 captions + "" in 4 shards: 2 + 2 each
-        assert f"process {rank}/2 encoded 2 image shard(s)" in proc.stdout
-        assert "and 2 caption shard(s)" in proc.stdout
+        assert f"process {rank}/2 encoded 2 image shard(s)" in log
+        assert "and 2 caption shard(s)" in log
     assert read_manifest(folder)["complete"] is True
     single = make_cache(tmp_path / "one", tiny_pipeline_dir, pairs_parquet, shard_size=3, **AUGMENT)
     a, b = shard_tensors(single), shard_tensors(folder)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from xdpo import preference_loss
-from xdpo.objectives import DIVERGENCES, OUTER_LOSSES, sft_loss
+from xdpo.objectives import DIVERGENCES, OUTER_LOSSES, UNIT_LABEL_EXACT, sft_loss
 
 
 @pytest.fixture
@@ -350,3 +350,36 @@ def test_kto_on_independent_images_matches_the_closed_form():
     low = kto_images_loss(e, e_ref, desirable, beta=10.0, reference_point=torch.tensor(-5.0))
     torch.testing.assert_close(low.loss, 1 - torch.sigmoid(10.0 * sign * g))
     assert out.implicit_acc == pytest.approx(((sign * (g - 0.01)) > 0).double().mean().item())
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("outer", sorted(UNIT_LABEL_EXACT))
+def test_unit_labels_and_weights_are_the_fast_path_bit_for_bit(divergence, outer):
+    """label=None and weight=None skip ops (step.py passes no label when every pair's is 1, for these
+    outer losses): the loss, the logged values and the gradients equal those of all-ones labels and
+    weights exactly, and a loss is non-finite where it was (a non-finite loss skips the step)."""
+    g = torch.Generator().manual_seed(3)
+    for dtype, eps in ((torch.float32, 0.0), (torch.float64, 0.1), (torch.float16, 0.0)):
+        e = (torch.rand(16, generator=g) * 0.1).to(dtype)
+        ref = (torch.rand(16, generator=g) * 0.1).to(dtype)
+        runs = []
+        for label, weight in ((torch.ones(8), torch.ones(8)), (None, None)):
+            x = e.clone().requires_grad_()
+            out = preference_loss(
+                x[:8], x[8:], ref[:8], ref[8:], divergence=divergence, outer=outer,
+                label_smoothing=eps, label=label, weight=weight,
+            )  # fmt: skip
+            out.loss.sum().backward()
+            runs.append((out, x.grad))
+        (a, grad_a), (b, grad_b) = runs
+        for k in ("loss", "reward_w", "reward_l", "clamped", "delta_w", "delta_l"):
+            assert torch.equal(getattr(a, k), getattr(b, k)) and getattr(a, k).dtype == getattr(b, k).dtype
+        assert torch.equal(grad_a, grad_b)
+    inf, nan = float("inf"), float("nan")
+    for bad in ([0.1, inf, 0.1, 0.2], [0.1, 0.2, -inf, 0.1], [inf, 0.2, 0.1, inf], [nan, 0.1, 0.1, 0.1]):
+        e = torch.tensor(bad)
+        a, b = (
+            preference_loss(e[:2], e[2:], e[2:], e[:2], divergence=divergence, outer=outer, label=label)
+            for label in (torch.ones(2), None)
+        )
+        assert torch.equal(torch.isfinite(a.loss), torch.isfinite(b.loss))

@@ -238,7 +238,7 @@ def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
 def scale_latents(vae: Any, z: Tensor) -> Tensor:
     """(z - shift_factor) * scaling_factor, the space the denoiser works in (shift: SD3, Flux)."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    return (z - shift if shift else z) * vae.config.scaling_factor  # (z - 0.0 is z, bit for bit)
 
 
 @torch.no_grad()

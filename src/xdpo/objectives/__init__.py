@@ -4,6 +4,7 @@ from xdpo.objectives.divergences import DIVERGENCES
 from xdpo.objectives.losses import (
     OBJECTIVES,
     OUTER_LOSSES,
+    UNIT_LABEL_EXACT,
     LossOutput,
     kto_images_loss,
     kto_loss,
@@ -16,6 +17,7 @@ __all__ = [
     "DIVERGENCES",
     "OBJECTIVES",
     "OUTER_LOSSES",
+    "UNIT_LABEL_EXACT",
     "LossOutput",
     "objective_loss",
     "preference_loss",

@@ -91,6 +91,12 @@ OUTER_LOSSES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
 }
 
 
+UNIT_LABEL_EXACT = frozenset({"sigmoid", "robust", "ipo"})
+"""Outer losses for which label 1 and label=None give the same loss, gradients and non-finite values bit for
+bit (so a batch without ties can skip the mirrored term). Not `hinge`: at logits +inf its relu(1 - x) is 0
+where the label's mirrored term 0 * relu(1 + x) is NaN, and a NaN loss is what skips such a step."""
+
+
 def soft_outer(outer: str, x: Tensor, h: Tensor, beta: float, eps: float, label: Tensor | None) -> Tensor:
     """label * outer(x, h) + (1 - label) * outer(-x, -h); `label=None` is 1 (the first image preferred)."""
     fn = OUTER_LOSSES[outer]
@@ -143,11 +149,14 @@ def preference_loss(
     params = {"eta": eta, "gamma": gamma, "n": n, "alpha": alpha, "clamp": clamp}
     r_w, c_w, d_w = _rewards(e_w, e_ref_w, divergence, logratio_scale, params)
     r_l, c_l, d_l = _rewards(e_l, e_ref_l, divergence, logratio_scale, params)
-    lam = torch.ones_like(r_w) if weight is None else weight.to(r_w.dtype)
-    h = lam * (r_w - r_l)
+    if weight is None:  # lambda = 1: the same values as multiplying by ones, without the ops
+        h, reward_w, reward_l = r_w - r_l, 0.5 * beta * r_w, 0.5 * beta * r_l
+    else:
+        lam = weight.to(r_w.dtype)
+        h, reward_w, reward_l = lam * (r_w - r_l), 0.5 * beta * lam * r_w, 0.5 * beta * lam * r_l
     logits = 0.5 * beta * h
     loss = soft_outer(outer, logits, h, beta, label_smoothing, label)
-    return _record(loss, 0.5 * beta * lam * r_w, 0.5 * beta * lam * r_l, torch.cat([c_w, c_l]), d_w, d_l)
+    return _record(loss, reward_w, reward_l, torch.cat([c_w, c_l]), d_w, d_l)
 
 
 def sft_loss(

@@ -39,6 +39,7 @@ from xdpo.train.distributed import (
     is_partitioned,
     local_fraction,
     make_accelerator,
+    optimizer_step,
     policy_autocast,
 )
 from xdpo.train.memory import estimate, format_estimate, sharding_of
@@ -283,7 +284,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
                 skipped_run = 0
                 if t.max_grad_norm > 0:
                     grad_norm = clip_grad_norm(accelerator, params, t.max_grad_norm)
-                optimizer.step()
+                optimizer_step(accelerator, optimizer)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

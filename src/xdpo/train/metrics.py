@@ -12,8 +12,44 @@ import torch
 
 from xdpo.objectives import LossOutput
 
-QUANTILES = torch.tensor([0.05, 0.5, 0.95])
+QUANTILES = (0.05, 0.5, 0.95)
 ROWS = ("loss", "reward_w", "reward_l", "delta_w", "delta_l", "timestep", "lambda", "clamp_w", "clamp_l")
+KEYS = (
+    "loss",
+    "implicit_acc",
+    "reward_margin",
+    "reward_w",
+    "reward_l",
+    "clamp_fraction",
+    # where the log-ratios live (docs/math.md §2): xDPO differs from DPO only where |n*delta| is large
+    "delta_w",
+    "delta_l",
+    "delta_abs_max",
+    "timestep_mean",
+    "lambda_mean",
+    "delta_q05",  # quantiles of delta over the step's 2B images: where xDPO's transform acts
+    "delta_q50",
+    "delta_q95",
+)
+_quantiles: dict[torch.device, torch.Tensor] = {}
+
+
+def _columns(r: LossOutput, ts: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """One micro-batch's [B, len(ROWS)] float32 block, one pair per row (a single stack)."""
+    b = ts.shape[0]
+    lam = torch.ones(b, device=ts.device) if w is None else w
+    cols = (
+        r.loss.detach(),
+        r.reward_w,
+        r.reward_l,
+        r.delta_w,
+        r.delta_l,
+        ts,
+        lam,
+        r.clamped[:b],
+        r.clamped[b:],
+    )
+    return torch.stack(cols, dim=1).float()
 
 
 def summarize(
@@ -25,65 +61,32 @@ def summarize(
 
     `records` holds (loss record, timesteps [B], lambda(t) [B] or None) per micro-batch. `keep_deltas`
     adds `deltas`: every image's delta = e_theta - e_ref (winners, then losers; 5 significant digits).
+    A handful of small ops (a step's fixed cost): the per-row means in one reduction over the gathered
+    [pairs, rows] block, whose values equal per-row `.mean()` calls bit for bit (tests/test_metrics.py).
     """
-    parts = []
-    for r, ts, w in records:
-        b = ts.shape[0]
-        lam = torch.ones(b, device=ts.device) if w is None else w.float()
-        clamped = r.clamped.float().view(2, b)
-        parts.append(
-            torch.stack(
-                [
-                    r.loss.detach().float(),
-                    r.reward_w.float(),
-                    r.reward_l.float(),
-                    r.delta_w.float(),
-                    r.delta_l.float(),
-                    ts.float(),
-                    lam,
-                    clamped[0],
-                    clamped[1],
-                ]
-            )
-        )
-    g = accelerator.gather(torch.cat(parts, dim=1).T.contiguous()).T  # [rows, all pairs of the step]
-    v = dict(zip(ROWS, g, strict=True))
-    margin = v["reward_w"] - v["reward_l"]
-    deltas = torch.cat([v["delta_w"], v["delta_l"]])
-    stats = torch.stack(
+    blocks = [_columns(*rec) for rec in records]
+    local = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    g = accelerator.gather(local).T  # [rows, all pairs of the step]
+    means = g.mean(dim=1)  # loss, reward_w, reward_l, delta_w, delta_l, timestep, lambda, (clamp_w, clamp_l)
+    margin = g[1] - g[2]
+    deltas = torch.cat([g[3], g[4]])
+    q = _quantiles.get(deltas.device)
+    if q is None:
+        q = _quantiles[deltas.device] = torch.tensor(QUANTILES, device=deltas.device)
+    extra = torch.stack(
         [
-            v["loss"].mean(),
             ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
             margin.mean(),
-            v["reward_w"].mean(),
-            v["reward_l"].mean(),
-            torch.cat([v["clamp_w"], v["clamp_l"]]).mean(),
-            v["delta_w"].mean(),
-            v["delta_l"].mean(),
+            torch.cat([g[7], g[8]]).mean(),
             deltas.abs().max(),
-            v["timestep"].mean(),
-            v["lambda"].mean(),
-            *torch.quantile(deltas.float(), QUANTILES.to(deltas.device)),
         ]
-    ).tolist()
-    keys = (
-        "loss",
-        "implicit_acc",
-        "reward_margin",
-        "reward_w",
-        "reward_l",
-        "clamp_fraction",
-        # where the log-ratios live (docs/math.md §2): xDPO differs from DPO only where |n*delta| is large
-        "delta_w",
-        "delta_l",
-        "delta_abs_max",
-        "timestep_mean",
-        "lambda_mean",
-        "delta_q05",  # quantiles of delta over the step's 2B images: where xDPO's transform acts
-        "delta_q50",
-        "delta_q95",
     )
-    row = dict(zip(keys, stats, strict=True))
+    values = torch.cat([means[:7], extra, torch.quantile(deltas, q)]).tolist()  # the one sync
+    loss, reward_w, reward_l, delta_w, delta_l, t_mean, lam_mean = values[:7]
+    acc, margin_mean, clamp, abs_max = values[7:11]
+    stats = [loss, acc, margin_mean, reward_w, reward_l, clamp, delta_w, delta_l, abs_max, t_mean, lam_mean]
+    stats += values[11:]
+    row = dict(zip(KEYS, stats, strict=True))
     if keep_deltas:
         row["deltas"] = [float(f"{d:.5g}") for d in deltas.tolist()]
     return row

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from xdpo.errors import XdpoError
 from xdpo.models.load import Components, encode_images, latent_params, scale_latents
-from xdpo.objectives import LossOutput, kto_images_loss, objective_loss
+from xdpo.objectives import UNIT_LABEL_EXACT, LossOutput, kto_images_loss, objective_loss
 from xdpo.objectives.timesteps import sample_timesteps
 
 NEEDS_REFERENCE = {"pair": True, "kto": True, "sft": False}
@@ -221,7 +221,9 @@ def preference_step(m: TrainModels, batch: dict, gen: torch.Generator) -> StepOu
     if per_image:
         extra["reference_point"] = m.kto_point.update(m.gather((ref_err - err).detach()))
     elif "label_w" in batch and lc.objective == "pair":
-        extra["label"] = batch["label_w"].to(err.device)
+        label = batch["label_w"]  # soft labels (ties kept); all ones is label=None (on the CPU: no sync)
+        if lc.outer not in UNIT_LABEL_EXACT or not bool((label == 1).all()):
+            extra["label"] = label.to(err.device)
     out = objective_loss(lc.objective, err[:b], err[b:], ref_err[:b], ref_err[b:], **m.loss_kw, **extra)
     return StepOutput(out, t[:b], None if weight is None else weight[:b])
 
