@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from conftest import torchrun
 from xdpo.cli import main
 from xdpo.config import load_config
-from xdpo.data.cache import open_cache, open_pairs, pair_shard, read_manifest
+from xdpo.data.cache import open_pairs, pair_shard, read_manifest
+from xdpo.data.cache_reader import open_cache
 from xdpo.train.cache_cli import build_cache
 from xdpo.train.loop import train
 
@@ -96,7 +97,7 @@ def test_cached_run_matches_uncached_run(tmp_path, tiny_pipeline_dir, pairs_parq
     """With flips and prompt dropout: the same batches, captions, latents (posterior mean, or the same
     posterior sample from the step's generator) and hence the same losses, within LOSS_RTOL."""
     from xdpo.data import collate_pairs
-    from xdpo.data.cache import collate_cached
+    from xdpo.data.cache_reader import collate_cached
     from xdpo.models.families import get_family
     from xdpo.models.load import load_components
     from xdpo.train.batches import batch_keys
@@ -168,6 +169,58 @@ def test_flips_are_cached_in_both_orientations(tmp_path, tiny_pipeline_dir, pair
             Exception, match=f"data.cache: {plain} {message}".replace("(", r"\(").replace(")", r"\)")
         ):
             train(load_config(None, args))
+
+
+def test_batched_reads_equal_the_shards(tmp_path, aug_cache):
+    """The DataLoader's `__getitems__` (one indexing per shard and tensor) gives each item as `__getitem__`
+    does, with the rows, flips, captions and dropout of the shards as safetensors reads them; `map_shard`
+    reads every dtype a cache holds as safetensors does, and a damaged shard is refused with one line."""
+    from safetensors.torch import save_file
+
+    from xdpo.data.cache import FLIP, text_shard
+    from xdpo.data.cache_reader import CachedPairs, item_choices, map_shard
+
+    manifest = read_manifest(aug_cache)
+    store = CachedPairs(aug_cache, manifest, prompt_dropout=0.3, flip="independent")
+    shards = shard_tensors(aug_cache)
+    size = manifest["shard_size"]
+    keys = [(i, 1000 + 7 * i) for i in range(len(store))][::-1] + [(0, 5)]  # across shards, repeated
+    batch = store.__getitems__(keys)
+    for (index, seed), item in zip(keys, batch, strict=True):
+        single = store[(index, seed)]
+        assert list(item) == list(single)
+        for k, v in item.items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == single[k].dtype and torch.equal(v, single[k]), k
+            elif k == "cond":
+                assert all(torch.equal(v[c], single[k][c]) for c in v)
+            else:
+                assert v == single[k], k
+        drop, flip_w, flip_l = item_choices(seed, 0.3, "independent")
+        pairs = shards[pair_shard(aug_cache, index // size).name]
+        off = index % size
+        assert torch.equal(item["mean_w"], pairs["mean_w" + (FLIP if flip_w else "")][off])
+        assert torch.equal(item["logvar_l"], pairs["logvar_l" + (FLIP if flip_l else "")][off])
+        assert item["label_w"] == float(pairs["label_w"][off]) and item["row"] == int(pairs["row"][off])
+        c = store.captions.index("") if drop else int(store.caption_index[index])
+        assert item["caption"] == store.captions[c]
+        text = shards[text_shard(aug_cache, c // size).name]
+        assert all(torch.equal(item["cond"][k], text[k][c % size]) for k in text)
+
+    mixed = {
+        "f32": torch.randn(3, 2),
+        "f16": torch.randn(5).half(),
+        "bf16": torch.randn(2, 3).bfloat16(),
+        "i64": torch.arange(6).view(3, 2),
+        "flag": torch.tensor([True, False, True]),
+        "u8": torch.arange(7, dtype=torch.uint8),
+    }
+    save_file(mixed, tmp_path / "mixed.safetensors", metadata={"captions": "[]"})
+    mapped = map_shard(tmp_path / "mixed.safetensors")
+    assert all(mapped[k].dtype == v.dtype and torch.equal(mapped[k], v) for k, v in mixed.items())
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "mixed.safetensors").read_bytes()[:40])
+    with pytest.raises(Exception, match=r"data.cache: cannot read shard .*cut.safetensors"):
+        map_shard(tmp_path / "cut.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -263,7 +316,7 @@ def test_other_families_cache_their_conditions(
     """SDXL (time ids from the cached pixel size) and Flux (guidance, pooled CLIP + T5): cached batches
     equal uncached ones; the cache is built without loading the denoiser's weights."""
     from xdpo.data import collate_pairs
-    from xdpo.data.cache import collate_cached
+    from xdpo.data.cache_reader import collate_cached
     from xdpo.models.load import load_components
     from xdpo.train.step import encode_batch
 

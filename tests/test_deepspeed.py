@@ -79,8 +79,10 @@ def test_zero3_step_equals_the_step_by_hand(tmp_path, tiny_pipeline_dir, pairs_p
 def test_zero3_lora_reference_update_survives_resume(tmp_path, tiny_pipeline_dir, pairs_parquet):
     """ZeRO-3 with LoRA and the periodic reference: the reference becomes the policy at step 2 (its adapter
     snapshot written into partitioned adapters for each reference pass); resumed from step 2, the loss of
-    step 3 is exactly log 2 (reference = policy), so the snapshot and the policy were both restored."""
+    step 3 is exactly log 2 (reference = policy), so the snapshot and the policy were both restored; and the
+    resumed run ends where an uninterrupted one does (the optimizer's partitioned moments restored too)."""
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
 
     out = tmp_path / "lora"
     kw = {"model.lora_rank": 4, "train.checkpoint_every": 1, "reference.strategy": "periodic",
@@ -94,6 +96,11 @@ def test_zero3_lora_reference_update_survives_resume(tmp_path, tiny_pipeline_dir
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["ref_updates"] == 1
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) != rows[1]["loss"]
     assert rows[2]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    straight = tmp_path / "straight"
+    launch(3, train_overrides(straight, tiny_pipeline_dir, pairs_parquet, **kw, **{"train.max_steps": 3}))
+    assert logged(straight)[2]["grad_norm"] == pytest.approx(rows[2]["grad_norm"], rel=1e-6)
+    a, b = (load_file(d / "final" / "pytorch_lora_weights.safetensors") for d in (out, straight))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
     pipe.load_lora_weights(out / "final")
     image = pipe("a picture", num_inference_steps=2, output_type="np").images[0]

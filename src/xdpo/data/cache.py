@@ -26,6 +26,7 @@ An item's random choices (prompt dropout, flips) are the same pure function of i
 as in `PreferencePairs`, so a cached run reads what an uncached run would (in fp32 up to float
 rounding: tested).
 A run checks the manifest against its config (`check_manifest`) and refuses a mismatch with one line.
+Reading a cache during training: `xdpo.data.cache_reader`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from xdpo.errors import ConfigError, DataError
@@ -48,8 +48,6 @@ LATENT_KEYS = ("mean_w", "logvar_w", "mean_l", "logvar_l")
 IMAGE_SIZE_KEYS = ("original_size", "crop_top_left")
 """SDXL's per-image size conditions: batch keys [2B, 2] for [w; l], stored [P, 2, 2] (w, l)."""
 FLIP = "_flip"
-SMALL_TENSORS = ("label_w", "row", *IMAGE_SIZE_KEYS)
-"""Names (and their flipped variants) of a pair shard's small per-pair tensors, held in memory once read."""
 HASHED_BYTES = 16 << 20
 """Files up to this size are fingerprinted by content (configs, tokenizers), larger ones by size."""
 
@@ -256,140 +254,3 @@ def check_manifest(
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def item_choices(seed: int, prompt_dropout: float, flip: str) -> tuple[bool, bool, bool]:
-    """(drop the caption, flip w, flip l) of item seed `seed`: the draws of `PreferencePairs._item` and
-    `transform_pair`, in their order (no crop draws: random crops are never cached)."""
-    if prompt_dropout <= 0 and flip == "none":
-        return False, False, False  # nothing drawn (creating the generator alone costs ~10 us)
-    rng = np.random.default_rng(seed)
-    drop = prompt_dropout > 0 and rng.random() < prompt_dropout
-    if flip == "pair":
-        flip_w = flip_l = bool(rng.random() < 0.5)
-    elif flip == "independent":
-        flip_w, flip_l = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-    else:
-        flip_w = flip_l = False
-    return bool(drop), flip_w, flip_l
-
-
-class CachedPairs(torch.utils.data.Dataset):
-    """Cached pairs indexed by `(index, seed)` like `PreferencePairs`: posterior parameters of w and l
-    (the item's flips), the caption's conditions (or the empty caption's, by the item's dropout draw)."""
-
-    def __init__(
-        self, folder: str | Path, manifest: dict[str, Any], *, prompt_dropout: float, flip: str
-    ) -> None:
-        self.folder, self.manifest = Path(folder), manifest
-        self.prompt_dropout, self.flip = float(prompt_dropout), flip
-        self.n_pairs, self.shard = int(manifest["n_pairs"]), int(manifest["shard_size"])
-        self.n_ties, self.n_dropped = manifest.get("n_ties", 0), manifest.get("n_dropped", 0)
-        self.resolution = int(manifest["depends"]["data.resolution"])
-        self.captions: list[str] = []
-        for k in range(manifest["text_shards"]):
-            self.captions += json.loads(shard_metadata(text_shard(self.folder, k))["captions"])
-        lookup = {c: i for i, c in enumerate(self.captions)}
-        index: list[int] = []
-        for k in range(manifest["pair_shards"]):
-            index += [lookup[c] for c in json.loads(shard_metadata(pair_shard(self.folder, k))["captions"])]
-        if len(index) != self.n_pairs:
-            raise DataError(f"data.cache: {folder} has {len(index)} pairs, its manifest says {self.n_pairs}")
-        self.caption_index = np.asarray(index, dtype=np.int64)
-        self.empty = lookup.get("")
-        self._files: dict[Path, Any] = {}
-
-    def __len__(self) -> int:
-        return self.n_pairs
-
-    def __getstate__(self) -> dict[str, Any]:  # open files stay in their process (DataLoader workers)
-        return {**self.__dict__, "_files": {}}
-
-    def _open(self, path: Path) -> tuple[Any, set[str], dict[str, torch.Tensor]]:
-        """An open shard (memory-mapped; a slice reads only its bytes), its tensor names, and its small
-        per-pair tensors (labels, rows, SDXL sizes) read whole once: a slice costs ~20 us each."""
-        if path not in self._files:
-            from safetensors import safe_open
-
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # noqa: BLE001
-                raise DataError(
-                    f"data.cache: cannot read shard {path} ({e}); run `xdpo cache` again"
-                ) from None
-            names = set(handle.keys())
-            small = {n: handle.get_tensor(n) for n in names if n.removesuffix(FLIP) in SMALL_TENSORS}
-            self._files[path] = (handle, names, small)
-        return self._files[path]
-
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        index, seed = (key, key) if isinstance(key, int | np.integer) else key
-        if not 0 <= index < self.n_pairs:
-            raise IndexError(f"index {index} out of range for {self.n_pairs} cached pairs")
-        drop, flip_w, flip_l = item_choices(seed, self.prompt_dropout, self.flip)
-        shard, off = divmod(int(index), self.shard)
-        f, names, small = self._open(pair_shard(self.folder, shard))
-
-        def get(name: str) -> torch.Tensor:
-            return small[name][off].clone() if name in small else f.get_slice(name)[off : off + 1][0]
-
-        sw, sl = FLIP if flip_w else "", FLIP if flip_l else ""
-        item: dict[str, Any] = {
-            "mean_w": get("mean_w" + sw),
-            "logvar_w": get("logvar_w" + sw),
-            "mean_l": get("mean_l" + sl),
-            "logvar_l": get("logvar_l" + sl),
-            "label_w": float(get("label_w")),
-            "row": int(get("row")),
-            "pixel_size": (self.resolution, self.resolution),
-        }
-        for name in IMAGE_SIZE_KEYS:  # SDXL's sizes, of the orientation served (crop offsets mirror)
-            if name in names:
-                pick = [name + s if name + s in names else name for s in (sw, sl)]
-                item[name] = torch.stack([get(pick[0])[0], get(pick[1])[1]])
-        c = self.empty if drop else int(self.caption_index[index])
-        t_shard, t_off = divmod(c, self.shard)
-        t, cond_keys, _ = self._open(text_shard(self.folder, t_shard))
-        item["cond"] = {k: t.get_slice(k)[t_off : t_off + 1][0] for k in sorted(cond_keys)}
-        item["caption"] = self.captions[c]
-        return item
-
-
-def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """A cached batch: `mean`, `logvar` [2B, C, h, w] for [w; l], `cond` {key: [B, ...]}, labels, rows."""
-    batch: dict[str, Any] = {
-        "mean": torch.stack([it["mean_w"] for it in items] + [it["mean_l"] for it in items]),
-        "logvar": torch.stack([it["logvar_w"] for it in items] + [it["logvar_l"] for it in items]),
-        "cond": {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]},
-        "captions": [it["caption"] for it in items],
-        "label_w": torch.tensor([it["label_w"] for it in items], dtype=torch.float32),
-        "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
-        "skipped_rows": [],
-        "pixel_size": items[0]["pixel_size"],
-    }
-    for name in IMAGE_SIZE_KEYS:
-        if name in items[0]:
-            batch[name] = torch.cat([torch.stack([it[name][i] for it in items]) for i in (0, 1)])
-    return batch
-
-
-def open_cache(cfg: Any, fam: Any) -> CachedPairs:
-    """The cache of `data.cache`, checked against the config and the data (one line on a mismatch).
-
-    The data's labels and captions are read again (no image is decoded) to check the row and pair counts."""
-    folder = Path(cfg.data.cache)
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise ConfigError(
-            f"data.cache: {folder} holds no cache (no {MANIFEST}); build it with `xdpo cache` and this config"
-        )
-    if not manifest.get("complete"):
-        raise ConfigError(
-            f"data.cache: {folder} is incomplete (a cache run was interrupted); run `xdpo cache` with this "
-            "config again to finish it"
-        )
-    table, pairs, n_pairs = open_pairs(cfg, plain=True)
-    check_manifest(manifest, cfg, depends(cfg, fam, table, pairs, n_pairs))
-    cached = CachedPairs(folder, manifest, prompt_dropout=cfg.data.prompt_dropout, flip=cfg.data.flip)
-    cached.n_ties, cached.n_dropped = pairs.n_ties, pairs.n_dropped
-    return cached

@@ -152,7 +152,7 @@ def place_pair(
 
     Random crops share their offsets when both resized images have the same size; `flip="pair"`
     mirrors both or neither (p = 0.5), `flip="independent"` tosses one coin per image. Draw order:
-    crop offsets (w, then l unless shared), then flips (`xdpo.data.cache.item_choices` relies on it).
+    crop offsets (w, then l unless shared), then flips (`xdpo.data.cache_reader.item_choices` relies on it).
     """
     if flip not in FLIP_MODES:
         raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")

@@ -56,7 +56,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     from diffusers.optimization import get_scheduler
 
     from xdpo.data import collate_images, collate_pairs, open_data
-    from xdpo.data.cache import collate_cached, open_cache
+    from xdpo.data.cache_reader import collate_cached, open_cache
 
     out = Path(cfg.output_dir)
     t, lc, ts = cfg.train, cfg.loss, cfg.timesteps
