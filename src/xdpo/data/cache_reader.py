@@ -26,6 +26,7 @@ from xdpo.data.cache import (
     shard_metadata,
     text_shard,
 )
+from xdpo.data.transforms import draw_flips
 from xdpo.errors import ConfigError, DataError
 
 SAFETENSORS_DTYPES = {
@@ -73,13 +74,7 @@ def item_choices(seed: int, prompt_dropout: float, flip: str) -> tuple[bool, boo
         return False, False, False  # nothing drawn (creating the generator alone costs ~10 us)
     rng = np.random.default_rng(seed)
     drop = prompt_dropout > 0 and rng.random() < prompt_dropout
-    if flip == "pair":
-        flip_w = flip_l = bool(rng.random() < 0.5)
-    elif flip == "independent":
-        flip_w, flip_l = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-    else:
-        flip_w = flip_l = False
-    return bool(drop), flip_w, flip_l
+    return (bool(drop), *draw_flips(rng, flip))
 
 
 class CachedPairs(torch.utils.data.Dataset):

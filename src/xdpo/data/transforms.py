@@ -163,12 +163,7 @@ def place_pair(
         off_l = off_w if img_l.size == img_w.size else random_offsets(*img_l.size, resolution, rng)
     else:
         off_w, off_l = center_offsets(*img_w.size, resolution), center_offsets(*img_l.size, resolution)
-    if flip == "pair":
-        flip_w = flip_l = bool(rng.random() < 0.5)
-    elif flip == "independent":
-        flip_w, flip_l = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-    else:
-        flip_w = flip_l = False
+    flip_w, flip_l = draw_flips(rng, flip)
     placed = _place(img_w, off_w, resolution, flip_w), _place(img_l, off_l, resolution, flip_l)
     return tuple(replace(p, original_size=size) for p, size in zip(placed, sizes, strict=True))  # type: ignore[return-value]
 
@@ -189,6 +184,16 @@ def place_image(
     )
     mirrored = bool(rng.random() < 0.5) if flip else False
     return replace(_place(img, offsets, resolution, mirrored), original_size=size)
+
+
+def draw_flips(rng: np.random.Generator, flip: str) -> tuple[bool, bool]:
+    """(flip w, flip l): `pair` one draw for both, `independent` one each, `none` no draw."""
+    if flip == "pair":
+        both = bool(rng.random() < 0.5)
+        return both, both
+    if flip == "independent":
+        return bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+    return False, False
 
 
 def transform_pair(
