@@ -132,9 +132,11 @@ def deepspeed_stage(accelerator: Any) -> int | None:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def policy_autocast(accelerator: Any, model: Any, mixed_precision: str) -> Any:
+def policy_autocast(accelerator: Any, model: Any) -> Any:
     """DeepSpeed casts the model to bf16/fp16 and does not autocast: run its forward (and the reference's,
-    through the returned context) under torch.autocast, as accelerate does for its own mixed precision."""
+    through the returned context) under torch.autocast, as accelerate does for its own mixed precision.
+    The precision is the one DeepSpeed runs in (its config's bf16/fp16 sections)."""
+    mixed_precision = accelerator.mixed_precision
     if deepspeed_stage(accelerator) is None or mixed_precision == "no":
         return accelerator.autocast
     from functools import partial

@@ -107,9 +107,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         register_model_hooks(accelerator, lora, family.denoiser)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     params = [p for p in unet.parameters() if p.requires_grad]  # FSDP2 replaced them by sharded ones
-    autocast = policy_autocast(
-        accelerator, unet, t.mixed_precision
-    )  # DeepSpeed: bf16/fp16 model, fp32 inputs
+    autocast = policy_autocast(accelerator, unet)  # DeepSpeed: a bf16/fp16 model, fp32 inputs
     reference.sharded = sharded
     if sharded:
         held, total = local_fraction(unet)
