@@ -25,7 +25,7 @@ def test_steps_to_reach_interpolates():
 def test_quick_demo_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "xdpo", "demo", "--quick", "--out", str(out), "--threads", "1"],
+        [sys.executable, "-m", "xdpo", "demo", "--quick", "--out", str(out), "--threads", "2"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -44,7 +44,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert all(len(points) >= 2 for points in curves["runs"].values())  # base + at least one checkpoint
     # a second run reuses everything (resumable demo) and is fast
     again = subprocess.run(
-        [sys.executable, "-m", "xdpo", "demo", "--quick", "--out", str(out), "--threads", "1"],
+        [sys.executable, "-m", "xdpo", "demo", "--quick", "--out", str(out), "--threads", "2"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -85,7 +85,7 @@ def test_quick_flow_demo_writes_the_report(tmp_path):
         "--out",
         str(out),
         "--threads",
-        "1",
+        "2",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
