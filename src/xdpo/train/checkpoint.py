@@ -176,17 +176,13 @@ def deepspeed_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     optimizer's fp32 master weights for what was trained (the model itself holds 16-bit copies under
     bf16/fp16), the saved module weights for the frozen rest. DeepSpeed's own files (trusted: written by
     this run) are read with its loader."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with _quiet_logs():
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG))
-
-
-def _quiet_logs():
     import contextlib
     import io
 
-    return contextlib.redirect_stdout(io.StringIO())
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its per-file progress lines
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG))
 
 
 def save_final(

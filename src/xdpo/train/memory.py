@@ -84,22 +84,24 @@ SHARDED = {  # mode -> which parts are divided by the number of processes
 
 def sharding_of(accelerator: Any) -> tuple[str, int]:
     """(mode, processes) of a prepared-to-be accelerator, for `estimate`."""
-    name, world = accelerator.distributed_type.name, accelerator.num_processes
-    if name == "FSDP":
+    from xdpo.train.distributed import deepspeed_stage, is_fsdp
+
+    world, stage = accelerator.num_processes, deepspeed_stage(accelerator)
+    if is_fsdp(accelerator):
         return "fsdp", world
-    if name == "DEEPSPEED":
-        return f"zero{int(accelerator.state.deepspeed_plugin.zero_stage)}", world
-    return "none", world
+    return ("none" if stage is None else f"zero{stage}"), world
 
 
 def sharding_from_env() -> tuple[str, int]:
     """(mode, processes) from what `accelerate launch` exports (`xdpo train --dry-run` under it)."""
     import os
 
+    from xdpo.train.distributed import deepspeed_requested, fsdp_requested
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+    if fsdp_requested():
         return "fsdp", world
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+    if deepspeed_requested():
         return f"zero{int(os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2'))}", world
     return "none", world
 
