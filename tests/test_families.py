@@ -53,9 +53,7 @@ def conditions(comps, captions):
     """The family's training conditions for `captions` (text and, for SDXL, square-image time ids)."""
     fam = comps.family
     cond = fam.encode_text(comps, captions, CPU)
-    cond.update(
-        fam.image_conditions(comps, {"pixel_w": torch.zeros(len(captions), 3, SIDE, SIDE)}, len(captions))
-    )
+    cond.update(fam.image_conditions(comps, len(captions), (SIDE, SIDE)))
     return cond
 
 
@@ -191,10 +189,10 @@ def check_image(pipe):
 @pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_fixed_batch_loss_falls(request, pairs_parquet, family, lora):
-    """`preference_step` + AdamW on one fixed batch and fixed (t, noise): the loss falls, accuracy 1."""
+    """`train_step` + AdamW on one fixed batch and fixed (t, noise): the loss falls, accuracy 1."""
     from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
-    from xdpo.train.setup import load_models, loss_kwargs
-    from xdpo.train.step import TrainModels, preference_step
+    from xdpo.train.setup import single_process
+    from xdpo.train.step import train_step
 
     base = request.getfixturevalue(FIXTURE[family])
     cfg = load_config(
@@ -202,14 +200,14 @@ def test_fixed_batch_loss_falls(request, pairs_parquet, family, lora):
         [f"model.pretrained={base}", f"data.path={pairs_parquet}", f"data.resolution={SIDE}",
          f"model.lora_rank={lora}", "model.max_sequence_length=32", "loss.beta=1000"],
     )  # fmt: skip
-    comps, process, model, ref, params = load_models(cfg, CPU)
-    m = TrainModels(comps, process, model, ref, cfg.loss, cfg.timesteps, loss_kwargs(cfg))
+    m, models = single_process(cfg, CPU)
+    params = models.params
     pairs = PreferencePairs(load_preference_table(str(pairs_parquet)), resolution=SIDE)
     batch = collate_pairs([pairs[(i, 0)] for i in range(4)])
     opt = torch.optim.AdamW(params, lr=1e-2 if lora else 1e-3)
     history = []
     for _ in range(12):
-        out = preference_step(m, batch, torch.Generator().manual_seed(7)).out
+        out = train_step(m, batch, torch.Generator().manual_seed(7)).out
         out.loss.mean().backward()
         opt.step()
         opt.zero_grad()
@@ -265,13 +263,10 @@ def test_sdxl_time_ids_equal_the_pipeline(tiny_sdxl_pipeline_dir):
     got = torch.cat([sdxl.time_ids(orig[i : i + 1], crop[i : i + 1], cases[i][2]) for i in range(len(cases))])
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # image_conditions: recorded sizes and crops, else the image's own size and crop (0, 0), for [w; l]
-    batch = {
-        "pixel_w": torch.zeros(1, 3, 384, 512),
-        "original_size": orig[1:2].repeat(2, 1),
-        "crop_top_left": crop[1:2].repeat(2, 1),
-    }
-    torch.testing.assert_close(sdxl.image_conditions(None, batch, 2)["time_ids"], expected[1:2].repeat(2, 1))
-    square = sdxl.image_conditions(None, {"pixel_w": torch.zeros(1, 3, 16, 16)}, 2)["time_ids"]
+    sizes = {"original_size": orig[1:2].repeat(2, 1), "crop_top_left": crop[1:2].repeat(2, 1)}
+    got = sdxl.image_conditions(None, 2, (384, 512), sizes)["time_ids"]
+    torch.testing.assert_close(got, expected[1:2].repeat(2, 1))
+    square = sdxl.image_conditions(None, 2, (16, 16))["time_ids"]
     torch.testing.assert_close(square, expected[2:3].repeat(2, 1))
 
 
@@ -361,7 +356,8 @@ def test_conditions_and_predict_equal_the_pipeline(request, fixture, extra, call
     fresh = pipeline_cls(fam.name).from_pretrained(path, **fam.load_kwargs(model_cfg(path, *extra)))
     more_prompts = {"sdxl": [None], "sd3": [None, None], "flux": []}[fam.name]  # prompt_2 (, prompt_3)
     no_cfg = {} if fam.name == "flux" else {"do_classifier_free_guidance": False}
-    enc = fresh.encode_prompt(captions, *more_prompts, **no_cfg)
+    with torch.no_grad():  # as the pipeline's __call__ (the attention kernel can differ with autograd on)
+        enc = fresh.encode_prompt(captions, *more_prompts, **no_cfg)
     embeds, pooled = (enc[0], enc[1]) if fam.name == "flux" else (enc[0], enc[2])
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
     torch.testing.assert_close(cond["text_embeds" if fam.name == "sdxl" else "pooled_projections"], pooled)
@@ -385,14 +381,15 @@ def test_conditions_and_predict_equal_the_pipeline(request, fixture, extra, call
         torch.testing.assert_close(kw["pooled_projections"], cond["pooled_projections"])
     else:
         unpack = lambda z: FluxPipeline._unpack_latents(z, SIDE, SIDE, pipe.vae_scale_factor)  # noqa: E731
-        noisy, t, out = unpack(kw["hidden_states"]), kw["timestep"] * 1000, unpack(seen["out"][0])
+        # t = 1000 sigma in float64, so that predict's t / 1000 gives back the pipeline's sigma exactly
+        noisy, t, out = unpack(kw["hidden_states"]), kw["timestep"].double() * 1000, unpack(seen["out"][0])
         torch.testing.assert_close(kw["pooled_projections"], cond["pooled_projections"])
         assert (kw["guidance"] is None) == ("guidance" not in cond)
         if "guidance" in cond:
             torch.testing.assert_close(kw["guidance"], cond["guidance"])
     torch.testing.assert_close(kw["encoder_hidden_states"], cond["encoder_hidden_states"])
     with torch.no_grad():
-        pred = fam.predict(model, noisy, t.expand(noisy.shape[0]).float(), cond)
+        pred = fam.predict(model, noisy, t.expand(noisy.shape[0]), cond)
     torch.testing.assert_close(pred, out, rtol=1e-5, atol=1e-5)
 
 
