@@ -1,6 +1,6 @@
 """Seconds per training step and peak memory per model family, on the tiny pipelines (CPU).
 
-One step = `preference_step` (VAE encode, text encoders, reference forward, policy forward on [w; l],
+One step = `train_step` (VAE encode, text encoders, reference forward, policy forward on [w; l],
 the loss) + backward + AdamW step, on a batch of `--batch` pairs at 16 x 16 px (latents 8 x 8), for
 the tiny SD, SDXL, SD3 (with and without T5) and Flux pipelines of `xdpo.models.tiny_families`, full
 fine-tune and LoRA (rank 4). T5 runs at the pipelines' default max_sequence_length (SD3 256, Flux 512)
@@ -58,15 +58,15 @@ def measure(pipeline: str, pairs: str, extra: list[str], lora: int, batch: int, 
 
     from xdpo.config import load_config
     from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
-    from xdpo.train.setup import load_models, loss_kwargs
-    from xdpo.train.step import TrainModels, make_optimizer, preference_step
+    from xdpo.train.optim import make_optimizer
+    from xdpo.train.setup import single_process
+    from xdpo.train.step import train_step
 
     overrides = [f"model.pretrained={pipeline}", f"data.path={pairs}", "data.resolution=16"]
     overrides += [f"model.lora_rank={lora}", f"model.max_sequence_length={seq}", *extra]
     cfg = load_config(None, overrides)
-    comps, process, model, ref, params = load_models(cfg, torch.device("cpu"))
-    m = TrainModels(comps, process, model, ref, cfg.loss, cfg.timesteps, loss_kwargs(cfg))
-    opt = make_optimizer(cfg.train, params, 1e-4)
+    m, models = single_process(cfg)
+    opt = make_optimizer(cfg.train, models.params, 1e-4)
     data = PreferencePairs(load_preference_table(pairs), resolution=16)
     batches = [collate_pairs([data[(i * batch + j, i)] for j in range(batch)]) for i in range(4)]
     rss0 = _status_kib("VmRSS")
@@ -74,7 +74,7 @@ def measure(pipeline: str, pairs: str, extra: list[str], lora: int, batch: int, 
     times = []
     for i in range(steps + 3):
         t0 = time.perf_counter()
-        out = preference_step(m, batches[i % 4], torch.Generator().manual_seed(i))
+        out = train_step(m, batches[i % 4], torch.Generator().manual_seed(i))
         out.out.loss.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,8 +85,8 @@ def measure(pipeline: str, pairs: str, extra: list[str], lora: int, batch: int, 
         "step_s": sorted(times)[len(times) // 2],
         "peak_step_mib": (peak - rss0) / 1024 if reset else float("nan"),
         "rss_mib": rss0 / 1024,
-        "trainable": sum(p.numel() for p in params),
-        "denoiser": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in models.params),
+        "denoiser": sum(p.numel() for p in models.policy.parameters()),
     }
 
 

@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     from xdpo.config import load_config
-    from xdpo.train import loop
+    from xdpo.train import checkpoint, loop, recipe_setup
 
     report: dict = {}
 
@@ -73,7 +73,7 @@ def child(args: argparse.Namespace) -> None:
         ]
         opt = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
         states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
-        ref = loop_models["reference"].ref_unet
+        ref = loop_models["reference"].storage.ref_model
         report.update(
             rank=accelerator.process_index,
             world=accelerator.num_processes,
@@ -85,15 +85,15 @@ def child(args: argparse.Namespace) -> None:
         )
 
     loop_models: dict = {}
-    real = loop.load_models
+    real = recipe_setup.load_models
 
-    def keep(cfg: Any, device: Any) -> Any:
-        models = real(cfg, device)
-        loop_models["reference"] = models[3]
+    def keep(cfg: Any, device: Any, objective: Any) -> Any:
+        models = real(cfg, device, objective)
+        loop_models["reference"] = models.reference
         return models
 
-    loop.load_models, loop.save_final = keep, count
-    loop.save_checkpoint = lambda *a, **k: None
+    recipe_setup.load_models, checkpoint.save_final = keep, count
+    checkpoint.save_checkpoint = lambda *a, **k: None
     cfg = load_config(
         None,
         [

@@ -58,29 +58,29 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     from xdpo.config import load_config
-    from xdpo.train import loop
+    from xdpo.train import checkpoint, loop, recipe_setup
 
     marks: dict[str, int] = {}
-    real = loop.load_models
+    real = recipe_setup.load_models
 
-    def measured(cfg: Any, device: Any) -> Any:
-        models = real(cfg, device)
-        comps, reference = models[0], models[3]
+    def measured(cfg: Any, device: Any, objective: Any) -> Any:
+        models = real(cfg, device, objective)
+        comps, storage = models.comps, models.reference.storage
         parts = [
             comps.denoiser,
             comps.vae,
             *comps.text_encoders.values(),
-            reference.ref_unet,
-            reference.init_unet,
+            getattr(storage, "ref_model", None),
+            getattr(storage, "init_model", None),
         ]
         resident([m for m in parts if m is not None])
         gc.collect()
         marks["loaded"] = status_kib("VmRSS")
-        marks["trained"] = sum(p.numel() for p in models[-1])
+        marks["trained"] = sum(p.numel() for p in models.params)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
         return models
 
-    loop.load_models = measured
+    recipe_setup.load_models = measured
     cfg = load_config(
         None,
         [
@@ -91,8 +91,8 @@ def child(args: argparse.Namespace) -> None:
         ],
     )  # fmt: skip
     # not measured (and it would write a full UNet to disk); train() writes its summary into final/
-    loop.save_final = lambda accelerator, unet, cfg, comps, final, step: final.mkdir(parents=True)
-    loop.save_checkpoint = lambda *a, **k: None
+    checkpoint.save_final = lambda accelerator, unet, cfg, comps, final, step, **kw: final.mkdir(parents=True)
+    checkpoint.save_checkpoint = lambda *a, **k: None
     loop.train(cfg)
     peak = status_kib("VmHWM")
     print(json.dumps({"mode": args.child, "loaded_kib": marks["loaded"], "peak_kib": peak, **marks}))

@@ -90,15 +90,19 @@ def overrides(model: str, res: int, pairs: Path, out: Path, batch: int, steps: i
 def bare_step_time(cfg: Any, batch: int, steps: int) -> float:
     """Fastest step (s) of policy fwd+bwd on [w; l], reference fwd (no grad), AdamW step; tensors in memory."""
     from xdpo.data import collate_pairs, open_data
+    from xdpo.data.encode import encode
+    from xdpo.objectives import get_objective
+    from xdpo.train.optim import make_optimizer
     from xdpo.train.setup import load_models
-    from xdpo.train.step import encode_batch, make_optimizer
 
-    comps, process, model, ref, params = load_models(cfg, torch.device("cpu"))
-    opt = make_optimizer(cfg.train, params, cfg.train.learning_rate)
+    models = load_models(cfg, torch.device("cpu"), get_objective(cfg.loss.objective))
+    comps, process, model, ref = models.comps, models.process, models.policy, models.reference
+    opt = make_optimizer(cfg.train, models.params, cfg.train.learning_rate)
     fam = comps.family
     g = torch.Generator().manual_seed(0)
     _, pairs, _ = open_data(cfg)
-    latents, cond = encode_batch(comps, collate_pairs([pairs[(i, 0)] for i in range(batch)]), g)
+    enc = encode(comps, collate_pairs([pairs[(i, 0)] for i in range(batch)]), g)
+    latents, cond = enc.latents, enc.cond
     k = torch.randint(0, process.num_steps, (batch,), generator=g).repeat(2)
     noisy, target = process.noise(latents, torch.randn(latents.shape, generator=g), k)
     t = process.model_timestep(k)

@@ -98,10 +98,10 @@ def test_cached_run_matches_uncached_run(tmp_path, tiny_pipeline_dir, pairs_parq
     posterior sample from the step's generator) and hence the same losses, within LOSS_RTOL."""
     from xdpo.data import collate_pairs
     from xdpo.data.cache_reader import collate_cached
+    from xdpo.data.encode import encode
     from xdpo.models.families import get_family
     from xdpo.models.load import load_components
     from xdpo.train.batches import batch_keys
-    from xdpo.train.step import encode_batch
 
     kw = {**AUGMENT, "data.sample_posterior": sample}
     plain = train(
@@ -123,9 +123,9 @@ def test_cached_run_matches_uncached_run(tmp_path, tiny_pipeline_dir, pairs_parq
     for step in range(4):
         keys = batch_keys(n, seed=0, step=step, micro=0, grad_accum=1, rank=0, world=1, batch_size=2)
         a, b = collate_pairs([pairs[k] for k in keys]), collate_cached([store[k] for k in keys])
-        assert a["captions"] == b["captions"] and torch.equal(a["label_w"], b["label_w"])
-        za, ca = encode_batch(comps, a, torch.Generator().manual_seed(step), sample)
-        zb, cb = encode_batch(comps, b, torch.Generator().manual_seed(step), sample)
+        assert a.captions == b.captions and torch.equal(a.label, b.label)
+        ea, eb = (encode(comps, x, torch.Generator().manual_seed(step), sample) for x in (a, b))
+        (za, ca), (zb, cb) = (ea.latents, ea.cond), (eb.latents, eb.cond)
         torch.testing.assert_close(za, zb, rtol=0, atol=1e-5)
         torch.testing.assert_close(ca, cb, rtol=0, atol=1e-6)
     assert any(c == "" for k in range(n) for c in [store[(k, k)]["caption"]])  # dropout happened
@@ -144,7 +144,7 @@ def test_flips_are_cached_in_both_orientations(tmp_path, tiny_pipeline_dir, pair
     batch = collate_pairs([pairs[(i, i)] for i in range(4)])
     vae = load_components(cfg.model).vae
     with torch.no_grad():
-        mean_flipped, _ = latent_params(vae, batch["pixel_w"].flip(-1))
+        mean_flipped, _ = latent_params(vae, batch.pixels[:4].flip(-1))
     torch.testing.assert_close(shard["mean_w_flip"], mean_flipped, rtol=0, atol=1e-5)
     assert (shard["mean_w"].flip(-1) - mean_flipped).norm() > 0.05 * mean_flipped.norm()
 
@@ -317,8 +317,8 @@ def test_other_families_cache_their_conditions(
     equal uncached ones; the cache is built without loading the denoiser's weights."""
     from xdpo.data import collate_pairs
     from xdpo.data.cache_reader import collate_cached
+    from xdpo.data.encode import encode
     from xdpo.models.load import load_components
-    from xdpo.train.step import encode_batch
 
     pipe = tiny_sdxl_pipeline_dir if family == "sdxl" else tiny_flux_pipeline_dir
     kw = {"data.resolution": 16, **AUGMENT}
@@ -329,8 +329,8 @@ def test_other_families_cache_their_conditions(
     _, pairs, _ = open_pairs(cfg)
     keys = [(0, 11), (5, 12), (7, 13)]
     a, b = collate_pairs([pairs[k] for k in keys]), collate_cached([store[k] for k in keys])
-    za, ca = encode_batch(comps, a, torch.Generator().manual_seed(0))
-    zb, cb = encode_batch(comps, b, torch.Generator().manual_seed(0))
+    ea, eb = (encode(comps, x, torch.Generator().manual_seed(0)) for x in (a, b))
+    (za, ca), (zb, cb) = (ea.latents, ea.cond), (eb.latents, eb.cond)
     torch.testing.assert_close(za, zb, rtol=0, atol=1e-5)
     assert ca.keys() == cb.keys() and ({"time_ids"} if family == "sdxl" else {"guidance"}) <= set(cb)
     torch.testing.assert_close(ca, cb, rtol=0, atol=1e-6)

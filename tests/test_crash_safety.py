@@ -35,9 +35,9 @@ def adapter(out, step):
 def test_sigterm_finishes_the_step_saves_and_resumes(
     tmp_path, tiny_pipeline_dir, pairs_parquet, monkeypatch, capsys
 ):
-    import xdpo.train.loop as loop
+    import xdpo.train.recipe as loop
 
-    real, calls = loop.preference_step, {"n": 0}
+    real, calls = loop.train_step, {"n": 0}
 
     def term_on_third_call(*args, **kw):
         calls["n"] += 1
@@ -45,7 +45,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(
             os.kill(os.getpid(), signal.SIGTERM)  # as SLURM / Kubernetes / a spot preemption would
         return real(*args, **kw)
 
-    monkeypatch.setattr(loop, "preference_step", term_on_third_call)
+    monkeypatch.setattr(loop, "train_step", term_on_third_call)
     kw = {"train.max_steps": 6, "train.checkpoint_every": 0}
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tiny_pipeline_dir, pairs_parquet, "term", **kw)
@@ -54,7 +54,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(
         "step-3"
     ]  # the step in flight finished
     assert "SIGTERM" in capsys.readouterr().out
-    monkeypatch.setattr(loop, "preference_step", real)
+    monkeypatch.setattr(loop, "train_step", real)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     run(tmp_path, tiny_pipeline_dir, pairs_parquet, "term", **kw, **{"train.resume_from": "latest"})
     fresh = run(tmp_path, tiny_pipeline_dir, pairs_parquet, "fresh", **kw)
@@ -83,10 +83,10 @@ def test_half_written_checkpoints_are_ignored_and_cleaned(tmp_path, tiny_pipelin
 def test_nonfinite_steps_skip_and_stop_after_too_many(
     tmp_path, tiny_pipeline_dir, pairs_parquet, monkeypatch
 ):
-    import xdpo.train.loop as loop
+    import xdpo.train.recipe as loop
     from xdpo.errors import XdpoError
 
-    real, calls = loop.preference_step, {"n": 0}
+    real, calls = loop.train_step, {"n": 0}
 
     def nan_on_calls(bad):
         def step(*args, **kw):
@@ -98,7 +98,7 @@ def test_nonfinite_steps_skip_and_stop_after_too_many(
 
         return step
 
-    monkeypatch.setattr(loop, "preference_step", nan_on_calls({2}))
+    monkeypatch.setattr(loop, "train_step", nan_on_calls({2}))
     out = run(
         tmp_path,
         tiny_pipeline_dir,
@@ -112,12 +112,12 @@ def test_nonfinite_steps_skip_and_stop_after_too_many(
     assert all(torch.isfinite(v).all() for v in weights.values())
 
     calls["n"] = 0
-    monkeypatch.setattr(loop, "preference_step", nan_on_calls({1}))
+    monkeypatch.setattr(loop, "train_step", nan_on_calls({1}))
     with pytest.raises(XdpoError, match="non-finite loss at step 1"):
         run(tmp_path, tiny_pipeline_dir, pairs_parquet, "stop", **{"train.max_steps": 3})
 
     calls["n"] = 0
-    monkeypatch.setattr(loop, "preference_step", nan_on_calls({1, 2, 3}))
+    monkeypatch.setattr(loop, "train_step", nan_on_calls({1, 2, 3}))
     with pytest.raises(XdpoError, match="3 in a row"):
         run(
             tmp_path,

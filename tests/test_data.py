@@ -273,13 +273,15 @@ def test_prompt_dropout_rate(pairs_parquet):
 def test_collate_shapes(pairs_parquet):
     pairs = PreferencePairs(load_preference_table(str(pairs_parquet)), resolution=16, ties="keep")
     batch = collate_pairs([pairs[(i, i)] for i in range(4)])
-    assert batch["pixel_w"].shape == batch["pixel_l"].shape == (4, 3, 16, 16)
-    assert batch["label_w"].dtype == torch.float32 and batch["label_w"].shape == (4,)
+    assert batch.pairs and batch.pixels.shape == (8, 3, 16, 16)  # [w; l]
+    assert torch.equal(batch.pixels[:4], torch.stack([pairs[(i, i)]["pixel_w"] for i in range(4)]))
+    assert torch.equal(batch.pixels[4:], torch.stack([pairs[(i, i)]["pixel_l"] for i in range(4)]))
+    assert batch.label.dtype == torch.float32 and batch.label.shape == (4,)
     tie = [i for i in range(4) if pairs[(i, 0)]["label_w"] == 0.5]
-    assert batch["label_w"].tolist() == [0.5 if i in tie else 1.0 for i in range(4)]  # the loss's `label`
-    assert batch["skipped_rows"] == []
-    assert batch["rows"].dtype == torch.long and batch["rows"].tolist() == [0, 1, 2, 3]
-    assert len(batch["captions"]) == 4
+    assert batch.label.tolist() == [0.5 if i in tie else 1.0 for i in range(4)]  # the loss's `label`
+    assert batch.skipped_rows == []
+    assert batch.rows.dtype == torch.long and batch.rows.tolist() == [0, 1, 2, 3]
+    assert len(batch.captions) == 4 and batch.pixel_size == (16, 16)
 
 
 def test_loads_through_a_dataloader(pairs_parquet):
@@ -287,7 +289,7 @@ def test_loads_through_a_dataloader(pairs_parquet):
     loader = torch.utils.data.DataLoader(
         pairs, batch_size=3, sampler=[(i, 100 + i) for i in range(6)], collate_fn=collate_pairs
     )
-    assert [b["pixel_w"].shape[0] for b in loader] == [3, 3]
+    assert [b.groups for b in loader] == [3, 3]
 
 
 # ------------------------------------------------------------------------------------------- writer

@@ -79,17 +79,13 @@ def test_per_image_items_and_batches(tmp_path):
         2,
     ]  # 19 x 16: (19 - 16) / 2 = 1.5 -> 2
     batch = collate_images([images[(i, i)] for i in range(4)])
-    assert batch["pixel"].shape == (4, 3, 16, 16) and batch["pixel"].dtype == torch.float32
-    assert batch["desirable"].dtype == torch.bool and batch["desirable"].tolist() == [
-        True,
-        False,
-        True,
-        False,
-    ]
-    assert batch["rows"].tolist() == [0, 1, 2, 3] and batch["captions"] == ["c0", "c1", "c2", "c3"]
-    assert batch["original_size"].shape == (4, 2) and batch["crop_top_left"].dtype == torch.long
-    bright = batch["pixel"][:, 0].mean(dim=(1, 2))
-    assert bool((bright[batch["desirable"]] > 0).all() and (bright[~batch["desirable"]] < 0).all())
+    assert not batch.pairs and batch.pixels.shape == (4, 3, 16, 16) and batch.pixels.dtype == torch.float32
+    assert batch.label.tolist() == [1.0, 0.0, 1.0, 0.0]  # desirable
+    assert batch.rows.tolist() == [0, 1, 2, 3] and batch.captions == ["c0", "c1", "c2", "c3"]
+    assert batch.sizes["original_size"].shape == (4, 2) and batch.sizes["crop_top_left"].dtype == torch.long
+    bright = batch.pixels[:, 0].mean(dim=(1, 2))
+    desirable = batch.label == 1
+    assert bool((bright[desirable] > 0).all() and (bright[~desirable] < 0).all())
     assert len(open_images(cfg_for(path, "data.max_pairs=3"))[1]) == 3
 
 
@@ -115,7 +111,7 @@ def test_per_image_columns_labels_and_errors(tmp_path):
 
 def test_per_image_config_rules(tmp_path):
     with pytest.raises(
-        ConfigError, match="config key `data.format`: images .* needs loss.objective=kto, not pair"
+        ConfigError, match="config key `data.format`: images needs loss.objective=kto, not pair"
     ):
         load_config(None, ["model.pretrained=m", "data.path=d", "data.format=images"])
     with pytest.raises(
@@ -168,8 +164,8 @@ def test_sdxl_sizes_center_crop(wide_tall):
     assert torch.equal(item["pixel_w"], expected_pixels(tall, (32, 45), 6, 0, False))
     assert torch.equal(item["pixel_l"], expected_pixels(wide, (45, 32), 0, 6, False))
     batch = collate_pairs([item, item])
-    assert batch["original_size"].tolist() == [[57, 40], [57, 40], [40, 57], [40, 57]]  # [w; l]
-    assert batch["crop_top_left"].shape == (4, 2) and batch["crop_top_left"].dtype == torch.long
+    assert batch.sizes["original_size"].tolist() == [[57, 40], [57, 40], [40, 57], [40, 57]]  # [w; l]
+    assert batch.sizes["crop_top_left"].shape == (4, 2) and batch.sizes["crop_top_left"].dtype == torch.long
 
 
 def test_sdxl_sizes_flip_mirrors_left(wide_tall):
@@ -206,7 +202,7 @@ def test_sdxl_time_ids_read_the_batch_keys(wide_tall):
 
     table, _, _ = wide_tall
     batch = collate_pairs([PreferencePairs(table, resolution=R)[(0, 0)]])
-    ids = image_conditions(None, batch, 2)["time_ids"]
+    ids = image_conditions(None, 2, batch.pixel_size, batch.sizes)["time_ids"]
     assert ids.tolist() == [[57, 40, 6, 0, 32, 32], [40, 57, 0, 6, 32, 32]]
 
 

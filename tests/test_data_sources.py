@@ -65,7 +65,7 @@ def test_chosen_rejected_parquet_with_columns_from_yaml_and_command_line(tmp_pat
     _, pairs, n = open_pair_data(cfg)
     assert n == 4 and pairs.labels.tolist() == [1.0] * 4  # no label column: the first image is preferred
     batch = collate_pairs([pairs[(i, 0)] for i in range(4)])
-    assert all(red(p) for p in batch["pixel_w"]) and batch["captions"] == ["p0", "p1", "p2", "p3"]
+    assert all(red(p) for p in batch.pixels[:4]) and batch.captions == ["p0", "p1", "p2", "p3"]
 
 
 def test_columns_errors_name_the_missing_column_and_the_mapping(tmp_path):

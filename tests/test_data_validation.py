@@ -138,7 +138,7 @@ def test_undecodable_image_mid_run_is_replaced_by_the_next_good_pair(tmp_path):
     assert open_pairs(path, on_bad_row="skip")[(2, 7)]["row"] == 3  # a fresh copy (another worker) agrees
     assert pairs[(4, 0)]["row"] == 0 and pairs[(4, 0)]["skipped_rows"] == [4]  # wraps around
     batch = collate_pairs([pairs[(i, 0)] for i in range(5)])
-    assert batch["rows"].tolist() == [0, 1, 3, 3, 0] and sorted(set(batch["skipped_rows"])) == [2, 4]
+    assert batch.rows.tolist() == [0, 1, 3, 3, 0] and sorted(set(batch.skipped_rows)) == [2, 4]
     assert pairs.skipped == {2, 4}
     every = write(tmp_path / "all.parquet", ["a"], [1.0], jpg_0=[b"junk"])
     with pytest.raises(DataError, match="no pair has two decodable images"):

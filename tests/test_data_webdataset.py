@@ -100,8 +100,8 @@ def test_pairs_winner_first_ties_and_members_read_by_offset(shards):
     pairs = PreferencePairs(table, resolution=16, source=str(shards))
     assert pairs.n_ties == 1 and len(pairs) == 4 and pairs.rows.tolist() == [0, 1, 3, 4]
     batch = collate_pairs([pairs[(i, 0)] for i in range(4)])
-    assert [red(p) for p in batch["pixel_w"]] == [True, False, False, True]  # label 0: jpg_1 (blue) wins
-    assert batch["label_w"].tolist() == [1.0] * 4
+    assert [red(p) for p in batch.pixels[:4]] == [True, False, False, True]  # label 0: jpg_1 (blue) wins
+    assert batch.label.tolist() == [1.0] * 4
     kept = PreferencePairs(table, resolution=16, ties="keep", source=str(shards))
     tie = kept[(2, 0)]
     assert (tie["row"], tie["label_w"], red(tie["pixel_w"])) == (2, 0.5, True)  # jpg_0 first, soft label
@@ -209,9 +209,7 @@ def test_workers_and_pickled_copies_read_the_same_members(shards):
         pairs, batch_size=8, sampler=keys, collate_fn=collate_pairs, num_workers=2
     )
     batch = next(iter(loader))
-    assert torch.equal(batch["pixel_w"], expected["pixel_w"]) and torch.equal(
-        batch["pixel_l"], expected["pixel_l"]
-    )
+    assert torch.equal(batch.pixels, expected.pixels)
     copy = pickle.loads(pickle.dumps(pairs))
-    assert torch.equal(copy[keys[3]]["pixel_l"], expected["pixel_l"][3])
+    assert torch.equal(copy[keys[3]]["pixel_l"], expected.pixels[8 + 3])
     assert copy.locate(2) == f"{(shards / 'pickapic-00000.tar').resolve()}: sample 000002"

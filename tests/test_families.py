@@ -446,14 +446,15 @@ COMPOSED = [  # every strategy on the new families: objectives, reference strate
     ("sd3", {"loss.objective": "kto", "reference.strategy": "periodic", "reference.update_every": 1,
              "reference.max_divergence": 10, "model.lora_rank": 4, "timesteps.sampling": "skewed",
              "timesteps.weighting": "snr"}),
-    ("flux", {"loss.objective": "sft", "reference.strategy": "ema", "reference.update_every": 1,
-              "loss.beta_schedule": "flow", "loss.error_space": "epsilon"}),
+    ("flux", {"loss.divergence": "js", "reference.strategy": "ema", "reference.update_every": 1,
+              "loss.beta_schedule": "flow"}),
+    ("flux", {"loss.objective": "sft", "loss.error_space": "epsilon", "timesteps.weighting": "snr"}),
     ("sdxl", {"loss.divergence": "xdpo", "loss.outer": "ipo", "reference.strategy": "periodic",
               "reference.update_every": 1, "reference.max_divergence": 10, "data.ties": "keep"}),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("family", "extra"), COMPOSED, ids=[f for f, _ in COMPOSED])
+@pytest.mark.parametrize(("family", "extra"), COMPOSED, ids=[f"{f}-{i}" for i, (f, _) in enumerate(COMPOSED)])
 def test_strategies_compose_on_every_family(request, tmp_path, pairs_parquet, family, extra):
     out = run(tmp_path, request.getfixturevalue(FIXTURE[family]), pairs_parquet, **extra)
     rows = read_metrics(out)

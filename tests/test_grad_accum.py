@@ -3,7 +3,7 @@ all its micro-batches (and processes), divided once, and the optimizer steps onc
 
 A run with grad_accum=2 cannot equal one with twice the batch: each micro-batch draws its own (t, eps) from
 `mix_seed(seed, step, micro, rank)`. So the loop is compared with the same step computed by hand: the same
-micro-batches (`batch_keys`), the same generators, `preference_step`, then clipping and the run's optimizer.
+micro-batches (`batch_keys`), the same generators, `train_step`, then clipping and the run's optimizer.
 """
 
 from __future__ import annotations
@@ -34,23 +34,22 @@ def by_hand(out, pipe, pairs, world: int = 1, grads: dict | None = None, **overr
 
     from xdpo.data import collate_pairs, open_data
     from xdpo.train.batches import batch_keys, mix_seed
-    from xdpo.train.setup import lambda_table, load_models, loss_kwargs
-    from xdpo.train.step import TrainModels, make_optimizer, preference_step
+    from xdpo.train.optim import make_optimizer
+    from xdpo.train.setup import single_process
+    from xdpo.train.step import train_step
 
     cfg = load_config(None, train_overrides(out, pipe, pairs, **{**ACCUM, **overrides}))
     t = cfg.train
     set_seed(cfg.seed)
-    comps, process, unet, ref, params = load_models(cfg, torch.device("cpu"))
-    m = TrainModels(
-        comps, process, unet, ref, cfg.loss, cfg.timesteps, loss_kwargs(cfg), lambda_table(cfg, process)
-    )
+    m, models = single_process(cfg)
+    unet, params = models.policy, models.params
     _, data, n = open_data(cfg)
     for rank in range(world):
         for micro in range(t.grad_accum):
             keys = batch_keys(n, seed=cfg.seed, step=0, micro=micro, grad_accum=t.grad_accum, rank=rank,
                               world=world, batch_size=t.batch_size)  # fmt: skip
             gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 0, micro, rank))
-            loss = preference_step(m, collate_pairs([data[k] for k in keys]), gen).out.loss.mean()
+            loss = train_step(m, collate_pairs([data[k] for k in keys]), gen).out.loss.mean()
             (loss / (t.grad_accum * world)).backward()  # DDP averages over processes
     if grads is not None:
         grads.update({k: v.grad.clone() for k, v in unet.named_parameters() if v.grad is not None})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from xdpo.objectives import ReferencePoint as KTOReferencePoint
 from xdpo.objectives import kto_loss
-from xdpo.train.step import KTOReferencePoint
 
 
 def test_one_pair_per_step_no_longer_degenerates_into_a_pairwise_loss():

@@ -95,7 +95,7 @@ def test_flow_dpo_loss_equals_the_papers_formula(schedule):
     e_w, e_l, r_w, r_l = (torch.rand(6, generator=g, dtype=torch.float64) for _ in range(4))
     proc = FlowProcess(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
     k = torch.tensor([0, 100, 400, 700, 900, 999])
-    m = SimpleNamespace(lambda_table=None, loss_cfg=SimpleNamespace(beta_schedule=schedule), process=proc)
+    m = SimpleNamespace(lambda_table=None, beta_schedule=schedule, process=proc)
     weight = step_weight(m, k)
     out = preference_loss(e_w, e_l, r_w, r_l, beta=500.0, weight=weight)
     s = proc.sigma(k)

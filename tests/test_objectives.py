@@ -250,14 +250,22 @@ def test_tie_gradient_pulls_logits_to_zero():
     assert zero.grad.abs().item() < 1e-12
 
 
-def test_objective_loss_passes_label_and_per_image_objectives_ignore_it(errs):
-    from xdpo.objectives import kto_loss, objective_loss
+def test_the_pair_record_passes_label_and_per_image_objectives_ignore_it(errs):
+    from xdpo.config import LossConfig
+    from xdpo.objectives import LossInput, get_objective, kto_loss
 
     e_w, e_l, r_w, r_l = errs
     tie = torch.full((16,), 0.5, dtype=torch.float64)
-    a = objective_loss("pair", e_w, e_l, r_w, r_l, beta=300.0, label=tie)
+    pair = get_objective("pair")
+    params = {k: getattr(LossConfig(), k) for k in pair.params} | {"beta": 300.0}
+    inp = LossInput(err=torch.cat([e_w, e_l]), ref=torch.cat([r_w, r_l]), pairs=True, label=tie)
+    a = pair.loss(inp, **params)
     b = preference_loss(e_w, e_l, r_w, r_l, beta=300.0, label=tie)
     torch.testing.assert_close(a.loss, b.loss)
+    ones = LossInput(err=inp.err, ref=inp.ref, pairs=True, label=torch.ones(16, dtype=torch.float64))
+    torch.testing.assert_close(
+        pair.loss(ones, **params).loss, preference_loss(e_w, e_l, r_w, r_l, beta=300.0).loss
+    )
     torch.testing.assert_close(
         sft_loss(e_w, e_l, r_w, r_l, label=tie).loss, sft_loss(e_w, e_l, r_w, r_l).loss
     )

@@ -3,6 +3,8 @@ calls on every process where forwards are collectives."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,7 +64,7 @@ def test_online_round_pads_sampling_calls_when_forwards_are_collectives(
     parameters from every process) it makes a second, discarded call so both make 2 and none waits forever."""
     import xdpo.pairs.generate as generate
     from xdpo.models.load import load_components
-    from xdpo.train import online
+    from xdpo.rollout.rounds import PairRounds
 
     made: list = []
 
@@ -80,7 +82,8 @@ def test_online_round_pads_sampling_calls_when_forwards_are_collectives(
     accelerator = type("Acc", (), {
         "process_index": 1, "num_processes": 2, "is_main_process": False, "wait_for_everyone": lambda self: None,
         "distributed_type": type("T", (), {"name": mode})(), "state": type("S", (), {"deepspeed_plugin": plugin})(),
+        "device": torch.device("cpu"), "autocast": lambda self: contextlib.nullcontext(),
     })()  # fmt: skip
-    online.make_round(cfg, comps, comps.denoiser, None, tmp_path, 0, accelerator)
+    PairRounds(cfg, comps, accelerator, tmp_path, reward=lambda *a: None)(0, comps.denoiser)
     assert [c for c in made if not isinstance(c, tuple)] == [1 if c == 1 else 0 for c in calls]
     assert made[-1] == ("wrote", {"caption": ["b"], "first_index": [1]})  # the padding call is discarded

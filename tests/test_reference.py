@@ -13,8 +13,7 @@ from conftest import run_training
 from xdpo.config import ReferenceConfig, load_config
 from xdpo.models.families import get_family
 from xdpo.models.load import add_lora
-from xdpo.train.reference import Reference
-from xdpo.train.step import divergence_estimate
+from xdpo.train.reference import Probe, Reference
 
 CPU = torch.device("cpu")
 SD = get_family("sd")
@@ -60,7 +59,7 @@ def make(unet, lora, **kw):
 def update(ref, step, d=0.0):
     """`maybe_update` with the probe-set estimate replaced by a fixed D (the decision logic alone)."""
     ref.estimate = lambda *args: (d, 0.01)
-    return ref.maybe_update(step, None, seed=0)
+    return ref.maybe_update(step, seed=0)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -79,7 +78,7 @@ def test_periodic_copies_policy_every_tau_steps_only(unet, lora):
     perturb(unet, seed=2)
     update(ref, 3, 0.0)
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), after_first)  # unchanged between updates
-    assert ref.updates == 1 and ref.frozen_step is None
+    assert ref.strategy.updates == 1 and ref.strategy.frozen_step is None
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -89,12 +88,12 @@ def test_exceeding_delta_freezes_for_good(unet, lora):
     initial = policy_out(unet, x, t, c)
     perturb(unet)
     assert update(ref, 1, 1.0) == 1.0
-    assert ref.frozen_step == 1
+    assert ref.strategy.frozen_step == 1
     for step in range(2, 5):
         perturb(unet, seed=step)
         assert update(ref, step, 0.0) is None  # no more checks once frozen
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), initial)
-    assert ref.updates == 0
+    assert ref.strategy.updates == 0
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -108,7 +107,7 @@ def test_reinit_restores_the_initial_model(unet, lora):
     perturb(unet, seed=3)
     update(ref, 2, 5.0)
     torch.testing.assert_close(ref_out(ref, unet, x, t, c), initial)
-    assert ref.frozen_step is None  # reinit keeps checking
+    assert ref.strategy.frozen_step is None  # reinit keeps checking
 
 
 def test_lora_ema_is_refused_with_one_line():
@@ -145,30 +144,23 @@ def test_state_round_trip(unet, lora):
     other = Reference(ref.cfg, SD, unet, lora=lora, dtype=torch.float32, device=CPU)
     other.load(state, tensors)
     torch.testing.assert_close(ref_out(other, unet, x, t, c), before)
-    assert other.updates == 1 and other.last_divergence == pytest.approx(0.2)
+    assert other.strategy.updates == 1 and other.strategy.last_divergence == pytest.approx(0.2)
 
 
 def test_divergence_estimate_is_zero_for_the_same_model_and_grows_with_drift(unet, tiny_pipeline_dir):
-    from types import SimpleNamespace
-
     from xdpo.models.load import load_components
     from xdpo.models.noise import DDPMProcess
 
     cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=y"])
     comps = load_components(cfg.model)
-    m = SimpleNamespace(
-        process=DDPMProcess(comps.scheduler),
-        loss_cfg=cfg.loss,
-        autocast=torch.no_grad,
-        frozen=torch.inference_mode,
-    )
     ref = make(unet, False, strategy="periodic")
     lat = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = {"encoder_hidden_states": torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))}
+    probe = Probe(lat, cond, DDPMProcess(comps.scheduler), autocast=torch.no_grad)
 
     def d(est):
         gen = torch.Generator().manual_seed(2)
-        return divergence_estimate(m, ref.policy_predict, ref.initial_predict, lat, cond, gen, estimator=est)
+        return probe.divergence(ref.policy_predict, ref.initial_predict, lat, cond, gen, est)
 
     assert d("pred_mse").abs().max().item() == 0.0
     perturb(unet, 0.01)

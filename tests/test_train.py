@@ -71,10 +71,10 @@ def test_lora_writes_adapter_that_diffusers_loads(tmp_path, tiny_pipeline_dir, p
 @pytest.mark.parametrize("lora", [0, 4])
 @pytest.mark.parametrize("divergence", ["reverse_kl", "xdpo"])
 def test_fixed_batch_loss_falls_and_accuracy_rises(tiny_pipeline_dir, pairs_parquet, lora, divergence):
-    """The loop's own step (`preference_step` + AdamW) on one fixed batch and fixed (t, noise)."""
+    """The loop's own step (`train_step` + AdamW) on one fixed batch and fixed (t, noise)."""
     from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
-    from xdpo.train.setup import load_models, loss_kwargs
-    from xdpo.train.step import TrainModels, preference_step
+    from xdpo.train.setup import single_process
+    from xdpo.train.step import train_step
 
     cfg = load_config(
         None,
@@ -86,15 +86,15 @@ def test_fixed_batch_loss_falls_and_accuracy_rises(tiny_pipeline_dir, pairs_parq
             "loss.beta=1000",
         ],
     )
-    comps, process, unet, ref, params = load_models(cfg, torch.device("cpu"))
-    m = TrainModels(comps, process, unet, ref, cfg.loss, cfg.timesteps, loss_kwargs(cfg))
+    m, models = single_process(cfg)
+    params = models.params
     pairs = PreferencePairs(load_preference_table(str(pairs_parquet)), resolution=32)
     batch = collate_pairs([pairs[(i, 0)] for i in range(4)])
     opt = torch.optim.AdamW(params, lr=1e-3 if lora else 1e-4)
     history = []
     for _ in range(12):
         gen = torch.Generator().manual_seed(7)  # the same t and noise every step
-        out = preference_step(m, batch, gen).out
+        out = train_step(m, batch, gen).out
         out.loss.mean().backward()
         opt.step()
         opt.zero_grad()
@@ -168,9 +168,9 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_pipeline_dir, pairs_parquet):
 
 def test_interrupted_run_keeps_its_progress(tmp_path, tiny_pipeline_dir, pairs_parquet, monkeypatch):
     """Ctrl-C in step 3 of a run without periodic checkpoints: steps 1-2 are saved and resumable."""
-    import xdpo.train.loop as loop
+    import xdpo.train.recipe as loop
 
-    real, calls = loop.preference_step, {"n": 0}
+    real, calls = loop.train_step, {"n": 0}
 
     def interrupt_on_third_call(*args, **kw):
         calls["n"] += 1
@@ -178,12 +178,12 @@ def test_interrupted_run_keeps_its_progress(tmp_path, tiny_pipeline_dir, pairs_p
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(loop, "preference_step", interrupt_on_third_call)
+    monkeypatch.setattr(loop, "train_step", interrupt_on_third_call)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 5, "train.checkpoint_every": 0})
     out = tmp_path / "run"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
-    monkeypatch.setattr(loop, "preference_step", real)
+    monkeypatch.setattr(loop, "train_step", real)
     run(tmp_path, tiny_pipeline_dir, pairs_parquet, **{"train.max_steps": 5, "train.resume_from": "latest"})
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
 
@@ -318,7 +318,7 @@ def test_adamw8bit_steps(tmp_path, tiny_pipeline_dir, pairs_parquet):
         import bitsandbytes as bnb  # noqa: F401
     except Exception as e:  # pragma: no cover - where bitsandbytes cannot be installed
         pytest.skip(f"bitsandbytes cannot run here: {e}")
-    from xdpo.train.step import make_optimizer
+    from xdpo.train.optim import make_optimizer
 
     cfg = load_config(None, ["model.pretrained=x", "data.path=y", "train.optimizer=adamw8bit"])
     p = torch.nn.Parameter(torch.randn(128, 64))

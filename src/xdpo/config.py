@@ -427,7 +427,7 @@ def _require(ok: bool, key: str, what: str, value: Any) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks beyond types: ranges and required keys."""
+    """Value checks beyond types: ranges and required keys; then the objective's own rules."""
     m, d, lo, t, r, ts = cfg.model, cfg.data, cfg.loss, cfg.train, cfg.reference, cfg.timesteps
     _require(
         bool(m.pretrained),
@@ -457,12 +457,6 @@ def validate(cfg: Config) -> None:
         d.columns,
     )
     _require(
-        d.format == "pairs" or lo.objective == "kto",
-        "data.format",
-        f"images (one image per row) needs loss.objective=kto, not {lo.objective}",
-        d.format,
-    )
-    _require(
         not (d.format == "images" and d.cache),
         "data.cache",
         "is not available with data.format=images (the cache holds pairs); leave data.cache empty",
@@ -481,24 +475,12 @@ def validate(cfg: Config) -> None:
         "cannot be used with data.cache (a cached latent holds one crop); set data.random_crop=false",
         d.random_crop,
     )
-    _require(
-        d.ties == "drop" or lo.objective != "kto",
-        "data.ties",
-        "keep needs loss.objective=pair or sft (a tie has no desirable image for KTO)",
-        d.ties,
-    )
     _require(lo.beta > 0, "loss.beta", "must be > 0", lo.beta)
     _require(lo.eta >= 0, "loss.eta", "must be >= 0", lo.eta)
     _require(lo.gamma >= 0, "loss.gamma", "must be >= 0", lo.gamma)
     _require(lo.n > 0, "loss.n", "must be > 0", lo.n)
     _require(0 < lo.alpha <= 1, "loss.alpha", "must be in (0, 1]", lo.alpha)
     _require(0 <= lo.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", lo.label_smoothing)
-    _require(
-        lo.label_smoothing == 0 or lo.outer in ("sigmoid", "robust"),
-        "loss.label_smoothing",
-        "only applies to loss.outer=sigmoid or robust",
-        lo.label_smoothing,
-    )
     _require(lo.logratio_scale > 0, "loss.logratio_scale", "must be > 0", lo.logratio_scale)
     _require(lo.clamp > 0, "loss.clamp", "must be > 0", lo.clamp)
     _require(r.update_every >= 1, "reference.update_every", "must be >= 1", r.update_every)
@@ -540,6 +522,37 @@ def validate(cfg: Config) -> None:
     _require(
         not (t.online and d.cache), "train.online", "on-policy pairs cannot come from data.cache", t.online
     )
+    check_objective(cfg)
+
+
+def check_objective(cfg: Config) -> None:
+    """What the objective record declares: the data formats it trains on, soft labels for kept ties, a
+    reference to update; then its own cross-field rules."""
+    from xdpo.objectives import OBJECTIVES, get_objective
+
+    lo, d = cfg.loss, cfg.data
+    obj = get_objective(lo.objective)
+    accepting = [o.name for o in OBJECTIVES.values() if d.format in o.data]
+    _require(
+        d.format in obj.data,
+        "data.format",
+        f"{d.format} needs loss.objective={' or '.join(accepting)}, not {obj.name}",
+        d.format,
+    )
+    _require(
+        d.ties == "drop" or obj.uses_labels,
+        "data.ties",
+        f"keep trains ties as soft labels, which loss.objective={obj.name} does not use; set data.ties=drop",
+        d.ties,
+    )
+    _require(
+        cfg.reference.strategy == "frozen" or obj.needs_reference,
+        "reference.strategy",
+        f"has no effect: loss.objective={obj.name} runs no reference model; leave it frozen",
+        cfg.reference.strategy,
+    )
+    if obj.check is not None:
+        obj.check(cfg)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

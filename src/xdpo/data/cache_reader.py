@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xdpo.data.batch import Batch
 from xdpo.data.cache import (
     FLIP,
     IMAGE_SIZE_KEYS,
@@ -80,6 +81,11 @@ def item_choices(seed: int, prompt_dropout: float, flip: str) -> tuple[bool, boo
 class CachedPairs(torch.utils.data.Dataset):
     """Cached pairs indexed by `(index, seed)` like `PreferencePairs`: posterior parameters of w and l
     (the item's flips), the caption's conditions (or the empty caption's, by the item's dropout draw)."""
+
+    @staticmethod
+    def collate(items: list[dict]) -> Batch:
+        """Items -> one `Batch` (`collate_cached`), for a DataLoader's `collate_fn`."""
+        return collate_cached(items)
 
     def __init__(
         self, folder: str | Path, manifest: dict[str, Any], *, prompt_dropout: float, flip: str
@@ -207,22 +213,26 @@ class CachedPairs(torch.utils.data.Dataset):
         return path
 
 
-def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """A cached batch: `mean`, `logvar` [2B, C, h, w] for [w; l], `cond` {key: [B, ...]}, labels, rows."""
-    batch: dict[str, Any] = {
-        "mean": torch.stack([it["mean_w"] for it in items] + [it["mean_l"] for it in items]),
-        "logvar": torch.stack([it["logvar_w"] for it in items] + [it["logvar_l"] for it in items]),
-        "cond": {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]},
-        "captions": [it["caption"] for it in items],
-        "label_w": torch.tensor([it["label_w"] for it in items], dtype=torch.float32),
-        "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
-        "skipped_rows": [],
-        "pixel_size": items[0]["pixel_size"],
+def collate_cached(items: list[dict[str, Any]]) -> Batch:
+    """A cached `Batch` of pairs: posterior `(mean, logvar)` [2B, C, h, w] for [w; l], conditions
+    {key: [B, ...]}, labels, rows; SDXL's sizes [2B, 2] when cached."""
+    mean = torch.stack([it["mean_w"] for it in items] + [it["mean_l"] for it in items])
+    logvar = torch.stack([it["logvar_w"] for it in items] + [it["logvar_l"] for it in items])
+    sizes = {
+        name: torch.stack([it[name] for it in items], dim=1).view(-1, 2)  # [w...; l...]
+        for name in IMAGE_SIZE_KEYS
+        if name in items[0]
     }
-    for name in IMAGE_SIZE_KEYS:
-        if name in items[0]:
-            batch[name] = torch.stack([it[name] for it in items], dim=1).view(-1, 2)  # [w...; l...]
-    return batch
+    return Batch(
+        captions=[it["caption"] for it in items],
+        label=torch.tensor([it["label_w"] for it in items], dtype=torch.float32),
+        pairs=True,
+        pixel_size=items[0]["pixel_size"],
+        posterior=(mean, logvar),
+        cond={k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]},
+        sizes=sizes,
+        rows=torch.tensor([it["row"] for it in items], dtype=torch.long),
+    )
 
 
 def open_cache(cfg: Any, fam: Any) -> CachedPairs:

@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import torch
 
+from xdpo.data.batch import Batch
 from xdpo.data.items import RowItems
 from xdpo.data.transforms import place_image
 
@@ -26,6 +27,11 @@ class PreferenceImages(RowItems):
     `max_images` > 0 keeps the first N usable rows. Bad rows, `on_bad_row` and `skipped_rows` as
     `PreferencePairs` (a label other than 0 or 1 is bad). `n_desirable` counts the usable desirable rows.
     """
+
+    @staticmethod
+    def collate(items: list[dict]) -> Batch:
+        """Items -> one `Batch` (`collate_images`), for a DataLoader's `collate_fn`."""
+        return collate_images(items)
 
     fmt, noun, none_decodable = "images", "images", "no row has a decodable image"
 
@@ -73,15 +79,17 @@ class PreferenceImages(RowItems):
         }
 
 
-def collate_images(items: list[dict]) -> dict[str, Any]:
-    """Stack `PreferenceImages` items: `captions`, `pixel` [N, 3, R, R], `desirable` [N] bool, `rows` [N],
-    `original_size` and `crop_top_left` [N, 2] long (SDXL), `skipped_rows` (rows passed over)."""
-    return {
-        "captions": [it["caption"] for it in items],
-        "pixel": torch.stack([it["pixel"] for it in items]),
-        "desirable": torch.tensor([it["desirable"] for it in items], dtype=torch.bool),
-        "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
-        "original_size": torch.stack([it["original_size"] for it in items]),
-        "crop_top_left": torch.stack([it["crop_top_left"] for it in items]),
-        "skipped_rows": [r for it in items for r in it.get("skipped_rows", ())],
-    }
+def collate_images(items: list[dict]) -> Batch:
+    """Stack `PreferenceImages` items into a `Batch` of independent images: pixels [N, 3, R, R], `label`
+    [N] 1 desirable / 0 undesirable, SDXL's `original_size` and `crop_top_left` [N, 2] long."""
+    pixels = torch.stack([it["pixel"] for it in items])
+    return Batch(
+        captions=[it["caption"] for it in items],
+        label=torch.tensor([it["desirable"] for it in items], dtype=torch.float32),
+        pairs=False,
+        pixel_size=tuple(pixels.shape[-2:]),
+        pixels=pixels,
+        sizes={k: torch.stack([it[k] for it in items]) for k in ("original_size", "crop_top_left")},
+        rows=torch.tensor([it["row"] for it in items], dtype=torch.long),
+        skipped_rows=[r for it in items for r in it.get("skipped_rows", ())],
+    )

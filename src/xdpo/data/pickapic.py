@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from xdpo.data.batch import Batch
 from xdpo.data.items import RowItems
 from xdpo.data.schema import REQUIRED_COLUMNS, TIE_MODES, VALID_LABELS
 from xdpo.data.sources import load_preference_table
@@ -46,6 +47,11 @@ class PreferencePairs(RowItems):
     rows it passed over in `skipped_rows`. `max_pairs` > 0 keeps the first N usable pairs. `columns`
     (data.columns) names the data's own columns in messages (the table already has xdpo's names).
     """
+
+    @staticmethod
+    def collate(items: list[dict]) -> Batch:
+        """Items -> one `Batch` (`collate_pairs`), for a DataLoader's `collate_fn`."""
+        return collate_pairs(items)
 
     fmt, noun = "pairs", "pairs"
 
@@ -110,25 +116,27 @@ class PreferencePairs(RowItems):
         }
 
 
-def collate_pairs(items: list[dict]) -> dict[str, Any]:
-    """Stack `PreferencePairs` items into a batch.
-
-    `label_w` [B] float32: P(first image preferred), 1 or 0.5 for a kept tie (the loss's `label`);
-    `original_size`, `crop_top_left` [2B, 2] long, rows [w; l] (SDXL's time ids; `PreferencePairs`);
-    `skipped_rows`: rows passed over in this batch because an image failed (on_bad_row=skip).
-    """
-    batch = {
-        "captions": [it["caption"] for it in items],
-        "pixel_w": torch.stack([it["pixel_w"] for it in items]),
-        "pixel_l": torch.stack([it["pixel_l"] for it in items]),
-        "label_w": torch.tensor([it["label_w"] for it in items], dtype=torch.float32),
-        "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
-        "skipped_rows": [r for it in items for r in it.get("skipped_rows", ())],
+def collate_pairs(items: list[dict]) -> Batch:
+    """Stack `PreferencePairs` items into a `Batch` of pairs: pixels [2B, 3, R, R] as [w; l]; `label`
+    [B] float32 P(first image preferred), 1 or 0.5 for a kept tie; SDXL's `original_size` and
+    `crop_top_left` [2B, 2] long (`PreferencePairs`); `skipped_rows`: rows passed over because an image
+    failed (on_bad_row=skip)."""
+    pixels = torch.stack([it["pixel_w"] for it in items] + [it["pixel_l"] for it in items])
+    sizes = {
+        key: torch.cat([torch.stack([it[key][i] for it in items]) for i in (0, 1)])
+        for key in ("original_size", "crop_top_left")
+        if all(key in it for it in items)
     }
-    for key in ("original_size", "crop_top_left"):
-        if all(key in it for it in items):
-            batch[key] = torch.cat([torch.stack([it[key][i] for it in items]) for i in (0, 1)])
-    return batch
+    return Batch(
+        captions=[it["caption"] for it in items],
+        label=torch.tensor([it["label_w"] for it in items], dtype=torch.float32),
+        pairs=True,
+        pixel_size=tuple(pixels.shape[-2:]),
+        pixels=pixels,
+        sizes=sizes,
+        rows=torch.tensor([it["row"] for it in items], dtype=torch.long),
+        skipped_rows=[r for it in items for r in it.get("skipped_rows", ())],
+    )
 
 
 # ----------------------------------------------------------------------------------------------- writing

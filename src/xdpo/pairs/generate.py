@@ -50,8 +50,12 @@ def sample_and_pair(
     steps: int = 25,
     guidance: float = 5.0,
     batch_size: int = 8,
+    sampling: Callable[[], Any] | None = None,
 ) -> dict[str, list]:
-    """Columns of the pairs of `records` (prompt p has global index first_index + p) from `pipe`."""
+    """Columns of the pairs of `records` (prompt p has global index first_index + p) from `pipe`.
+
+    `sampling`: the context the pipeline runs in (default `torch.inference_mode`; training rounds pass
+    `no_grad` for partitioned models and the accelerator's autocast)."""
     import torch
 
     jobs = [(p, k) for p in range(len(records)) for k in range(per_prompt)]
@@ -60,7 +64,7 @@ def sample_and_pair(
     for i in range(0, len(jobs), batch_size):
         part = jobs[i : i + batch_size]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch_size]]
-        with torch.inference_mode():
+        with (sampling or torch.inference_mode)():
             images += pipe(
                 prompt=[records[p]["prompt"] for p, _ in part],
                 generator=gens,

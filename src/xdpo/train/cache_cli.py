@@ -27,7 +27,6 @@ from xdpo.config import Config, load_config
 from xdpo.data.cache import (
     FLIP,
     FORMAT,
-    IMAGE_SIZE_KEYS,
     LATENT_KEYS,
     built_with,
     check_manifest,
@@ -119,9 +118,10 @@ def encode_pair_shard(
     batch_size: int,
     num_workers: int,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Posterior parameters (in the VAE's dtype) of both images of `keys`' pairs, labels, rows, captions."""
+    """Posterior parameters (in the VAE's dtype) of both images of `keys`' pairs, labels, rows, captions:
+    `posterior_params`, what a training step's `encode` computes from the same rows."""
     from xdpo.data import collate_pairs
-    from xdpo.models.load import latent_params
+    from xdpo.data.encode import posterior_params
 
     vae, device = comps.vae, comps.vae.device
     loader = torch.utils.data.DataLoader(
@@ -133,31 +133,34 @@ def encode_pair_shard(
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     captions: list[str] = []
     for b in loader:
-        n = len(b["captions"])
-        pixels = torch.cat([b["pixel_w"], b["pixel_l"]]).to(device)
+        n = b.groups
+        pixels = b.pixels.to(device)
         for suffix, px in (("", pixels), (FLIP, pixels.flip(-1)))[: 2 if flips else 1]:
-            mean, logvar = latent_params(vae, px)  # float32 from the VAE's dtype: cast back losslessly
+            mean, logvar = posterior_params(vae, px)  # float32 from the VAE's dtype: cast back losslessly
             for key, value in zip(LATENT_KEYS, (mean[:n], logvar[:n], mean[n:], logvar[n:]), strict=True):
                 parts[key + suffix].append(value.to(vae.dtype).cpu())
-        parts["label_w"].append(b["label_w"])
-        parts["row"].append(b["rows"])
-        sizes = {k: b[k] for k in IMAGE_SIZE_KEYS if k in b}  # SDXL's, [2B, 2] for [w; l], when recorded
+        parts["label_w"].append(b.label)
+        parts["row"].append(b.rows)
+        sizes = dict(b.sizes)  # SDXL's, [2B, 2] for [w; l], when recorded
         if flips and len(sizes) == 2:
             sizes["crop_top_left" + FLIP] = mirror_crops(
                 sizes["original_size"], sizes["crop_top_left"], pairs.resolution
             )
         for key, value in sizes.items():
             parts[key].append(torch.stack([value[:n], value[n:]], dim=1))  # [B, 2 (w, l), 2]
-        captions += b["captions"]
+        captions += b.captions
     return {k: torch.cat(v) for k, v in parts.items()}, captions
 
 
 @torch.no_grad()
 def encode_captions(comps: Any, captions: list[str], batch_size: int) -> dict[str, torch.Tensor]:
-    """The family's conditions of `captions`, [K, ...] per key, in the text encoders' dtype."""
+    """The family's conditions of `captions`, [K, ...] per key, in the text encoders' dtype (`text_conditions`,
+    as a training step's `encode`)."""
+    from xdpo.data.encode import text_conditions
+
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for j in range(0, len(captions), batch_size):
-        cond = comps.family.encode_text(comps, captions[j : j + batch_size], comps.vae.device)
+        cond = text_conditions(comps, captions[j : j + batch_size], comps.vae.device)
         for key, value in cond.items():
             parts[key].append(value.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}

@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from xdpo.errors import ConfigError
+from xdpo.errors import ConfigError, XdpoError
 from xdpo.models.load import pipeline_kwargs
+from xdpo.train.state import STATE_FILE
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -39,7 +41,7 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     if root.is_dir():
         for p in root.iterdir():
             m = STEP_DIR.match(p.name)
-            if m and (p / "trainer_state.json").is_file():
+            if m and (p / STATE_FILE).is_file():
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -52,7 +54,7 @@ def resolve_resume(output_dir: str | Path, resume_from: str) -> Path | None:
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     path = Path(resume_from)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / STATE_FILE).is_file():
         raise ConfigError(f"train.resume_from: {path} is not a complete checkpoint (no trainer_state.json)")
     return path
 
@@ -129,10 +131,10 @@ def register_model_hooks(accelerator: Any, lora: bool, denoiser: str = "unet") -
 
 
 def save_checkpoint(
-    accelerator: Any, output_dir: str | Path, step: int, state: dict, keep: int, tensors: dict | None = None
+    accelerator: Any, output_dir: str | Path, step: int, state: Any, keep: int, tensors: dict | None = None
 ) -> Path:
-    """accelerate state + trainer_state.json (+ `tensors` as reference.safetensors) into checkpoints/step-N
-    (atomically), then prune to `keep`."""
+    """accelerate state + trainer_state.json (`state`, a `TrainerState`) (+ `tensors` as
+    reference.safetensors) into checkpoints/step-N (atomically), then prune to `keep`."""
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     if accelerator.is_main_process:
@@ -146,7 +148,7 @@ def save_checkpoint(
             from safetensors.torch import save_file
 
             save_file(tensors, str(tmp / REFERENCE_FILE))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        (tmp / STATE_FILE).write_text(state.to_json())
         old = root / f"step-{step}.old"
         if (
             final.exists()
@@ -162,13 +164,36 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict, dict]:
-    """Restore model, optimizer, scheduler and RNG; return trainer_state.json and the saved reference tensors."""
+def load_checkpoint(accelerator: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Restore model, optimizer, scheduler and RNG; return the saved reference tensors (the trainer state is
+    read once, before: `TrainerState.read`)."""
     from safetensors.torch import load_file
 
     accelerator.load_state(str(path))
-    tensors = load_file(str(path / REFERENCE_FILE)) if (path / REFERENCE_FILE).is_file() else {}
-    return json.loads((path / "trainer_state.json").read_text()), tensors
+    return load_file(str(path / REFERENCE_FILE)) if (path / REFERENCE_FILE).is_file() else {}
+
+
+def resume_point(accelerator: Any, output_dir: Path, resume_from: str) -> Path | None:
+    """The checkpoint to resume from (after cleaning up a killed save); refuse to start fresh over an
+    existing run's checkpoints."""
+    if accelerator.is_main_process:
+        for note in clean_partial(output_dir):
+            accelerator.print(f"Checkpoints: {note}")
+    accelerator.wait_for_everyone()
+    resume = resolve_resume(output_dir, resume_from)
+    if resume_from == "latest" and resume is None:
+        accelerator.print(f"No checkpoint in {Path(output_dir) / 'checkpoints'}: starting fresh")
+    if resume is None and list_checkpoints(output_dir):
+        raise XdpoError(
+            f"{output_dir} already has checkpoints; set train.resume_from=latest to continue, or choose a new output_dir"
+        )
+    return resume
+
+
+def summary_json(state: Any) -> str:
+    """final/train_summary.json: the steps trained and the trainer state at the end."""
+    d = asdict(state)
+    return json.dumps({"steps": d.pop("step"), **d}, indent=2)
 
 
 def deepspeed_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from xdpo.objectives import get_objective
+from xdpo.train.reference import STRATEGIES
+
 BYTES = {"no": 4, "fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -122,11 +125,14 @@ def estimate(
     ref_b = w if m.reference_dtype == "auto" else BYTES[m.reference_dtype]
     opt = {"adamw": 8 * trainable, "adafactor": 4 * (adafactor_count(den) if not lora else trainable)}
     opt["adamw8bit"] = 2 * trainable
-    if lora:
-        ref = 4 * trainable if r.strategy == "periodic" else 0
-    else:
-        ref = (4 if r.strategy == "ema" else ref_b) * p
-        ref += ref_b * p if r.strategy == "periodic" and not r.offload else 0
+    strategy = STRATEGIES[r.strategy]
+    if not get_objective(cfg.loss.objective).needs_reference:
+        ref = 0  # no reference forward, no copy (SFT, MaPO)
+    elif lora:  # adapters off; a moving reference keeps an fp32 snapshot of the adapters
+        ref = 4 * trainable if strategy.moves else 0
+    else:  # a frozen copy (fp32 for an EMA), and the initial model's copy when the reference moves
+        ref = (4 if strategy.full_precision else ref_b) * p
+        ref += ref_b * p if strategy.moves and not r.offload else 0
     frozen = sum(sum(x.numel() for x in mod.parameters()) for k, mod in modules.items() if k != denoiser)
     mode, world = sharding
     out = {

@@ -1,21 +1,30 @@
-"""Setting up a run's models: the family's pipeline, LoRA, the reference, the noise process, the probe set."""
+"""Setting up a run's models: the family's pipeline, LoRA, the noise process, the reference (only when the
+objective needs one), and the step context that ties them to the objective."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from xdpo.config import Config
 from xdpo.errors import XdpoError
 from xdpo.models.load import DTYPES, Components, add_lora, load_components
 from xdpo.models.noise import PROCESSES
+from xdpo.objectives import Objective
 from xdpo.objectives.timesteps import snr_lambda_table
-from xdpo.train.batches import mix_seed
 from xdpo.train.reference import Reference
+from xdpo.train.step import StepContext
 
-LOSS_KEYS = ("beta", "eta", "gamma", "n", "alpha", "label_smoothing", "logratio_scale", "clamp")
+
+@dataclass
+class Models:
+    comps: Components
+    process: Any
+    policy: Any  # the trained denoiser (with LoRA adapters when model.lora_rank > 0), unwrapped
+    reference: Reference | None  # None when the objective runs no reference
+    params: list[torch.nn.Parameter]  # the trainable ones
 
 
 def resolve_timesteps(cfg: Config, process_kind: str) -> None:
@@ -49,20 +58,17 @@ def place_frozen(comps: Components, mixed_precision: str, device: torch.device) 
         frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
 
 
-def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any, Reference, list]:
-    """(components, process, denoiser, reference, trainable params), everything on `device`.
-
-    With `data.cache` the text encoders and tokenizers are not loaded and the VAE stays on the CPU,
-    never called (its config scales the latents)."""
-    t = cfg.train
+def load_models(cfg: Config, device: torch.device, objective: Objective) -> Models:
+    """Everything on `device`. With `data.cache` the text encoders and tokenizers are not loaded and the
+    VAE stays on the CPU, never called (its config scales the latents)."""
     if cfg.data.cache:
         from xdpo.data.cache import text_components
 
         comps = load_components(cfg.model, skip=text_components(cfg))
     else:
         comps = load_components(cfg.model)
-        place_frozen(comps, t.mixed_precision, device)
-    weight_dtype = DTYPES[t.mixed_precision]
+        place_frozen(comps, cfg.train.mixed_precision, device)
+    weight_dtype = DTYPES[cfg.train.mixed_precision]
     process = make_process(cfg, comps)
     resolve_timesteps(cfg, process.kind)
     ts = cfg.timesteps
@@ -74,46 +80,50 @@ def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any
     if lora:
         model.to(device) if weight_dtype == torch.float32 else model.to(device, dtype=weight_dtype)
         add_lora(model, cfg.model)
-    ref_dtype = weight_dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
-    reference = Reference(cfg.reference, comps.family, model, lora=lora, dtype=ref_dtype, device=device)
+    reference = None
+    if objective.needs_reference:
+        ref_dtype = weight_dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
+        reference = Reference(cfg.reference, comps.family, model, lora=lora, dtype=ref_dtype, device=device)
     if not lora:
         model.to(device)
         model.requires_grad_(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return comps, process, model, reference, params
+    return Models(comps, process, model, reference, params)
 
 
 def lambda_table(cfg: Config, process: Any) -> torch.Tensor | None:
     return snr_lambda_table(process.snr()) if cfg.timesteps.weighting == "snr" else None
 
 
-def loss_kwargs(cfg: Config) -> dict[str, Any]:
+def step_context(cfg: Config, models: Models, objective: Objective, **run: Any) -> StepContext:
+    """The step's view of the run; `run` holds the accelerator-side parts (policy as prepared, autocast,
+    gather, rank, frozen, the objective's state)."""
     lc = cfg.loss
-    kw = {k: getattr(lc, k) for k in LOSS_KEYS}
-    if lc.objective == "pair":
-        kw.update(divergence=lc.divergence, outer=lc.outer)
-    return kw
+    return StepContext(
+        comps=models.comps,
+        process=models.process,
+        policy=run.pop("policy", models.policy),
+        reference=models.reference,
+        objective=objective,
+        params={k: getattr(lc, k) for k in objective.params},
+        timesteps=cfg.timesteps,
+        error_space=lc.error_space,
+        error_reduction=lc.error_reduction,
+        beta_schedule=lc.beta_schedule,
+        lambda_table=lambda_table(cfg, models.process),
+        sample_posterior=cfg.data.sample_posterior,
+        **run,
+    )
 
 
-@torch.no_grad()
-def build_probe(cfg: Config, pairs: Any, n_pairs: int, m: Any, rank: int, world: int, collate: Any) -> None:
-    """The periodic reference's probe set: `probe_size` preferred images drawn once (seeded, apart from
-    the training order), this process's share encoded and handed to the reference."""
-    from xdpo.train.step import encode_batch
+def single_process(cfg: Config, device: torch.device | str = "cpu") -> tuple[StepContext, Models]:
+    """A step context and the models of `cfg` on one process without accelerate (tests, benchmarks);
+    `timesteps.sampling=auto` is resolved, the objective's state made for one micro-batch per step."""
+    from xdpo.objectives import get_objective
 
-    size = min(cfg.reference.probe_size, n_pairs)
-    order = np.random.default_rng([cfg.seed, 0x9E0BE]).permutation(n_pairs)[:size]
-    per = -(-size // world)  # as many on every process: a sharded model's forwards are collectives
-    mine = [int(order[(rank + world * j) % size]) for j in range(per)]
-    batch = collate([pairs[(i, mix_seed(cfg.seed, 0x9E0BE, i))] for i in mine])
-    device = next(m.reference.base.parameters()).device if cfg.data.cache else m.comps.vae.device
-    gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, 0x9E0BE, rank))
-    if "pixel" in batch:  # per-image data: the probe is its images
-        from xdpo.train.step import encode_images_batch
-
-        latents, cond = encode_images_batch(m.comps, batch, gen, m.sample_posterior)
-    else:
-        latents, cond = encode_batch(m.comps, batch, gen, m.sample_posterior)
-    k = len(mine)
-    m.reference.set_probe(latents[:k], {key: v[:k] for key, v in cond.items()})
+    objective = get_objective(cfg.loss.objective)
+    models = load_models(cfg, torch.device(device), objective)
+    images = (2 if cfg.data.format == "pairs" else 1) * cfg.train.batch_size * cfg.train.grad_accum
+    state = objective.state(images) if objective.state else None
+    return step_context(cfg, models, objective, state=state), models

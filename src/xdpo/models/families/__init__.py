@@ -6,7 +6,7 @@ A `Family` says how a diffusers pipeline of that family is trained:
 - `process`: the noise process (`ddpm` or `flow`, see `xdpo.models.noise`);
 - `load_kwargs(model_cfg)`: component overrides when loading (and saving) the pipeline;
 - `encode_text(comps, captions, device)`: the prompt conditions, a dict of batch-first tensors [B, ...];
-- `image_conditions(comps, batch, n)`: per-image conditions for [w; l] (SDXL's time ids), or {};
+- `image_conditions(comps, n, pixel_size, sizes)`: per-image conditions of n images (SDXL's time ids), or {};
 - `predict(model, noisy, t, cond)`: the only place a denoiser is called; returns the prediction in
   the latent layout [N, C, h, w] whatever the model's own layout (Flux packs and unpacks inside).
 

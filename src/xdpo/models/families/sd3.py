@@ -39,7 +39,9 @@ def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[s
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
-def image_conditions(comps: Any, batch: dict, n: int) -> dict[str, Tensor]:
+def image_conditions(
+    comps: Any, n: int, pixel_size: tuple[int, int], sizes: dict | None = None
+) -> dict[str, Tensor]:
     return {}
 
 

@@ -34,11 +34,14 @@ def time_ids(original_hw: Tensor, crop_tl: Tensor, target_hw: tuple[int, int]) -
     return torch.cat([original_hw.float(), crop_tl.float(), target], dim=1)
 
 
-def image_conditions(comps: Any, batch: dict, n: int) -> dict[str, Tensor]:
-    """time_ids for [w; l]; without recorded sizes (e.g. square images) the target size and crop (0, 0)."""
-    h, w = batch["pixel_w"].shape[-2:]
-    orig = batch.get("original_size")
-    crop = batch.get("crop_top_left")
+def image_conditions(
+    comps: Any, n: int, pixel_size: tuple[int, int], sizes: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """time_ids of n images of `pixel_size` (h, w); `sizes` holds their `original_size` and `crop_top_left`
+    [n, 2] when recorded; without them (e.g. square images) the target size and crop (0, 0)."""
+    h, w = pixel_size
+    orig = (sizes or {}).get("original_size")
+    crop = (sizes or {}).get("crop_top_left")
     if orig is None:
         orig = torch.tensor([[h, w]] * n)
     if crop is None:

@@ -1,0 +1,71 @@
+"""One encode path: any `Batch` -> latents and conditions (`Encoded`), for the training step, the probe
+set of the reference's divergence check, and the cache writer (`xdpo cache` stores `posterior_params`
+and `text_conditions`, what `encode` would compute from the same rows).
+
+- Images: pixels through the VAE (a sample of its posterior, as Diffusion-DPO, or its mean), or cached
+  posterior parameters: z = mean + exp(logvar / 2) eps with eps drawn from the step's generator in the
+  cache's dtype, the draw diffusers' posterior `sample` makes, so a cached fp32 run equals an uncached
+  one and resume stays exact. Latents are scaled into the denoiser's space and float32.
+- Text: the family's conditions of each caption (`family.encode_text`), or the cached ones; pairs share
+  their caption's conditions (repeated for [w; l]).
+- Per-image conditions (SDXL's size ids) from the batch's recorded sizes (`family.image_conditions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xdpo.data.batch import Batch
+from xdpo.models.load import encode_images, latent_params, scale_latents
+
+
+@dataclass
+class Encoded:
+    """What the denoiser trains on: latents [N, C, h, w] (float32, scaled) and conditions [N, ...]."""
+
+    latents: Tensor
+    cond: dict[str, Tensor]
+    pairs: bool  # [w; l] halves (N = 2B) or independent images
+
+    def first(self, k: int) -> Encoded:
+        """The first k images (for pairs: winners first) as independent images (the probe set)."""
+        return Encoded(self.latents[:k], {key: v[:k] for key, v in self.cond.items()}, pairs=False)
+
+
+@torch.no_grad()
+def posterior_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """The VAE posterior's (mean, logvar) of pixels in [-1, 1], unscaled, float32 (what the cache stores)."""
+    return latent_params(vae, pixels)
+
+
+@torch.no_grad()
+def text_conditions(comps: Any, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+    """The family's conditions of `captions` ([B, ...] per key), as its pipeline's `encode_prompt` gives."""
+    return comps.family.encode_text(comps, captions, device)
+
+
+@torch.no_grad()
+def encode(comps: Any, batch: Batch, gen: torch.Generator, sample: bool = True) -> Encoded:
+    """Latents and conditions of `batch` on `gen`'s device. `sample`: a posterior sample, else its mean."""
+    device = gen.device
+    if batch.posterior is not None:
+        z = batch.posterior[0].to(device)
+        if sample:
+            eps = torch.randn(z.shape, generator=gen, device=device, dtype=z.dtype)
+            z = z + torch.exp(0.5 * batch.posterior[1].to(device)) * eps
+        latents = scale_latents(comps.vae, z).float()
+    else:
+        pixels = batch.pixels.to(device)
+        if sample:
+            latents = encode_images(comps.vae, pixels, gen).float()
+        else:
+            latents = scale_latents(comps.vae, posterior_params(comps.vae, pixels)[0]).float()
+    text = batch.cond if batch.cond is not None else text_conditions(comps, batch.captions, device)
+    cond = {k: (torch.cat([v, v]) if batch.pairs else v).to(device) for k, v in text.items()}
+    extra = comps.family.image_conditions(comps, latents.shape[0], batch.pixel_size, batch.sizes)
+    cond.update({k: v.to(device) for k, v in extra.items()})
+    return Encoded(latents, cond, batch.pairs)

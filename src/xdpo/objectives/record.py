@@ -1,0 +1,77 @@
+"""The objective record: what the training recipe asks an objective instead of comparing its name.
+
+The recipe reads only these traits (docs/design.md §2):
+- `loss(inp, **params)`: a pure function of per-image errors (`LossInput`) -> `LossOutput`;
+- `params`: the `loss.*` config keys passed to it as keyword arguments;
+- `needs_reference`: whether a reference forward runs (and whether a reference copy is made at all);
+- `noise`: "pair" (one (t, eps) per pair, shared by w and l) or "image" (one per image);
+- `data`: the `data.format` values it trains on ("pairs", "images");
+- `uses_labels`: it reads soft labels (ties kept as 0.5), so `data.ties=keep` is meaningful;
+- `needs_t`: it reads the noise level of each image (`LossInput.sigma`; step-aware objectives);
+- `state`: a factory of its running state (e.g. Diffusion-KTO's reference-point window), saved with
+  checkpoints, or None;
+- `check(cfg)`: its cross-field config rules (one `ConfigError` line), or None.
+A new objective is one module defining such a record plus one line in `registry.OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from xdpo.objectives.output import LossOutput
+
+
+class ObjectiveState(Protocol):
+    """Running state of an objective across steps (saved in checkpoints as JSON)."""
+
+    def state(self) -> Any: ...
+
+    def load(self, value: Any) -> None: ...
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass
+class LossInput:
+    """Per-image errors of one micro-batch and what an objective may need besides them.
+
+    Pair data: images are [w_1..w_B; l_1..l_B] (N = 2B); per-image data: N independent images.
+    `label`: pairs -> P(w preferred) per pair [B] (1 = ordinary pair, 0.5 = kept tie); images ->
+    1 desirable / 0 undesirable per image [N]. Both may live on the CPU (reading them costs no sync).
+    `weight`: lambda(t) per noise draw ([B] for pair noise, [N] for image noise) or None (= 1).
+    """
+
+    err: Tensor  # [N] e_theta, float32
+    ref: Tensor | None  # [N] e_ref (None when the objective needs no reference)
+    pairs: bool
+    label: Tensor | None = None
+    weight: Tensor | None = None
+    t: Tensor | None = None  # [N] integer timestep indices (larger = noisier)
+    sigma: Tensor | None = None  # [N] noise level in [0, 1] (flow sigma, or sqrt(1 - abar) for DDPM)
+    state: Any = None  # the objective's running state (`Objective.state`), if any
+    gather: Callable[[Tensor], Tensor] = field(default=_identity)  # across processes
+
+    @property
+    def rows(self) -> int:
+        return self.err.shape[0] // 2 if self.pairs else self.err.shape[0]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    about: str
+    loss: Callable[..., LossOutput]
+    params: tuple[str, ...] = ()
+    needs_reference: bool = True
+    noise: str = "pair"
+    data: tuple[str, ...] = ("pairs",)
+    uses_labels: bool = False
+    needs_t: bool = False
+    state: Callable[[int], ObjectiveState] | None = None  # factory(images per optimizer step, all processes)
+    check: Callable[[Any], None] | None = None

@@ -1,0 +1,28 @@
+"""The objectives, by the name `loss.objective` takes: one line per objective (its record lives in its module)."""
+
+from __future__ import annotations
+
+from xdpo.errors import ConfigError
+from xdpo.objectives.kto import KTO
+from xdpo.objectives.preference import PAIR
+from xdpo.objectives.record import Objective
+from xdpo.objectives.sft import SFT
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (PAIR, SFT, KTO)}
+
+
+def objective_names() -> tuple[str, ...]:
+    return tuple(OBJECTIVES)
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"loss.objective: unknown objective {name!r} (choose from {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[name]
+
+
+def register_objective(objective: Objective) -> None:
+    """Add an objective (a plugin's, or a test's); its name must be new."""
+    if objective.name in OBJECTIVES:
+        raise ValueError(f"objective {objective.name!r} is already registered")
+    OBJECTIVES[objective.name] = objective

@@ -1,0 +1,196 @@
+"""Where the reference (and the initial model) live: LoRA adapters off / an adapter snapshot, or weight copies.
+
+Three models take part in a run: the policy (trained), the reference (in the loss) and the initial model
+(the base the divergence checks measure against).
+- LoRA (`AdapterStorage`): one denoiser for all three. Initial = adapters disabled (peft's public
+  per-layer `enable_adapters` switch); the reference is a snapshot of the adapter weights run through
+  `torch.func.functional_call` (no second copy, no in-place swapping; under FSDP2 / ZeRO-3, whose
+  forward hooks gather their own parameters, the snapshot is written into the adapters for the forward
+  and restored exactly), or the initial model while the snapshot is empty.
+- Full fine-tune (`CopyStorage`): the reference is a frozen copy in reduced precision (fp32 for an EMA,
+  whose small steps fall below half precision's resolution); strategies that move the reference keep
+  the initial model as a third copy (on the CPU with `reference.offload`, moved in for checks).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from xdpo.models.load import adapters_disabled, frozen_copy
+from xdpo.train.distributed import full_tensor, like
+
+
+def cast_floats(cond: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
+
+@contextmanager
+def eval_mode(module: Any):
+    """Dropout off inside the block (the reference and the divergence check are deterministic)."""
+    was_training = module.training
+    if was_training:
+        module.eval()
+    try:
+        yield module
+    finally:
+        if was_training:
+            module.train()
+
+
+class _Predictor(torch.nn.Module):
+    """`family.predict` as a module, so `functional_call` can run it with swapped adapter weights."""
+
+    def __init__(self, family: Any, model: Any) -> None:
+        super().__init__()
+        self.family, self.model = family, model
+
+    def forward(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self.family.predict(self.model, noisy, t, cond)
+
+
+def trainable_state(model: Any) -> dict[str, Tensor]:
+    """The trained parameters, copied: FSDP2 keeps its shards, ZeRO-3 parameters are gathered whole."""
+    return {
+        n: full_tensor(p) if hasattr(p, "ds_id") else p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def _writable(params: list[Tensor]) -> Any:
+    """Write whole values into parameters: ZeRO-3 ones are gathered, written, and re-partitioned on exit
+    (every process writes the same values)."""
+    if params and hasattr(params[0], "ds_id"):
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        return GatheredParameters(params, modifier_rank=0)
+    return nullcontext()
+
+
+class AdapterStorage:
+    """LoRA: policy, reference and initial model share one denoiser."""
+
+    def __init__(self, family: Any, model: Any) -> None:
+        self.family, self.base = family, model
+        self.snapshot: dict[str, Tensor] | None = None
+        self.sharded = False  # FSDP2 / ZeRO-3: parameters partitioned, gathered by the forward hooks
+
+    def reference(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        if self.snapshot is None:
+            return self.initial(noisy, t, cond)
+        if self.sharded:  # FSDP gathers its own parameters: put the snapshot into them for this forward
+            with eval_mode(self.base), self._swapped():
+                return self.family.predict(self.base, noisy, t, cond)
+        with eval_mode(self.base):  # no LoRA dropout in the reference
+            weights = {f"model.{k}": v for k, v in self.snapshot.items()}
+            return functional_call(
+                _Predictor(self.family, self.base), weights, (noisy, t, cond), strict=False
+            )
+
+    def initial(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        with adapters_disabled(self.base):
+            return self.family.predict(self.base, noisy, t, cond)
+
+    def policy(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        with eval_mode(self.base):  # the divergence check: no dropout
+            return self.family.predict(self.base, noisy, t, cond)
+
+    @contextmanager
+    def _swapped(self):
+        """The adapter snapshot in place of the policy's adapters, restored on exit. Safe for autograd: the
+        reference runs before the policy's forward, and the swap happens outside any graph."""
+        params = dict(self.base.named_parameters())
+        mine = [params[k] for k in self.snapshot]
+        saved = {}
+        with torch.no_grad(), _writable(mine):
+            for k, v in self.snapshot.items():
+                saved[k] = params[k].detach().clone()
+                params[k].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad(), _writable(mine):
+                for k, v in saved.items():
+                    params[k].copy_(v)
+
+    @torch.no_grad()
+    def blend(self, weight: float) -> None:
+        """reference <- (1 - weight) reference + weight policy, on the adapter weights (1: a copy)."""
+        current = trainable_state(self.base)
+        if self.snapshot is None or weight == 1.0:
+            self.snapshot = current
+            return
+        for k, v in current.items():
+            self.snapshot[k].lerp_(v.to(self.snapshot[k].dtype), weight)
+
+    def reset(self) -> None:
+        self.snapshot = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Weights to save with a checkpoint (nothing while the reference is the initial model)."""
+        if self.snapshot is None:
+            return {}
+        return {k: full_tensor(v).contiguous() for k, v in self.snapshot.items()}
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        params = dict(self.base.named_parameters())
+        self.snapshot = {k: like(v, params[k]) for k, v in tensors.items()} or None
+
+
+class CopyStorage:
+    """Full fine-tune: the reference a frozen copy; the initial model a third copy when the reference moves."""
+
+    def __init__(
+        self, family: Any, model: Any, *, dtype: torch.dtype, device: torch.device, moves: bool, offload: bool
+    ) -> None:
+        self.family, self.base, self.sharded = family, model, False
+        self.ref_model = frozen_copy(model, dtype, device)
+        self.init_model = None
+        if moves:
+            self.init_model = frozen_copy(model, dtype, torch.device("cpu") if offload else device)
+
+    def _call(self, model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """A frozen copy in its own dtype (e.g. an fp16 reference next to an fp32 policy without autocast)."""
+        dtype = next(model.parameters()).dtype
+        return self.family.predict(model, noisy.to(dtype), t, cast_floats(cond, dtype))
+
+    def reference(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self._call(self.ref_model, noisy, t, cond)
+
+    def initial(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        init = self.init_model if self.init_model is not None else self.ref_model
+        offloaded = next(init.parameters()).device != noisy.device
+        if offloaded:
+            init.to(noisy.device)
+        try:
+            return self._call(init, noisy, t, cond)
+        finally:
+            if offloaded:
+                init.to("cpu")
+
+    def policy(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        with eval_mode(self.base):
+            return self.family.predict(self.base, noisy, t, cond)
+
+    @torch.no_grad()
+    def blend(self, weight: float) -> None:
+        """reference <- (1 - weight) reference + weight policy (1: a copy); sharded weights gathered whole."""
+        for p_ref, p in zip(self.ref_model.parameters(), self.base.parameters(), strict=True):
+            p = full_tensor(p).detach()  # FSDP / ZeRO-3: the whole parameter (every process gathers alike)
+            p_ref.lerp_(p.to(p_ref.dtype), weight) if weight < 1.0 else p_ref.copy_(p)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.ref_model.load_state_dict(self.init_model.state_dict())
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: v.contiguous() for k, v in self.ref_model.state_dict().items()}
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        if tensors:
+            self.ref_model.load_state_dict(tensors)
