@@ -35,8 +35,8 @@ def main() -> None:
 
     import torch
 
+    from xdpo.apps.demo.run import CONFIGS, SameSeedEvaluator, checkpoint_denoiser
     from xdpo.config import load_config
-    from xdpo.demo.run import CONFIGS, SameSeedEvaluator, checkpoint_denoiser
     from xdpo.train.loop import train
 
     torch.set_num_threads(args.threads)

@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from xdpo.apps.digits import FLOW_BASE_DIR_NAME, flow_base_model_path
+from xdpo.apps.digits.flow_base import (
+    T5_TOKENS,
+    collapsed_matches_full,
+    load_flow_pipeline,
+    measure_flow_accuracy,
+)
 from xdpo.cli import main
-from xdpo.digits import FLOW_BASE_DIR_NAME, flow_base_model_path
-from xdpo.digits.flow_base import T5_TOKENS, collapsed_matches_full, load_flow_pipeline, measure_flow_accuracy
 
 ACCURACY_FLOOR = 0.9  # measured on 200 samples at the default settings: see xdpo_digits.json in the folder
 

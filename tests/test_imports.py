@@ -16,10 +16,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = SRC.parent
 CHECKED = (
     "xdpo.evaluate",
-    "xdpo.digits",
+    "xdpo.apps.digits",
     "xdpo.data",
     "xdpo.objectives",
-    "xdpo.demo",
+    "xdpo.apps.demo",
     "xdpo.models",
     "xdpo.pairs",
 )
@@ -97,15 +97,15 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_evaluate_never_imports_the_digits_world():
     graph = import_graph()
-    reach = {m: sorted(e for e in edges if e.startswith("xdpo.digits")) for m, edges in graph.items()}
+    reach = {m: sorted(e for e in edges if e.startswith("xdpo.apps.digits")) for m, edges in graph.items()}
     assert {m: e for m, e in reach.items() if m.startswith("xdpo.evaluate") and e} == {}
 
 
 def test_parse_digit_lives_with_the_captions():
-    from xdpo.digits import data, labeller
+    from xdpo.apps.digits import data, labeller
 
     assert labeller.parse_digit is data.parse_digit
-    assert "xdpo.digits.labeller" not in import_graph()["xdpo.digits.data"]
+    assert "xdpo.apps.digits.labeller" not in import_graph()["xdpo.apps.digits.data"]
 
 
 def test_plugins_register_scorers_prompt_sets_and_named_models():
@@ -114,10 +114,10 @@ def test_plugins_register_scorers_prompt_sets_and_named_models():
     from xdpo.evaluate.sample import MODEL_SAMPLING
     from xdpo.evaluate.scorers import SCORERS
 
-    assert "xdpo.digits.evaluation:register" in load_plugins()
+    assert "xdpo.apps.digits.evaluation:register" in load_plugins()
     assert {"digits-reward", "digits-alignment", "pickscore", "hpsv2.0"} <= set(SCORERS)
     assert {"digits", "parti", "hpsv2", "pickapic-test"} <= set(PROMPT_SETS)
-    from xdpo.digits import DIGITS_SAMPLING
+    from xdpo.apps.digits import DIGITS_SAMPLING
 
     assert MODEL_SAMPLING["digits"] == DIGITS_SAMPLING
 
@@ -153,11 +153,11 @@ def test_third_party_plugins_load_and_a_broken_one_only_warns(monkeypatch):
 
 
 def test_one_pipeline_loader():
-    from xdpo.digits import sampling
+    from xdpo.apps.digits import sampling
     from xdpo.evaluate import sample
 
     assert sampling.initial_latents is sample.initial_latents
-    text = (SRC / "xdpo" / "digits" / "sampling.py").read_text()
+    text = (SRC / "xdpo" / "apps" / "digits" / "sampling.py").read_text()
     assert "from_pretrained" not in text  # the digits world loads through evaluate.sample.load_pipeline
 
 

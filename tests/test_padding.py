@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from xdpo.digits import flow_base_model_path
+from xdpo.apps.digits import flow_base_model_path
 from xdpo.models.padding import (
     HOOKED,
     CollapsedJointAttnProcessor,
@@ -79,7 +79,7 @@ def test_collapse_is_the_same_function(transformer):
 def test_loader_collapses_and_images_match_the_plain_pipeline():
     from diffusers import StableDiffusion3Pipeline
 
-    from xdpo.digits.sampling import load_pipeline
+    from xdpo.apps.digits.sampling import load_pipeline
     from xdpo.evaluate.sample import generate, initial_latents
 
     fast = load_pipeline("digits-flow")

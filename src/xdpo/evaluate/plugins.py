@@ -8,7 +8,7 @@ their plugins; `load_plugins()` does, once, the first time a registry is read by
 - third-party plugins: entry points in the group `xdpo.plugins`, each naming such a function.
 
 A plugin calls `register_scorer`, `register_prompt_set` and `register_sampling_defaults`. The digits
-world is one (`xdpo.digits.evaluation:register`), so `xdpo.evaluate` never imports `xdpo.digits`.
+world is one (`xdpo.apps.digits.evaluation:register`), so `xdpo.evaluate` never imports `xdpo.apps.digits`.
 A failing built-in plugin raises; a failing third-party plugin is skipped with a warning.
 """
 
@@ -23,7 +23,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "xdpo.evaluate.rewards",  # pickscore, clip, aesthetic, imagereward
     "xdpo.evaluate.hps",  # hpsv2.0, hpsv2.1
     "xdpo.evaluate.prompt_sets",  # parti, hpsv2, pickapic-test
-    "xdpo.digits.evaluation:register",  # digits-reward, digits-alignment, --prompts digits, --model digits
+    "xdpo.apps.digits.evaluation:register",  # digits-reward, digits-alignment, --prompts digits, --model digits
 )
 
 _loaded: list[str] = []

@@ -44,11 +44,11 @@ class Components:
 
 def named_models() -> dict[str, Path]:
     """Pipelines shipped with xdpo, by the name `model.pretrained` and `--model` accept."""
-    from xdpo.digits import base_model_path
+    from xdpo.apps.digits import base_model_path
 
     named = {"digits": base_model_path}
     try:
-        from xdpo.digits import flow_base_model_path
+        from xdpo.apps.digits import flow_base_model_path
 
         named["digits-flow"] = flow_base_model_path
     except ImportError:  # pragma: no cover - older installs

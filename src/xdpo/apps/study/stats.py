@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from xdpo.demo.report import steps_to_reach
+from xdpo.apps.demo.report import steps_to_reach
 
 Runs = list[dict[str, Any]]  # the results of one method's seeds, in seed order
 

@@ -52,13 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from xdpo.demo.run import DEFAULT_OUT, run_demo
+    from xdpo.apps.demo.run import DEFAULT_OUT, run_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if getattr(args, "online", False):
-        from xdpo.demo.online import DEFAULT_OUT as ONLINE_OUT
-        from xdpo.demo.online import run_online
+        from xdpo.apps.demo.online import DEFAULT_OUT as ONLINE_OUT
+        from xdpo.apps.demo.online import run_online
         from xdpo.errors import ConfigError
 
         if args.ablation:

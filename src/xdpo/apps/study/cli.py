@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xdpo.study.run import run_study
+    from xdpo.apps.study.run import run_study
 
     run_study(args.out, quick=args.quick, worlds=args.worlds, workers=args.workers, plan_only=args.plan)
     return 0

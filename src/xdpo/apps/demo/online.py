@@ -24,9 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from xdpo.demo import report as rep
-from xdpo.demo.report import ALIGN, REWARD, drift_and_diversity
-from xdpo.demo.run import DemoSettings, Method, reward_curves, run_config, sample_and_score, stage, train_all
+from xdpo.apps.demo import report as rep
+from xdpo.apps.demo.report import ALIGN, REWARD, drift_and_diversity
+from xdpo.apps.demo.run import (
+    DemoSettings,
+    Method,
+    reward_curves,
+    run_config,
+    sample_and_score,
+    stage,
+    train_all,
+)
 from xdpo.errors import ConfigError, XdpoError
 from xdpo.evaluate.stats import summarize, win_rate
 
@@ -46,7 +54,7 @@ class OnlineSettings(DemoSettings):
     @property
     def prompt_text(self) -> str:
         """The round prompts: the training captions (never the held-out evaluation ones), repeated."""
-        from xdpo.digits.data import train_prompts
+        from xdpo.apps.digits.data import train_prompts
 
         return "\n".join(train_prompts()[: self.n_prompts] * self.prompt_repeats) + "\n"
 

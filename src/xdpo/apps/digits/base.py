@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xdpo.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
 
 KL_WEIGHT = 1e-6  # SD-like: a near-deterministic encoder (posterior std << latent std)
 CFG_DROP = 0.1
@@ -305,8 +305,8 @@ def measure_accuracy(
     path: str | Path, n_per_digit: int = 10, seed: int = 0, prompts=None, **sampling
 ) -> dict:
     """Fraction of samples the labeller's classifier reads as the prompted digit (canonical prompts)."""
-    from xdpo.digits.labeller import alignment
-    from xdpo.digits.sampling import generate, load_pipeline
+    from xdpo.apps.digits.labeller import alignment
+    from xdpo.apps.digits.sampling import generate, load_pipeline
 
     prompts = prompts or [caption(d) for d in range(10)]
     prompts = [p for p in prompts for _ in range(n_per_digit)]

@@ -2,7 +2,7 @@
 
 For pair i: a caption c_i drawn uniformly from `data.train_prompts()`, two images sampled from the model
 (the shipped UNet base by default with DDIM, or `digits-flow` / any digits folder at its own sampling
-defaults, `xdpo.digits.digits_sampling`; own noise each), true rewards R0, R1 (`labeller.hidden_reward`), label_0 from `labeller.bt_labels`.
+defaults, `xdpo.apps.digits.digits_sampling`; own noise each), true rewards R0, R1 (`labeller.hidden_reward`), label_0 from `labeller.bt_labels`.
 Written with `xdpo.data.write_pairs_parquet` (PNG bytes in jpg_0/jpg_1) plus extra columns `reward_0`,
 `reward_1` (hidden from training) and `digit`; a sidecar `<out>.json` records settings, seed, model and counts.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xdpo.digits import digits_sampling
-from xdpo.digits.data import prompt_digits, train_prompts
-from xdpo.digits.labeller import LabellerSettings, alignment, bt_labels, hidden_reward, reward_constants
+from xdpo.apps.digits import digits_sampling
+from xdpo.apps.digits.data import prompt_digits, train_prompts
+from xdpo.apps.digits.labeller import LabellerSettings, alignment, bt_labels, hidden_reward, reward_constants
 from xdpo.errors import DataError
 
 
@@ -43,9 +43,9 @@ def make_pairs(
     """Sample, label and write `n` pairs to `out` (parquet); return the sidecar record.
 
     `model`: None or `digits` (the shipped UNet base), `digits-flow`, or a pipeline folder; `steps` and
-    `guidance` default to the model's own (`xdpo.digits.digits_sampling`)."""
+    `guidance` default to the model's own (`xdpo.apps.digits.digits_sampling`)."""
+    from xdpo.apps.digits.sampling import generate, load_pipeline
     from xdpo.data import write_pairs_parquet
-    from xdpo.digits.sampling import generate, load_pipeline
     from xdpo.evaluate.sample import resolve_model
 
     if n < 1:

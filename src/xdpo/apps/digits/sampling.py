@@ -3,7 +3,7 @@
 There is one pipeline loader (`xdpo.evaluate.sample.load_pipeline`) and one in-memory sampler
 (`xdpo.evaluate.sample.generate`); these wrappers only fix the digits world's settings: the shipped
 base by default (or `digits-flow`, or a folder), on the CPU in float32, at the model's own sampling
-defaults (`xdpo.digits.digits_sampling`: 25 DDIM steps and guidance 5 for the UNet base, 25
+defaults (`xdpo.apps.digits.digits_sampling`: 25 DDIM steps and guidance 5 for the UNet base, 25
 FlowMatchEuler steps and guidance 3.0 for digits-flow).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from xdpo.digits import base_model_path, digits_sampling, pipeline_sampling
+from xdpo.apps.digits import base_model_path, digits_sampling, pipeline_sampling
 from xdpo.evaluate.sample import initial_latents
 
 __all__ = ["denoiser_name", "generate", "initial_latents", "load_pipeline"]

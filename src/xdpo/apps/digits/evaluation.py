@@ -22,15 +22,15 @@ from xdpo.errors import XdpoError
 def _details(fn_name: str) -> str:
     """Function, xdpo version and a hash of the reward constants (a change invalidates cached scores)."""
     from xdpo import __version__
-    from xdpo.digits import labeller
+    from xdpo.apps.digits import labeller
 
     digest = hashlib.sha1(json.dumps(labeller.reward_constants(), sort_keys=True).encode()).hexdigest()[:8]
-    return f"xdpo.digits.labeller.{fn_name} (xdpo {__version__}, reward constants {digest})"
+    return f"xdpo.apps.digits.labeller.{fn_name} (xdpo {__version__}, reward constants {digest})"
 
 
 def digits_reward(device: str | None = None) -> Any:
     """The digits world's hidden ground-truth reward (the stand-in for human taste)."""
-    from xdpo.digits.labeller import hidden_reward
+    from xdpo.apps.digits.labeller import hidden_reward
     from xdpo.evaluate.scorers import FunctionScorer
 
     return FunctionScorer("digits-reward", hidden_reward, _details("hidden_reward"), batch_size=256)
@@ -38,7 +38,7 @@ def digits_reward(device: str | None = None) -> Any:
 
 def digits_alignment(device: str | None = None) -> Any:
     """1 if the digit classifier reads the prompted digit, else 0 (the digits analogue of CLIP score)."""
-    from xdpo.digits.labeller import alignment
+    from xdpo.apps.digits.labeller import alignment
     from xdpo.evaluate.scorers import FunctionScorer
 
     return FunctionScorer("digits-alignment", alignment, _details("alignment"), batch_size=256)
@@ -46,7 +46,7 @@ def digits_alignment(device: str | None = None) -> Any:
 
 def eval_prompts() -> list[str]:
     """The held-out evaluation prompts (phrasings never seen in training)."""
-    from xdpo.digits.data import eval_prompts as prompts
+    from xdpo.apps.digits.data import eval_prompts as prompts
 
     return prompts()
 
@@ -54,7 +54,7 @@ def eval_prompts() -> list[str]:
 def register() -> None:
     """Register the digits scorers, the `digits` prompt set and `--model digits` / `digits-flow` sampling
     defaults (digits-flow's only where its folder is installed)."""
-    from xdpo.digits import DIGITS_SAMPLING, FLOW_BASE_DIR_NAME, flow_sampling
+    from xdpo.apps.digits import DIGITS_SAMPLING, FLOW_BASE_DIR_NAME, flow_sampling
     from xdpo.evaluate.prompts import register_prompt_set
     from xdpo.evaluate.sample import register_sampling_defaults
     from xdpo.evaluate.scorers import register_scorer

@@ -72,7 +72,7 @@ def _pm(values: list[float], nd: int = 3) -> str:
 def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) -> Path:
     """report.md, results.json, curves.png, training.png, reference.png (when a run updates its reference),
     grid.png; return report.md."""
-    from xdpo.digits.pairs import sidecar_path
+    from xdpo.apps.digits.pairs import sidecar_path
 
     out = s.out
     base = tables["base"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from xdpo.digits import DIGITS_SAMPLING, base_model_path
+from xdpo.apps.digits import DIGITS_SAMPLING, base_model_path
 from xdpo.errors import ConfigError
 
 
@@ -71,7 +71,7 @@ def register(subparsers) -> None:
             "jpg_0, jpg_1, label_0, label_1) plus reward_0, reward_1, digit, and OUT.json with settings and counts."
         ),
     )
-    from xdpo.digits.labeller import LabellerSettings
+    from xdpo.apps.digits.labeller import LabellerSettings
 
     d = LabellerSettings()
     mp.add_argument("--out", required=True, help="output parquet file")
@@ -142,7 +142,7 @@ def _base(args) -> int:
 
 
 def _build_base(args) -> int:
-    from xdpo.digits.base import build_base, measure_accuracy
+    from xdpo.apps.digits.base import build_base, measure_accuracy
 
     _set_threads(args.threads)
     if os.path.exists(os.path.join(args.out, "model_index.json")):
@@ -161,7 +161,7 @@ def _build_base(args) -> int:
 
 
 def _build_flow_base(args) -> int:
-    from xdpo.digits.flow_base import build_flow_base, measure_flow_accuracy
+    from xdpo.apps.digits.flow_base import build_flow_base, measure_flow_accuracy
 
     summary = build_flow_base(args.out, seed=args.seed, threads=args.threads, quick=args.quick)
     if not args.no_eval:
@@ -180,8 +180,8 @@ def _build_flow_base(args) -> int:
 
 
 def _make_pairs(args) -> int:
-    from xdpo.digits.labeller import LabellerSettings
-    from xdpo.digits.pairs import make_pairs, sidecar_path
+    from xdpo.apps.digits.labeller import LabellerSettings
+    from xdpo.apps.digits.pairs import make_pairs, sidecar_path
 
     _set_threads(args.threads)
     settings = LabellerSettings(

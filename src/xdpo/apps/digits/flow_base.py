@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xdpo.digits.base import make_text_encoder as make_base_text_encoder
-from xdpo.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.apps.digits.base import make_text_encoder as make_base_text_encoder
+from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
 from xdpo.models.padding import CollapsedJointAttnProcessor
 
 CFG_DROP = 0.1
@@ -217,7 +217,7 @@ def build_flow_base(
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    from xdpo.digits import base_model_path
+    from xdpo.apps.digits import base_model_path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def measure_flow_accuracy(
     `steps` / `guidance` default to the folder's recorded sampling settings; image i starts from the
     i-th draw of ``torch.Generator().manual_seed(seed)`` (independent of batching).
     """
-    from xdpo.digits.labeller import alignment
+    from xdpo.apps.digits.labeller import alignment
     from xdpo.evaluate.sample import generate
 
     path = Path(path)

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from xdpo.digits.data import IMAGE_SIZE, load_digit_images, to_ink8
+from xdpo.apps.digits.data import IMAGE_SIZE, load_digit_images, to_ink8
 
 C_REG = 1.0  # inverse L2 strength: moderate, so probabilities stay calibrated rather than all 0/1
 

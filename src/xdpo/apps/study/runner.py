@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from xdpo.apps.study.plan import N_XDPO, WORLDS, Job, StudySettings
 from xdpo.errors import XdpoError
-from xdpo.study.plan import N_XDPO, WORLDS, Job, StudySettings
 
 # n * delta histogram bins (n = 6): where xDPO's slope eta + exp(n delta) departs from 1.05
 NDELTA_BINS = np.concatenate([[-np.inf], np.linspace(-4.0, 4.0, 33), [np.inf]])
@@ -29,7 +29,7 @@ _EVALUATORS: dict[tuple, Any] = {}  # per worker process: loaded once
 
 
 def evaluator(world: str, n_seeds: int, first_seed: int):
-    from xdpo.demo.run import SameSeedEvaluator
+    from xdpo.apps.demo.run import SameSeedEvaluator
 
     key = (world, n_seeds, first_seed)
     if key not in _EVALUATORS:
@@ -47,7 +47,7 @@ def _pixels(images: list) -> np.ndarray:
 def image_stats(ev, images: list) -> dict[str, Any]:
     """Per-image hidden reward and alignment (in the evaluator's (seed, prompt) order), drift from the base's
     same-seed image and diversity (mean RMS distance between a prompt's images at different seeds)."""
-    from xdpo.digits.labeller import alignment, hidden_reward
+    from xdpo.apps.digits.labeller import alignment, hidden_reward
 
     px = _pixels(images)
     drift = float(np.sqrt(((px - ev.base_pixels) ** 2).mean(axis=(1, 2))).mean())
@@ -96,8 +96,8 @@ def delta_summary(metrics: list[dict], steps: int) -> dict[str, Any]:
 
 def train_job(job: Job, s: StudySettings, folder: Path):
     """Train (or resume) the job's run in `folder`; return its config."""
+    from xdpo.apps.demo.run import CONFIGS, _same_config
     from xdpo.config import load_config
-    from xdpo.demo.run import CONFIGS, _same_config
     from xdpo.train.checkpoint import list_checkpoints
     from xdpo.train.loop import train
 
@@ -130,7 +130,7 @@ def train_job(job: Job, s: StudySettings, folder: Path):
 
 def run_job(job: Job, s: StudySettings) -> dict[str, Any]:
     """Train and evaluate one job (reusing its result.json when it matches the job); return the result."""
-    from xdpo.demo.run import checkpoint_denoiser
+    from xdpo.apps.demo.run import checkpoint_denoiser
     from xdpo.train.checkpoint import list_checkpoints
     from xdpo.train.metrics import read_metrics
 

@@ -4,7 +4,7 @@ base (shipped) -> preference pairs (hidden labeller) -> train each method (the s
 -> reward-vs-step curves from the checkpoints -> same-seed samples of the final models (`xdpo sample`)
 -> scores (`xdpo evaluate` scorers) -> report (report.py).
 Two families: `sd` (the UNet base `digits`, Diffusion-DPO) and `flow` (its rectified-flow twin
-`digits-flow`, an SD3 pipeline, Flow-DPO); each samples at its own defaults (`xdpo.digits.digits_sampling`).
+`digits-flow`, an SD3 pipeline, Flow-DPO); each samples at its own defaults (`xdpo.apps.digits.digits_sampling`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def stage(name: str, settings: DemoSettings):
 
 
 def make_pairs_once(s: DemoSettings) -> Path:
-    from xdpo.digits.pairs import make_pairs, sidecar_path
+    from xdpo.apps.digits.pairs import make_pairs, sidecar_path
     from xdpo.evaluate.sample import resolve_model
 
     path = s.out / "pairs.parquet"
@@ -213,7 +213,7 @@ def _same_config(out: Path, cfg) -> bool:
 
 
 def eval_prompts_and_seeds(n_seeds: int, first_seed: int = 1000) -> tuple[list[str], list[int]]:
-    from xdpo.digits.data import eval_prompts
+    from xdpo.apps.digits.data import eval_prompts
 
     return eval_prompts(), list(range(first_seed, first_seed + n_seeds))  # apart from the pairs' seeds
 
@@ -229,7 +229,7 @@ class SameSeedEvaluator:
     def __init__(self, n_seeds: int, model: str | Path | None = None, first_seed: int = 1000) -> None:
         import torch
 
-        from xdpo.digits.sampling import denoiser_name, load_pipeline
+        from xdpo.apps.digits.sampling import denoiser_name, load_pipeline
 
         prompts, seeds = eval_prompts_and_seeds(n_seeds, first_seed)
         self.prompts = [p for sd in seeds for p in prompts]
@@ -245,7 +245,7 @@ class SameSeedEvaluator:
 
     def images(self, denoiser=None) -> list:
         """Samples of `denoiser` (None: the base) at the fixed (prompt, seed) noise, in `self.prompts` order."""
-        from xdpo.digits.sampling import generate
+        from xdpo.apps.digits.sampling import generate
         from xdpo.models.padding import HOOKED, collapse_zero_padding
 
         if denoiser is not None and getattr(self.base_denoiser, HOOKED, False):
@@ -258,7 +258,7 @@ class SameSeedEvaluator:
 
     def score(self, denoiser=None) -> tuple[float, float]:
         """Mean hidden reward and mean prompt alignment of `images(denoiser)`."""
-        from xdpo.digits.labeller import alignment, hidden_reward
+        from xdpo.apps.digits.labeller import alignment, hidden_reward
 
         images = self.images(denoiser)
         return float(np.mean(hidden_reward(images, self.prompts))), float(
@@ -340,7 +340,7 @@ def _stale(folder: Path, model: Path) -> bool:
 
 def run_demo(out: str | Path, *, quick: bool = False, ablation: bool = False, family: str = "sd") -> Path:
     """Run (or continue) the demo of `family` (sd or flow) into `out`; return the report path."""
-    from xdpo.demo.report import write_report
+    from xdpo.apps.demo.report import write_report
 
     s = DemoSettings.make(out, quick=quick, ablation=ablation, family=family)
     s.out.mkdir(parents=True, exist_ok=True)

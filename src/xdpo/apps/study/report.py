@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from xdpo.study import plots
-from xdpo.study.plan import ABLATION, BASELINE, N_XDPO, XDPO_SLOPE_AT_0, StudySettings, label
-from xdpo.study.stats import (
+from xdpo.apps.study import plots
+from xdpo.apps.study.plan import ABLATION, BASELINE, N_XDPO, XDPO_SLOPE_AT_0, StudySettings, label
+from xdpo.apps.study.stats import (
     Runs,
     diff_interval,
     steps_to_reach_baseline,
@@ -272,7 +272,7 @@ def _json_safe(x: Any) -> Any:
 
 def write_report(s: StudySettings, sweep: dict, chosen: dict, main: dict, timings: dict, est: dict) -> Path:
     """report.md, results.json and the figures in s.out; return report.md."""
-    from xdpo.study.runner import evaluator, image_stats
+    from xdpo.apps.study.runner import evaluator, image_stats
 
     grouped = group(main)
     selection = json.loads((s.out / "selection.json").read_text())

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from xdpo.digits.data import parse_digit, to_grey  # parse_digit lives in data (kept importable here)
+from xdpo.apps.digits.data import parse_digit, to_grey  # parse_digit lives in data (kept importable here)
 from xdpo.errors import DataError
 
 LOGP_FLOOR = -10.0
@@ -91,7 +91,7 @@ def style_score(images: list) -> np.ndarray:
 
 def legibility(images: list, prompts: list[str]) -> np.ndarray:
     """``max(log p_clf(prompted digit | image), LOGP_FLOOR)`` per image."""
-    from xdpo.digits.classifier import get_classifier
+    from xdpo.apps.digits.classifier import get_classifier
 
     digits = _check(images, prompts)
     if not len(images):
@@ -107,7 +107,7 @@ def hidden_reward(images: list[Image.Image], prompts: list[str]) -> np.ndarray:
 
 def alignment(images: list[Image.Image], prompts: list[str]) -> np.ndarray:
     """1.0 where the classifier's predicted digit is the prompted digit, else 0.0."""
-    from xdpo.digits.classifier import get_classifier
+    from xdpo.apps.digits.classifier import get_classifier
 
     digits = _check(images, prompts)
     if not len(images):

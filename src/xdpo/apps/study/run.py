@@ -8,12 +8,12 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from xdpo.study.plan import WORLDS, StudySettings, estimate, label, main_jobs, sweep_jobs
-from xdpo.study.runner import _init_worker, run_jobs
+from xdpo.apps.study.plan import WORLDS, StudySettings, estimate, label, main_jobs, sweep_jobs
+from xdpo.apps.study.runner import _init_worker, run_jobs
 
 
 def _pairs(world: str, s: StudySettings) -> str:
-    from xdpo.digits.pairs import make_pairs, sidecar_path
+    from xdpo.apps.digits.pairs import make_pairs, sidecar_path
     from xdpo.evaluate.sample import resolve_model
 
     path = s.out / "pairs" / f"{world}.parquet"
@@ -103,7 +103,7 @@ def run_study(
     jobs = main_jobs(s, chosen)
     print(f"   {len(jobs)} main runs", flush=True)
     main = stage("3/4 main runs: chosen, matched beta, ablation", lambda: run_jobs(jobs, s, "main"))
-    from xdpo.study.report import write_report
+    from xdpo.apps.study.report import write_report
 
     report = stage("4/4 report", lambda: write_report(s, sweep, chosen, main, timings, est))
     print(f"Study finished. Report: {report}", flush=True)

@@ -1,12 +1,12 @@
 """The digits world: a Stable Diffusion in miniature on scikit-learn's handwritten digits (docs/design.md §5).
 
-- `base_model_path()`: the shipped base `StableDiffusionPipeline` folder (src/xdpo/assets/digits-base).
+- `base_model_path()`: the shipped base `StableDiffusionPipeline` folder (src/xdpo/apps/digits/assets/digits-base).
 - `labeller`: the hidden reward `hidden_reward`, `alignment`, `parse_digit`, Bradley-Terry labels.
 - `data`: real digits, training and held-out evaluation captions.
 - `pairs.make_pairs`: preference pairs sampled from the base, in the Pick-a-Pic v2 schema.
 - `base.build_base`: the recipe that rebuilds the shipped base.
 - `flow_base_model_path()`: the shipped flow-matching twin, a `StableDiffusion3Pipeline` folder
-  (src/xdpo/assets/digits-flow), rebuilt by `flow_base.build_flow_base`.
+  (src/xdpo/apps/digits/assets/digits-flow), rebuilt by `flow_base.build_flow_base`.
 - `digits_sampling(model)`: how a digits-world model samples (`DIGITS_SAMPLING` for the UNet base and
   its fine-tunes, `flow_sampling()` for digits-flow and its fine-tunes).
 This module imports neither torch nor diffusers.
@@ -29,7 +29,7 @@ FLOW_PIPELINE = "StableDiffusion3Pipeline"  # the class of digits-flow (and of i
 
 def base_model_path() -> Path:
     """The shipped digits base pipeline folder; XdpoError if it is missing from the installation."""
-    path = Path(__file__).resolve().parent.parent / "assets" / BASE_DIR_NAME
+    path = Path(__file__).resolve().parent / "assets" / BASE_DIR_NAME
     if not (path / "model_index.json").is_file():
         raise XdpoError(
             f"the digits base model is missing ({path}/model_index.json not found): reinstall xdpo, "
@@ -40,7 +40,7 @@ def base_model_path() -> Path:
 
 def flow_base_model_path() -> Path:
     """The shipped flow-matching digits base (`StableDiffusion3Pipeline` folder); XdpoError if missing."""
-    path = Path(__file__).resolve().parent.parent / "assets" / FLOW_BASE_DIR_NAME
+    path = Path(__file__).resolve().parent / "assets" / FLOW_BASE_DIR_NAME
     if not (path / "model_index.json").is_file():
         raise XdpoError(
             f"the digits flow base model is missing ({path}/model_index.json not found): reinstall xdpo, "

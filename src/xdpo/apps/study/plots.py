@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xdpo.study.stats import Runs, curve_band
+from xdpo.apps.study.stats import Runs, curve_band
 
 
 def _plt():
