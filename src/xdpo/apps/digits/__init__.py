@@ -9,6 +9,7 @@
   (src/xdpo/apps/digits/assets/digits-flow), rebuilt by `flow_base.build_flow_base`.
 - `digits_sampling(model)`: how a digits-world model samples (`DIGITS_SAMPLING` for the UNet base and
   its fine-tunes, `flow_sampling()` for digits-flow and its fine-tunes).
+- `register_named_models()`: the plugin that names them `digits` and `digits-flow` (`xdpo.models.named`).
 This module imports neither torch nor diffusers.
 """
 
@@ -78,6 +79,15 @@ def pipeline_sampling(pipe: Any) -> dict[str, Any]:
     return flow_sampling() if type(pipe).__name__ == FLOW_PIPELINE else dict(DIGITS_SAMPLING)
 
 
+def register_named_models() -> None:
+    """The plugin (group `xdpo.models`, listed in `xdpo.apps.PLUGINS`) that makes `model.pretrained=digits`
+    and `digits-flow` resolve to the shipped folders."""
+    from xdpo.models.named import register_named_model
+
+    register_named_model("digits", base_model_path)
+    register_named_model(FLOW_BASE_DIR_NAME, flow_base_model_path)
+
+
 __all__ = [
     "BASE_DIR_NAME",
     "DIGITS_SAMPLING",
@@ -88,4 +98,5 @@ __all__ = [
     "flow_base_model_path",
     "flow_sampling",
     "pipeline_sampling",
+    "register_named_models",
 ]

@@ -1,6 +1,7 @@
 """The digits world as an evaluation plugin: its scorers, prompt set and sampling defaults.
 
-`register()` is listed in `xdpo.evaluate.plugins.BUILTIN_PLUGINS`; it adds
+`register()` is listed in `xdpo.apps.PLUGINS` (group `xdpo.plugins`, which `xdpo.evaluate.plugins`
+loads); it adds
 - scorers `digits-reward` (the hidden ground-truth reward, `labeller.hidden_reward`) and
   `digits-alignment` (1 if the classifier reads the prompted digit, `labeller.alignment`);
 - the prompt set `digits` (held-out evaluation captions, `data.eval_prompts`);
