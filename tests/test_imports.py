@@ -151,6 +151,12 @@ def test_the_library_core_never_imports_the_apps():
     assert "xdpo.apps.digits.cli" in named_modules(mods["xdpo.cli"])  # the finder finds names
 
 
+def test_the_demo_and_study_load_denoisers_through_the_models_api():
+    assert violations(import_graph(), ("xdpo.apps",), ("xdpo.models.padding",)) == {
+        "xdpo.apps.digits.flow_base": ["xdpo.models.padding"]  # builds with the collapsed processor
+    }
+
+
 def test_parse_digit_lives_with_the_captions():
     from xdpo.apps.digits import data, labeller
 

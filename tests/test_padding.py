@@ -94,3 +94,21 @@ def test_loader_collapses_and_images_match_the_plain_pipeline():
     a = np.stack([np.asarray(im, dtype=int) for im in generate(fast, prompts, **kw)])
     b = np.stack([np.asarray(im, dtype=int) for im in generate(plain, prompts, **kw)])
     assert np.abs(a - b).max() <= 1  # uint8 rounding
+
+
+def test_load_denoiser_prepares_as_the_loaders_do(transformer, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from xdpo.apps.digits import base_model_path
+    from xdpo.errors import DataError
+    from xdpo.models.denoiser import load_denoiser, prepare_denoiser
+
+    flow = load_denoiser(flow_base_model_path())  # transformer/: an SD3 transformer, collapse installed
+    assert getattr(flow, HOOKED, False) and not flow.training
+    inputs = _inputs(transformer.config, 256, seed=2)
+    assert (_run(flow, inputs) - _run(transformer, inputs)).abs().max() < 1e-4
+    unet = load_denoiser(base_model_path())  # unet/: unchanged
+    assert isinstance(unet, UNet2DConditionModel) and not getattr(unet, HOOKED, False)
+    assert prepare_denoiser(unet) is unet and not getattr(unet, HOOKED, False)
+    with pytest.raises(DataError, match="no unet/ or transformer/"):
+        load_denoiser(tmp_path)

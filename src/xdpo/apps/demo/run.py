@@ -246,10 +246,10 @@ class SameSeedEvaluator:
     def images(self, denoiser=None) -> list:
         """Samples of `denoiser` (None: the base) at the fixed (prompt, seed) noise, in `self.prompts` order."""
         from xdpo.apps.digits.sampling import generate
-        from xdpo.models.padding import HOOKED, collapse_zero_padding
+        from xdpo.models.denoiser import prepare_denoiser
 
-        if denoiser is not None and getattr(self.base_denoiser, HOOKED, False):
-            collapse_zero_padding(denoiser)  # as the loader did for the base (SD3 without T5)
+        if denoiser is not None:
+            prepare_denoiser(denoiser)  # as the loader did for the base (SD3: zero padding attended once)
         setattr(self.pipe, self.attr, denoiser if denoiser is not None else self.base_denoiser)
         try:
             return generate(self.pipe, self.prompts, latents=self.latents, progress=False)
@@ -266,23 +266,9 @@ class SameSeedEvaluator:
         )
 
 
-def checkpoint_denoiser(ckpt: Path):
-    """The denoiser a checkpoint (or final/) holds: `unet/` or `transformer/`, loaded with the diffusers
-    class its config.json names (UNet2DConditionModel, SD3Transformer2DModel, ...)."""
-    import diffusers
-
-    from xdpo.errors import DataError
-
-    for sub in ("unet", "transformer"):
-        config = Path(ckpt) / sub / "config.json"
-        if config.is_file():
-            cls = getattr(diffusers, json.loads(config.read_text())["_class_name"])
-            return cls.from_pretrained(config.parent).eval()
-    raise DataError(f"{ckpt}: no unet/ or transformer/ folder with a config.json")
-
-
 def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
     """Mean hidden reward of same-seed samples at every checkpoint of every run (step 0 = the base)."""
+    from xdpo.models.denoiser import load_denoiser
     from xdpo.train.checkpoint import list_checkpoints
 
     ev = SameSeedEvaluator(s.curve_seeds, s.base)
@@ -291,7 +277,7 @@ def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[st
     for (slug, seed), out in runs.items():
         points = [(0, base_reward, base_align)]
         for step, ckpt in list_checkpoints(out):
-            points.append((step, *ev.score(checkpoint_denoiser(ckpt))))
+            points.append((step, *ev.score(load_denoiser(ckpt))))
         curves["runs"][f"{slug}-s{seed}"] = points
         print(f"   {slug} (seed {seed}): " + ", ".join(f"{st}:{r:.3f}" for st, r, _ in points), flush=True)
     (s.out / "curves.json").write_text(json.dumps(curves, indent=2))

@@ -130,7 +130,7 @@ def train_job(job: Job, s: StudySettings, folder: Path):
 
 def run_job(job: Job, s: StudySettings) -> dict[str, Any]:
     """Train and evaluate one job (reusing its result.json when it matches the job); return the result."""
-    from xdpo.apps.demo.run import checkpoint_denoiser
+    from xdpo.models.denoiser import load_denoiser
     from xdpo.train.checkpoint import list_checkpoints
     from xdpo.train.metrics import read_metrics
 
@@ -149,13 +149,11 @@ def run_job(job: Job, s: StudySettings) -> dict[str, Any]:
         ev = evaluator(job.world, s.curve_seeds, 1000)
         curve = [(0, float(np.mean(image_stats(ev, ev.base_images)["reward"])))]
         for step, ckpt in list_checkpoints(folder):
-            curve.append(
-                (step, float(np.mean(image_stats(ev, ev.images(checkpoint_denoiser(ckpt)))["reward"])))
-            )
+            curve.append((step, float(np.mean(image_stats(ev, ev.images(load_denoiser(ckpt)))["reward"]))))
         result["curve"] = curve
     first, n = (2000, s.select_seeds) if job.stage == "sweep" else (1000, s.eval_seeds)
     ev = evaluator(job.world, n, first)
-    result["final"] = image_stats(ev, ev.images(checkpoint_denoiser(folder / "final")))
+    result["final"] = image_stats(ev, ev.images(load_denoiser(folder / "final")))
     result["final"]["mean_reward"] = float(np.mean(result["final"]["reward"]))
     result["delta"] = delta_summary(metrics, job.steps)
     result["train"] = {
