@@ -6,7 +6,9 @@
 - `pairs.make_pairs`: preference pairs sampled from the base, in the Pick-a-Pic v2 schema.
 - `base.build_base`: the recipe that rebuilds the shipped base.
 - `flow_base_model_path()`: the shipped flow-matching twin, a `StableDiffusion3Pipeline` folder
-  (src/xdpo/apps/digits/assets/digits-flow), rebuilt by `flow_base.build_flow_base`.
+  (src/xdpo/apps/digits/assets/digits-flow, which shares digits-base's tokenizer and VAE files: the
+  complete folder is assembled once in the user cache, `assets.pipeline_folder`), rebuilt by
+  `flow_base.build_flow_base` (scripts/build_digits_flow.sh).
 - `digits_sampling(model)`: how a digits-world model samples (`DIGITS_SAMPLING` for the UNet base and
   its fine-tunes, `flow_sampling()` for digits-flow and its fine-tunes).
 - `register_named_models()`: the plugin that names them `digits` and `digits-flow` (`xdpo.models.named`).
@@ -30,7 +32,9 @@ FLOW_PIPELINE = "StableDiffusion3Pipeline"  # the class of digits-flow (and of i
 
 def base_model_path() -> Path:
     """The shipped digits base pipeline folder; XdpoError if it is missing from the installation."""
-    path = Path(__file__).resolve().parent / "assets" / BASE_DIR_NAME
+    from xdpo.apps.digits.assets import ASSETS
+
+    path = ASSETS / BASE_DIR_NAME
     if not (path / "model_index.json").is_file():
         raise XdpoError(
             f"the digits base model is missing ({path}/model_index.json not found): reinstall xdpo, "
@@ -39,9 +43,11 @@ def base_model_path() -> Path:
     return path
 
 
-def flow_base_model_path() -> Path:
-    """The shipped flow-matching digits base (`StableDiffusion3Pipeline` folder); XdpoError if missing."""
-    path = Path(__file__).resolve().parent / "assets" / FLOW_BASE_DIR_NAME
+def shipped_flow_base() -> Path:
+    """The shipped digits-flow folder as stored (its own files and `xdpo_shared.json`); XdpoError if missing."""
+    from xdpo.apps.digits.assets import ASSETS
+
+    path = ASSETS / FLOW_BASE_DIR_NAME
     if not (path / "model_index.json").is_file():
         raise XdpoError(
             f"the digits flow base model is missing ({path}/model_index.json not found): reinstall xdpo, "
@@ -50,13 +56,21 @@ def flow_base_model_path() -> Path:
     return path
 
 
+def flow_base_model_path() -> Path:
+    """The flow-matching digits base as a complete `StableDiffusion3Pipeline` folder (assembled once from
+    the shipped files, `assets.pipeline_folder`); XdpoError if missing."""
+    from xdpo.apps.digits.assets import pipeline_folder
+
+    return pipeline_folder(shipped_flow_base())
+
+
 def flow_sampling(path: str | Path | None = None) -> dict[str, Any]:
     """digits-flow's sampling defaults, as its xdpo_digits.json records them (25 Euler steps, guidance 3.0);
     scheduler "default": the pipeline's own FlowMatchEulerDiscreteScheduler. `path`: a rebuilt flow base
     folder with its own xdpo_digits.json (default: the shipped one)."""
     record = Path(path) / "xdpo_digits.json" if path else None
     if record is None or not record.is_file():
-        record = flow_base_model_path() / "xdpo_digits.json"
+        record = shipped_flow_base() / "xdpo_digits.json"  # read where it is stored (nothing assembled)
     rec = json.loads(record.read_text())["sampling"]
     return {"steps": int(rec["steps"]), "guidance": float(rec["guidance"]), "scheduler": "default"}
 
@@ -99,4 +113,5 @@ __all__ = [
     "flow_sampling",
     "pipeline_sampling",
     "register_named_models",
+    "shipped_flow_base",
 ]
