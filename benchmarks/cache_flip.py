@@ -51,7 +51,7 @@ def textures(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def digits(n: int, size: int = 32) -> torch.Tensor:
     """Real handwritten digits (black on white, grey as RGB) in [-1, 1], [n, 3, size, size]."""
-    from xdpo.digits.data import load_digit_images
+    from xdpo.apps.digits.data import load_digit_images
 
     grey, _ = load_digit_images(size)
     idx = np.random.default_rng(0).choice(len(grey), n, replace=False)
@@ -86,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from diffusers import AutoencoderKL
 
-    from xdpo.digits import base_model_path
+    from xdpo.apps.digits import base_model_path
 
     rows = []
     vae = AutoencoderKL.from_pretrained(base_model_path(), subfolder="vae").eval()

@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/digits-demo")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from xdpo.demo.run import run_demo
+    from xdpo.apps.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick)
     results = json.loads((Path(args.out) / "results.json").read_text())

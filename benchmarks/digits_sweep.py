@@ -35,8 +35,9 @@ def main() -> None:
 
     import torch
 
+    from xdpo.apps.demo.run import CONFIGS, SameSeedEvaluator
     from xdpo.config import load_config
-    from xdpo.demo.run import CONFIGS, SameSeedEvaluator, checkpoint_denoiser
+    from xdpo.models.denoiser import load_denoiser
     from xdpo.train.loop import train
 
     torch.set_num_threads(args.threads)
@@ -55,7 +56,7 @@ def main() -> None:
                     cfg = load_config(CONFIGS / config, over)
                     t0 = time.time()
                     out = train(cfg)
-                    reward, align = ev.score(checkpoint_denoiser(out / "final"))  # unet/ or transformer/
+                    reward, align = ev.score(load_denoiser(out / "final"))  # unet/ or transformer/
                     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
                     dmax = max(m["delta_abs_max"] for m in metrics)
                     dmed = float(np.median([abs(m["delta_w"]) + abs(m["delta_l"]) for m in metrics]) / 2)

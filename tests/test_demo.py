@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from xdpo.apps.demo.report import steps_to_reach
+from xdpo.apps.demo.run import CONFIGS, DEFAULT_OUT, DemoSettings
 from xdpo.cli import main
-from xdpo.demo.report import steps_to_reach
-from xdpo.demo.run import CONFIGS, DEFAULT_OUT, DemoSettings
 
 
 def test_steps_to_reach_interpolates():
@@ -71,7 +71,7 @@ def test_flow_family_settings(capsys):
 
 @pytest.mark.slow
 def test_quick_flow_demo_writes_the_report(tmp_path):
-    from xdpo.digits import flow_base_model_path
+    from xdpo.apps.digits import flow_base_model_path
 
     out = tmp_path / "flow-demo"
     cmd = [

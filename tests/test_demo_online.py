@@ -8,10 +8,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from xdpo.apps.demo.online import OnlineSettings, run_online
+from xdpo.apps.demo.run import run_config
 from xdpo.cli import main
 from xdpo.config import to_dict
-from xdpo.demo.online import OnlineSettings, run_online
-from xdpo.demo.run import run_config
 from xdpo.errors import ConfigError
 
 

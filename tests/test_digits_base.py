@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from xdpo.apps.digits import DIGITS_SAMPLING, base_model_path
+from xdpo.apps.digits.data import caption, eval_prompts
+from xdpo.apps.digits.labeller import alignment
+from xdpo.apps.digits.sampling import generate, load_pipeline
 from xdpo.cli import main
-from xdpo.digits import DIGITS_SAMPLING, base_model_path
-from xdpo.digits.data import caption, eval_prompts
-from xdpo.digits.labeller import alignment
-from xdpo.digits.sampling import generate, load_pipeline
 
 ACCURACY_FLOOR = 0.9  # measured 0.995 (200 samples) at the default settings: see xdpo_digits.json in the base
 

@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from xdpo.apps.digits import FLOW_BASE_DIR_NAME, base_model_path, flow_base_model_path
+from xdpo.apps.digits.flow_base import (
+    T5_TOKENS,
+    collapsed_matches_full,
+    load_flow_pipeline,
+    measure_flow_accuracy,
+)
 from xdpo.cli import main
-from xdpo.digits import FLOW_BASE_DIR_NAME, flow_base_model_path
-from xdpo.digits.flow_base import T5_TOKENS, collapsed_matches_full, load_flow_pipeline, measure_flow_accuracy
 
 ACCURACY_FLOOR = 0.9  # measured on 200 samples at the default settings: see xdpo_digits.json in the folder
 
@@ -46,7 +51,7 @@ def test_flow_base_folder():
     assert summary["prompted_digit_accuracy"]["value"] >= 0.95
     assert {"steps", "guidance"} <= set(summary["sampling"])
     # the same autoencoder weights as digits-base, with SD3's latent shift set explicitly
-    base_vae = (path.parent / "digits-base" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    base_vae = (base_model_path() / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (path / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == base_vae
     vae_cfg = json.loads((path / "vae" / "config.json").read_text())
     assert isinstance(vae_cfg["shift_factor"], float) and vae_cfg["scaling_factor"] > 0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from xdpo.digits.data import caption, eval_prompts, load_digit_pils, train_prompts
-from xdpo.digits.labeller import (
+from xdpo.apps.digits.data import caption, eval_prompts, load_digit_pils, train_prompts
+from xdpo.apps.digits.labeller import (
     STYLE_CLIP,
     LabellerSettings,
     alignment,

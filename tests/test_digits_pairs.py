@@ -12,10 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pyarrow.parquet as pq
 
+from xdpo.apps.digits.labeller import LabellerSettings
+from xdpo.apps.digits.pairs import make_pairs, sidecar_path
 from xdpo.cli import main
 from xdpo.data import PreferencePairs, load_preference_table
-from xdpo.digits.labeller import LabellerSettings
-from xdpo.digits.pairs import make_pairs, sidecar_path
 
 
 def test_make_pairs_cli_writes_pickapic_schema(tmp_path):
@@ -56,7 +56,7 @@ def test_make_pairs_is_seeded(tmp_path):
 def test_flow_pairs_train_the_flow_base(tmp_path):
     """`make-pairs --model digits-flow` samples at digits-flow's own settings; `xdpo train` on the shipped
     digits-flow config reads the file and trains the SD3 transformer."""
-    from xdpo.digits import flow_base_model_path, flow_sampling
+    from xdpo.apps.digits import flow_base_model_path, flow_sampling
     from xdpo.evaluate.sample import sampling_defaults
 
     # the digits plugin registers digits-flow's recorded defaults (xdpo_digits.json) for `--model digits-flow`

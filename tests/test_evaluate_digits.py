@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xdpo.digits.data import caption, load_digit_pils
+from xdpo.apps.digits.data import caption, load_digit_pils
 from xdpo.evaluate.evaluate import evaluate_folder
 from xdpo.evaluate.scorers import load_scorers
 
@@ -35,7 +35,7 @@ def scorers():
 def test_scorer_interface(scorers, digits):
     imgs, _, right, _ = digits
     for name, s in scorers.items():
-        assert s.name == name and "xdpo.digits.labeller" in s.details
+        assert s.name == name and "xdpo.apps.digits.labeller" in s.details
         out = s(imgs[:3], right[:3])
         assert out.dtype == np.float64 and out.shape == (3,) and np.all(np.isfinite(out))
 

@@ -1,4 +1,5 @@
-"""The package's structure: no import cycles, evaluate reaches the digits world only as a plugin, docs cited.
+"""The package's structure: no import cycles, the layer rules (models import neither the apps nor evaluate;
+the library core never imports `xdpo.apps`, which it reaches only as plugins), docs cited.
 
 Imports are read from the source (every `import xdpo...` / `from xdpo... import`, at module level or
 inside functions), so a cycle hidden in a function-level import counts too.
@@ -7,6 +8,7 @@ inside functions), so a cycle hidden in a function-level import counts too.
 from __future__ import annotations
 
 import ast
+import re
 import warnings
 from pathlib import Path
 
@@ -16,12 +18,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = SRC.parent
 CHECKED = (
     "xdpo.evaluate",
-    "xdpo.digits",
+    "xdpo.apps",
     "xdpo.data",
     "xdpo.objectives",
-    "xdpo.demo",
     "xdpo.models",
     "xdpo.pairs",
+    "xdpo.plugins",
 )
 
 
@@ -86,7 +88,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_cycles_through_evaluate_digits_data_objectives_demo():
+def test_no_import_cycles_through_evaluate_apps_data_objectives_models_pairs():
     bad = [c for c in cycles(import_graph()) if any(m.startswith(CHECKED) for m in c)]
     assert not bad, f"import cycles: {bad}"
 
@@ -95,17 +97,71 @@ def test_the_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_evaluate_never_imports_the_digits_world():
+APPS = "xdpo.apps"
+COMPOSITION = ("xdpo.cli", "xdpo.__main__")  # the CLI: lists every command, the apps' too
+# The one place the core names the apps package: it reads the shipped apps' PLUGINS as entry points.
+DISCOVERY = {"xdpo.plugins": {APPS}}
+
+
+def under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def violations(graph: dict[str, set[str]], importers, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    """{module of `importers` (package prefixes, or a set of modules): the modules under `forbidden` it
+    imports}, where any."""
+    chosen = importers.__contains__ if isinstance(importers, set) else lambda m: under(m, importers)
+    found = {m: sorted(e for e in edges if under(e, forbidden)) for m, edges in graph.items()}
+    return {m: e for m, e in found.items() if e and chosen(m)}
+
+
+def core(graph: dict[str, set[str]]) -> set[str]:
+    """The library core: every module outside the apps and the CLI composition modules."""
+    return {m for m in graph if not under(m, (APPS, *COMPOSITION))}
+
+
+def named_modules(path: Path) -> set[str]:
+    """String literals in a module that name an xdpo.apps module or plugin spec ("xdpo.apps.x:fn")."""
+    spec = re.compile(r"^xdpo\.apps(\.\w+)*(:\w+)?$")
+    return {
+        n.value
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and spec.match(n.value)
+    }
+
+
+def test_the_layer_checker_finds_violations():
+    graph = {"xdpo.models.load": {"xdpo.apps.digits", "xdpo.errors"}, "xdpo.apps.demo.run": {"xdpo.models"}}
+    assert violations(graph, ("xdpo.models",), (APPS,)) == {"xdpo.models.load": ["xdpo.apps.digits"]}
+    assert violations(graph, ("xdpo.model",), (APPS,)) == {}  # a prefix is a whole package name
+    assert core({**graph, "xdpo.cli": {APPS}, "xdpo": set()}) == {"xdpo.models.load", "xdpo"}
+    assert violations({**graph, "xdpo": set()}, {"xdpo"}, (APPS,)) == {}  # a set: those modules only
+
+
+def test_models_import_neither_the_apps_nor_evaluate():
+    assert violations(import_graph(), ("xdpo.models",), (APPS, "xdpo.evaluate")) == {}
+
+
+def test_the_library_core_never_imports_the_apps():
     graph = import_graph()
-    reach = {m: sorted(e for e in edges if e.startswith("xdpo.digits")) for m, edges in graph.items()}
-    assert {m: e for m, e in reach.items() if m.startswith("xdpo.evaluate") and e} == {}
+    assert violations(graph, core(graph), (APPS,)) == {}
+    mods = modules()
+    named = {m: named_modules(mods[m]) - DISCOVERY.get(m, set()) for m in core(graph)}
+    assert {m: n for m, n in named.items() if n} == {}  # nor loads one by name (importlib)
+    assert "xdpo.apps.digits.cli" in named_modules(mods["xdpo.cli"])  # the finder finds names
+
+
+def test_the_demo_and_study_load_denoisers_through_the_models_api():
+    assert violations(import_graph(), ("xdpo.apps",), ("xdpo.models.padding",)) == {
+        "xdpo.apps.digits.flow_base": ["xdpo.models.padding"]  # builds with the collapsed processor
+    }
 
 
 def test_parse_digit_lives_with_the_captions():
-    from xdpo.digits import data, labeller
+    from xdpo.apps.digits import data, labeller
 
     assert labeller.parse_digit is data.parse_digit
-    assert "xdpo.digits.labeller" not in import_graph()["xdpo.digits.data"]
+    assert "xdpo.apps.digits.labeller" not in import_graph()["xdpo.apps.digits.data"]
 
 
 def test_plugins_register_scorers_prompt_sets_and_named_models():
@@ -114,24 +170,34 @@ def test_plugins_register_scorers_prompt_sets_and_named_models():
     from xdpo.evaluate.sample import MODEL_SAMPLING
     from xdpo.evaluate.scorers import SCORERS
 
-    assert "xdpo.digits.evaluation:register" in load_plugins()
+    assert "xdpo.apps.digits.evaluation:register" in load_plugins()  # a shipped app's, by name
     assert {"digits-reward", "digits-alignment", "pickscore", "hpsv2.0"} <= set(SCORERS)
     assert {"digits", "parti", "hpsv2", "pickapic-test"} <= set(PROMPT_SETS)
-    from xdpo.digits import DIGITS_SAMPLING
+    from xdpo.apps.digits import DIGITS_SAMPLING
 
     assert MODEL_SAMPLING["digits"] == DIGITS_SAMPLING
+
+
+class EntryPoint:
+    def __init__(self, name: str, fn) -> None:
+        self.name, self.value, self.fn = name, f"thirdparty:{name}", fn
+
+    def load(self):
+        return self.fn
+
+
+def fresh_group(monkeypatch, group: str, eps: list[EntryPoint]) -> None:
+    """`group` not loaded yet, with `eps` as the installed entry points (of that group only)."""
+    import xdpo.plugins as xp
+
+    monkeypatch.setattr(xp, "_done", xp._done - {group})
+    monkeypatch.setattr(xp, "_loaded", {**xp._loaded, group: list(xp._loaded.get(group, []))})
+    monkeypatch.setattr(xp, "entry_points", lambda **kw: eps if kw["group"] == group else [])
 
 
 def test_third_party_plugins_load_and_a_broken_one_only_warns(monkeypatch):
     from xdpo.evaluate import plugins
     from xdpo.evaluate.prompts import PROMPT_SETS, register_prompt_set
-
-    class EntryPoint:
-        def __init__(self, name: str, fn) -> None:
-            self.name, self.value, self.fn = name, f"thirdparty:{name}", fn
-
-        def load(self):
-            return self.fn
 
     def good() -> None:
         register_prompt_set("thirdparty-set", lambda: ["a prompt"])
@@ -139,11 +205,7 @@ def test_third_party_plugins_load_and_a_broken_one_only_warns(monkeypatch):
     def broken() -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(plugins._state, "done", False)
-    monkeypatch.setattr(plugins, "_loaded", list(plugins._loaded))
-    monkeypatch.setattr(
-        plugins, "entry_points", lambda group: [EntryPoint("good", good), EntryPoint("bad", broken)]
-    )
+    fresh_group(monkeypatch, plugins.GROUP, [EntryPoint("good", good), EntryPoint("bad", broken)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = plugins.load_plugins()
@@ -152,12 +214,28 @@ def test_third_party_plugins_load_and_a_broken_one_only_warns(monkeypatch):
     assert PROMPT_SETS.pop("thirdparty-set")() == ["a prompt"]
 
 
+def test_named_models_come_from_plugins(monkeypatch, tmp_path):
+    from xdpo.apps.digits import base_model_path
+    from xdpo.models import named
+    from xdpo.models.load import resolve_pretrained
+
+    def toy() -> None:
+        named.register_named_model("thirdparty-model", lambda: tmp_path)
+
+    monkeypatch.setattr(named, "NAMED_MODELS", {})
+    fresh_group(monkeypatch, named.GROUP, [EntryPoint("toy", toy)])
+    assert set(named.named_models()) == {"digits", "digits-flow", "thirdparty-model"}
+    assert resolve_pretrained("digits") == str(base_model_path())
+    assert resolve_pretrained("thirdparty-model") == str(tmp_path)
+    assert resolve_pretrained("owner/unnamed") == "owner/unnamed"  # a hub id passes through
+
+
 def test_one_pipeline_loader():
-    from xdpo.digits import sampling
+    from xdpo.apps.digits import sampling
     from xdpo.evaluate import sample
 
     assert sampling.initial_latents is sample.initial_latents
-    text = (SRC / "xdpo" / "digits" / "sampling.py").read_text()
+    text = (SRC / "xdpo" / "apps" / "digits" / "sampling.py").read_text()
     assert "from_pretrained" not in text  # the digits world loads through evaluate.sample.load_pipeline
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from xdpo.digits import flow_base_model_path
+from xdpo.apps.digits import flow_base_model_path
 from xdpo.models.padding import (
     HOOKED,
     CollapsedJointAttnProcessor,
@@ -79,7 +79,7 @@ def test_collapse_is_the_same_function(transformer):
 def test_loader_collapses_and_images_match_the_plain_pipeline():
     from diffusers import StableDiffusion3Pipeline
 
-    from xdpo.digits.sampling import load_pipeline
+    from xdpo.apps.digits.sampling import load_pipeline
     from xdpo.evaluate.sample import generate, initial_latents
 
     fast = load_pipeline("digits-flow")
@@ -94,3 +94,21 @@ def test_loader_collapses_and_images_match_the_plain_pipeline():
     a = np.stack([np.asarray(im, dtype=int) for im in generate(fast, prompts, **kw)])
     b = np.stack([np.asarray(im, dtype=int) for im in generate(plain, prompts, **kw)])
     assert np.abs(a - b).max() <= 1  # uint8 rounding
+
+
+def test_load_denoiser_prepares_as_the_loaders_do(transformer, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from xdpo.apps.digits import base_model_path
+    from xdpo.errors import DataError
+    from xdpo.models.denoiser import load_denoiser, prepare_denoiser
+
+    flow = load_denoiser(flow_base_model_path())  # transformer/: an SD3 transformer, collapse installed
+    assert getattr(flow, HOOKED, False) and not flow.training
+    inputs = _inputs(transformer.config, 256, seed=2)
+    assert (_run(flow, inputs) - _run(transformer, inputs)).abs().max() < 1e-4
+    unet = load_denoiser(base_model_path())  # unet/: unchanged
+    assert isinstance(unet, UNet2DConditionModel) and not getattr(unet, HOOKED, False)
+    assert prepare_denoiser(unet) is unet and not getattr(unet, HOOKED, False)
+    with pytest.raises(DataError, match="no unet/ or transformer/"):
+        load_denoiser(tmp_path)

@@ -194,7 +194,7 @@ def test_sampling_errors(tiny_pipeline_dir, tmp_path, capsys):
 
 
 def test_named_model_resolves_to_a_pipeline_folder(tiny_pipeline_dir, tmp_path):
-    from xdpo.digits import DIGITS_SAMPLING, base_model_path
+    from xdpo.apps.digits import DIGITS_SAMPLING, base_model_path
     from xdpo.evaluate import sample
 
     assert sample.resolve_model("digits") == base_model_path()  # through models.load.resolve_pretrained

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from xdpo.study import plan, stats
-from xdpo.study.plan import Job, StudySettings, main_jobs, sweep_jobs
-from xdpo.study.runner import NDELTA_BINS, delta_summary
+from xdpo.apps.study import plan, stats
+from xdpo.apps.study.plan import Job, StudySettings, main_jobs, sweep_jobs
+from xdpo.apps.study.runner import NDELTA_BINS, delta_summary
 
 
 def test_every_beta_method_gets_the_same_sweep_budget(tmp_path):
@@ -98,8 +98,8 @@ def test_delta_histograms_and_the_xdpo_slope():
 @pytest.fixture(scope="module")
 def one_job(tmp_path_factory):
     """One real study job on the UNet base: 4 steps, 2 curve points, 1 eval seed (~30 s)."""
-    from xdpo.digits.pairs import make_pairs
-    from xdpo.study.runner import run_job
+    from xdpo.apps.digits.pairs import make_pairs
+    from xdpo.apps.study.runner import run_job
 
     out = tmp_path_factory.mktemp("study")
     s = StudySettings(out, worlds=("sd",), steps=4, seeds=(0,), curve_points=2, curve_seeds=1, eval_seeds=2)
@@ -109,7 +109,7 @@ def one_job(tmp_path_factory):
 
 
 def test_a_job_trains_evaluates_and_cleans_up(one_job):
-    from xdpo.study.runner import run_job
+    from xdpo.apps.study.runner import run_job
 
     s, job, res = one_job
     folder = s.out / "runs" / job.name
@@ -125,7 +125,7 @@ def test_a_job_trains_evaluates_and_cleans_up(one_job):
 
 def test_report_from_study_shaped_results(one_job):
     """The report from results shaped like a study's (copies of one real job under each method's name)."""
-    from xdpo.study.report import write_report
+    from xdpo.apps.study.report import write_report
 
     s, job, res = one_job
     main, sweep = {}, {}
@@ -141,7 +141,7 @@ def test_report_from_study_shaped_results(one_job):
             r = copy.deepcopy(res)
             r["job"] |= {"method": method, "beta": beta, "stage": "sweep"}
             sweep[f"{method}-{beta}"] = r
-    from xdpo.study.run import select
+    from xdpo.apps.study.run import select
 
     chosen = select(s, sweep)
     report = write_report(s, sweep, chosen, main, {"3/4 main": 60.0}, {"total": 120.0})

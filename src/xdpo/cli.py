@@ -18,9 +18,9 @@ COMMAND_MODULES = [
     "xdpo.train.cache_cli",
     "xdpo.evaluate.cli",
     "xdpo.pairs.cli",
-    "xdpo.digits.cli",
-    "xdpo.demo.cli",
-    "xdpo.study.cli",
+    "xdpo.apps.digits.cli",
+    "xdpo.apps.demo.cli",
+    "xdpo.apps.study.cli",
 ]
 
 

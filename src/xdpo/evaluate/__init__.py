@@ -2,7 +2,7 @@
 
 Scorers: the field's reward models (PickScore, CLIP, LAION aesthetic, ImageReward in rewards.py;
 HPSv2/v2.1 in hps.py). Prompt sets: the papers' (prompt_sets.py). Both registries are filled by
-plugins (plugins.py), among them the digits world's (`xdpo.digits.evaluation`). One pipeline loader
+plugins (plugins.py), among them the digits world's (`xdpo.apps.digits.evaluation`). One pipeline loader
 and sampler (sample.py). Tables in the papers' shapes (tables.py).
 
 Heavy imports (torch, diffusers, pandas) happen inside the functions, so importing this

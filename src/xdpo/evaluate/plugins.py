@@ -1,60 +1,31 @@
 """Evaluation plugins: modules that add scorers, prompt sets and named-model sampling defaults.
 
 The registries (`scorers.SCORERS`, `prompts.PROMPT_SETS`, `sample.MODEL_SAMPLING`) import none of
-their plugins; `load_plugins()` does, once, the first time a registry is read by name:
+their plugins; `load_plugins()` does, once, the first time a registry is read by name
+(`xdpo.plugins.load_group` of the group `xdpo.plugins`):
 
 - the built-in plugins of `BUILTIN_PLUGINS`, each "module" (registers on import) or
   "module:function" (the function is called with no arguments and registers);
+- the shipped apps' plugins (`xdpo.apps.PLUGINS`): the digits world is one
+  (`xdpo.apps.digits.evaluation:register`), so `xdpo.evaluate` never imports `xdpo.apps`;
 - third-party plugins: entry points in the group `xdpo.plugins`, each naming such a function.
 
-A plugin calls `register_scorer`, `register_prompt_set` and `register_sampling_defaults`. The digits
-world is one (`xdpo.digits.evaluation:register`), so `xdpo.evaluate` never imports `xdpo.digits`.
-A failing built-in plugin raises; a failing third-party plugin is skipped with a warning.
+A plugin calls `register_scorer`, `register_prompt_set` and `register_sampling_defaults`.
+A failing built-in or shipped plugin raises; a failing third-party plugin is skipped with a warning.
 """
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from importlib.metadata import entry_points
+from xdpo.plugins import load_group
 
 GROUP = "xdpo.plugins"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "xdpo.evaluate.rewards",  # pickscore, clip, aesthetic, imagereward
     "xdpo.evaluate.hps",  # hpsv2.0, hpsv2.1
     "xdpo.evaluate.prompt_sets",  # parti, hpsv2, pickapic-test
-    "xdpo.digits.evaluation:register",  # digits-reward, digits-alignment, --prompts digits, --model digits
 )
-
-_loaded: list[str] = []
-_state = {"done": False, "loading": False}
-
-
-def _run(spec: str) -> None:
-    module, _, function = spec.partition(":")
-    loaded = importlib.import_module(module)
-    if function:
-        getattr(loaded, function)()
 
 
 def load_plugins() -> list[str]:
-    """Load every plugin once (later calls return at once); the specs loaded, in order."""
-    if _state["done"] or _state["loading"]:  # loading: a plugin that reads a registry does not recurse
-        return list(_loaded)
-    _state["loading"] = True
-    try:
-        for spec in BUILTIN_PLUGINS:
-            if spec not in _loaded:
-                _run(spec)
-                _loaded.append(spec)
-        for ep in entry_points(group=GROUP):
-            try:
-                ep.load()()
-            except Exception as e:  # a broken third-party plugin must not take the CLI down
-                warnings.warn(f"xdpo plugin {ep.name} ({ep.value}) failed to load: {e}", stacklevel=2)
-                continue
-            _loaded.append(ep.value)
-        _state["done"] = True
-    finally:
-        _state["loading"] = False
-    return list(_loaded)
+    """Load every evaluation plugin once (later calls return at once); the specs loaded, in order."""
+    return load_group(GROUP, BUILTIN_PLUGINS)

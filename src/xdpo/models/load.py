@@ -20,6 +20,7 @@ from torch import Tensor
 
 from xdpo.errors import ConfigError
 from xdpo.models.families import Family, family_of_class, get_family
+from xdpo.models.named import resolve_named
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,26 +43,13 @@ class Components:
         return self.denoiser
 
 
-def named_models() -> dict[str, Path]:
-    """Pipelines shipped with xdpo, by the name `model.pretrained` and `--model` accept."""
-    from xdpo.digits import base_model_path
-
-    named = {"digits": base_model_path}
-    try:
-        from xdpo.digits import flow_base_model_path
-
-        named["digits-flow"] = flow_base_model_path
-    except ImportError:  # pragma: no cover - older installs
-        pass
-    return named
-
-
 def resolve_pretrained(pretrained: str) -> str:
-    """`digits` / `digits-flow` -> the shipped folder; anything else unchanged (a folder or hub id)."""
+    """A named model (`digits`, `digits-flow`: `xdpo.models.named`) -> its folder; anything else unchanged
+    (a folder or hub id). A path that exists wins over a name."""
     if not Path(pretrained).exists():
-        resolver = named_models().get(pretrained)
-        if resolver is not None:
-            return str(resolver())
+        folder = resolve_named(pretrained)
+        if folder is not None:
+            return str(folder)
     return pretrained
 
 
