@@ -272,8 +272,9 @@ def checkpoint_denoiser(ckpt: Path):
     import diffusers
 
     from xdpo.errors import DataError
+    from xdpo.models.families import denoiser_names
 
-    for sub in ("unet", "transformer"):
+    for sub in denoiser_names():
         config = Path(ckpt) / sub / "config.json"
         if config.is_file():
             cls = getattr(diffusers, json.loads(config.read_text())["_class_name"])

@@ -22,6 +22,7 @@ from typing import Any
 
 from xdpo.errors import ConfigError, DataError
 from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
+from xdpo.models.families import family_of_pipeline, pipeline_classes
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
@@ -165,10 +166,9 @@ def load_pipeline(
     if lora is not None:
         folder, weight_name = resolve_lora(lora)
         pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
-    if type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "text_encoder_3", 0) is None:
-        from xdpo.models.padding import collapse_zero_padding
-
-        collapse_zero_padding(pipe.transformer)  # without T5: the same images, ~6x faster (digits-flow)
+    fam = family_of_pipeline(pipe)
+    if fam is not None:
+        fam.prepare_sampling(pipe)  # e.g. SD3 without T5: zero padding attended once, the same images
     if SCHEDULERS[scheduler]:
         if type(pipe.scheduler).__name__.startswith("FlowMatch"):
             raise ConfigError(
@@ -185,9 +185,17 @@ def initial_latents(pipe: Any, n: int, seed: int) -> Any:
     import torch
 
     g = torch.Generator().manual_seed(int(seed))
-    if type(pipe).__name__.startswith("Flux"):  # packed latents: let the pipeline draw them
-        raise ConfigError("initial latents for Flux pipelines: sample with per-image generators instead")
-    c = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    fam = family_of_pipeline(pipe)
+    if fam is None:
+        raise ConfigError(
+            f"initial latents: {type(pipe).__name__} is not a pipeline of a family xdpo knows "
+            f"({', '.join(pipeline_classes())})"
+        )
+    if fam.packed_latents:  # packed latents: let the pipeline draw them
+        raise ConfigError(
+            f"initial latents for {fam.pipeline_class} pipelines: sample with per-image generators instead"
+        )
+    c = getattr(pipe, fam.denoiser)
     return torch.randn((n, c.config.in_channels, c.config.sample_size, c.config.sample_size), generator=g)
 
 
