@@ -155,7 +155,7 @@ def test_divergence_estimate_is_zero_for_the_same_model_and_grows_with_drift(une
     from xdpo.models.noise import DDPMProcess
 
     cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=y"])
-    comps = load_components(cfg.model)
+    comps = load_components(cfg.model, cfg.family)
     m = SimpleNamespace(
         process=DDPMProcess(comps.scheduler),
         loss_cfg=cfg.loss,
