@@ -259,3 +259,14 @@ def test_no_source_outside_the_families_compares_a_family_name():
     assert not found, "family names compared outside models/families/ (ask the Family record):\n" + "\n".join(
         found
     )
+
+
+def test_a_cache_written_under_the_old_key_names_still_matches():
+    """Manifests from before the family section record `model.guidance` etc.: compared under the new key."""
+    from xdpo.data.cache import FORMAT, check_manifest
+
+    cfg = load_config(None, ["model.pretrained=m", "data.path=x", "data.cache=c", "family.guidance=3.5"])
+    manifest = {"format": FORMAT, "depends": {"model.family": "flux", "model.guidance": 3.5}}
+    check_manifest(manifest, cfg, {"model.family": "flux", "family.guidance": 3.5})
+    with pytest.raises(ConfigError, match="was built for family.guidance=3.5, the config says 4.0"):
+        check_manifest(manifest, cfg, {"model.family": "flux", "family.guidance": 4.0})
