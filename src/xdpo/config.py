@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,48 +17,13 @@ from typing import Any, Literal
 import yaml
 
 from xdpo.errors import ConfigError
+from xdpo.family_config import family_choices, family_section, rename_old_keys, validate_family
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
-
-
-def _family_choices() -> tuple[str, ...]:
-    """`model.family`'s values: auto or a registered family (read when first needed)."""
-    from xdpo.models.families import family_names
-
-    return ("auto", *family_names())
-
-
-def family_section() -> type:
-    """The `family` section: a dataclass with one field per option the registered families declare
-    (`xdpo.models.families.Option`), made on first use and again when the registry changes."""
-    from xdpo.models.families import family_options
-
-    return _section_class(family_options())
-
-
-@functools.cache
-def _section_class(options: tuple[Any, ...]) -> type:
-    fields = [(o.name, o.type, _f(o.default, o.help, option=o)) for o in options]
-    reduce = lambda self: (_family_config, (dataclasses.asdict(self),))  # noqa: E731 - pickles by value
-    cls = dataclasses.make_dataclass("FamilyConfig", fields, namespace={"__reduce__": reduce})
-    cls.__module__ = __name__
-    return cls
-
-
-def _family_config(values: dict[str, Any]) -> Any:
-    """A `family` section holding `values` (how a pickled one is rebuilt, e.g. in a spawned worker)."""
-    return family_section()(**values)
-
-
-def renamed_keys() -> dict[str, str]:
-    """Old config key -> its new name (the families' options that moved out of `model`)."""
-    from xdpo.models.families import family_options
-
-    return {o.formerly: f"family.{o.name}" for o in family_options() if o.formerly}
 
 
 @dataclass
@@ -72,7 +35,7 @@ class ModelConfig:
     )
     revision: str | None = _f(None, "hub revision of `pretrained`")
     family: str = _f(
-        "auto", "model family; auto = read from model_index.json (_class_name)", choices=_family_choices
+        "auto", "model family; auto = read from model_index.json (_class_name)", choices=family_choices
     )
     vae: str = _f("", "another VAE folder or hub id (e.g. SDXL's fp16-fix VAE); empty = the pipeline's")
     lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
@@ -450,22 +413,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return from_flat(flat)
 
 
-def _renamed(flat: dict[str, Any]) -> dict[str, Any]:
-    """Old keys under their new names (a later setting of either name wins), each with one line on stderr."""
-    renamed, out = renamed_keys(), {}
-    for key, value in flat.items():
-        if key in renamed:
-            print(f"xdpo: config key `{key}` is deprecated; use `{renamed[key]}`", file=sys.stderr)
-            key = renamed[key]
-        out.pop(key, None)
-        out[key] = value
-    return out
-
-
 def from_flat(flat: dict[str, Any]) -> Config:
     types_by_key = {k: tp for k, _, tp in iter_fields()}
     cfg = Config()
-    for key, value in _renamed(flat).items():
+    for key, value in rename_old_keys(flat).items():
         if key not in types_by_key:
             raise _unknown(key)
         section, _, name = key.rpartition(".")
@@ -566,7 +517,7 @@ def validate(cfg: Config) -> None:
         "weights B A; use periodic, or a full fine-tune (model.lora_rank=0)",
         r.strategy,
     )
-    _validate_family(cfg)
+    validate_family(cfg)
     _require(ts.std > 0, "timesteps.std", "must be > 0", ts.std)
     _require(0 <= r.ema_decay < 1, "reference.ema_decay", "must be in [0, 1)", r.ema_decay)
     _require(ts.bins >= 1, "timesteps.bins", "must be >= 1", ts.bins)
@@ -594,18 +545,6 @@ def validate(cfg: Config) -> None:
     _require(
         not (t.online and d.cache), "train.online", "on-policy pairs cannot come from data.cache", t.online
     )
-
-
-def _validate_family(cfg: Config) -> None:
-    """The families' own checks of their `family.*` keys, and `data.resolution` against a named family."""
-    from xdpo.models.families import families
-
-    for fam in families().values():
-        for o in fam.options:
-            value = getattr(cfg.family, o.name)
-            _require(o.check is None or o.check(value), f"family.{o.name}", o.rule, value)
-    if cfg.model.family != "auto":
-        families()[cfg.model.family].check_resolution(cfg.data.resolution)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
