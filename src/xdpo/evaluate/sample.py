@@ -22,7 +22,7 @@ from typing import Any
 
 from xdpo.errors import ConfigError, DataError
 from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
-from xdpo.models.families import family_of_pipeline, pipeline_classes
+from xdpo.models.families import family_of_class, family_of_pipeline, pipeline_classes
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
@@ -57,13 +57,6 @@ def register_sampling_defaults(model: str, **settings: Any) -> None:
     MODEL_SAMPLING[model] = dict(settings)
 
 
-# Flow-matching pipelines sample with their own scheduler (FlowMatchEuler) at their pipelines' defaults.
-FLOW_SAMPLING: dict[str, dict[str, Any]] = {
-    "StableDiffusion3Pipeline": {"steps": 28, "guidance": 7.0, "scheduler": "default"},
-    "FluxPipeline": {"steps": 28, "guidance": 3.5, "scheduler": "default"},
-}
-
-
 def pipeline_class_name(model: str | Path) -> str | None:
     """`_class_name` of a pipeline folder (or named model), None where it cannot be read."""
     try:
@@ -74,13 +67,14 @@ def pipeline_class_name(model: str | Path) -> str | None:
 
 
 def sampling_defaults(model: str | Path) -> dict[str, Any]:
-    """The SD papers' defaults (a flow-matching pipeline's own), updated with a named model's own."""
+    """The SD papers' defaults (or the family's own, e.g. flow-matching pipelines at their pipelines'
+    defaults with their own scheduler), updated with a named model's own."""
     from xdpo.evaluate.plugins import load_plugins
 
     load_plugins()
     named = MODEL_SAMPLING.get(str(model), {}) if not Path(model).exists() else {}
-    base = FLOW_SAMPLING.get(pipeline_class_name(model) or "", PAPER_SAMPLING)
-    return base | named
+    fam = family_of_class(pipeline_class_name(model) or "")
+    return dict((fam.sampling if fam is not None else None) or PAPER_SAMPLING) | named
 
 
 def resolve_model(model: str | Path) -> Path:

@@ -14,7 +14,8 @@ A `Family` (spec.py) says how a diffusers pipeline of that family is trained:
 - `latent_patch`, `resolution_multiple`: latent pixels per image-token side, and the image side's multiple;
 - `packed_latents`: the denoiser's latents are packed, so its pipeline draws the initial noise itself;
 - `lora_state_for_saving(state_dict)`: peft LoRA weights -> the key names its pipeline's LoRA loader reads;
-- `prepare_sampling(pipe)`: changes to a loaded pipeline before sampling (SD3 without T5: zero padding once).
+- `prepare_sampling(pipe)`: changes to a loaded pipeline before sampling (SD3 without T5: zero padding once);
+- `sampling`: the pipeline's own sampling defaults (steps, guidance, scheduler), None = the SD papers'.
 
 A new family is one module defining `FAMILY` plus one name in `BUILT_IN`, or `register_family(FAMILY)`
 from outside the package (a plugin, a test). Importing this module imports no family: the registry

@@ -100,6 +100,7 @@ FAMILY = Family(
     predict=predict,
     about="Flux.1: MMDiT, CLIP pooled + T5, flow matching, packed latents, guidance embedding",
     options=OPTIONS,
+    sampling={"steps": 28, "guidance": 3.5, "scheduler": "default"},  # the pipeline's own (FlowMatchEuler)
     latent_patch=2,  # latents packed in 2x2 patches
     resolution_multiple=16,  # VAE factor 8 x packing 2
     packed_latents=True,

@@ -7,7 +7,7 @@ Light on purpose (no torch): the registry and the config read these records befo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from xdpo.errors import ConfigError
@@ -66,6 +66,7 @@ class Family:
     packed_latents: bool = False
     lora_state_for_saving: Callable[[dict[str, Any]], dict[str, Any]] = same_state
     prepare_sampling: Callable[[Any], None] = no_preparation
+    sampling: dict[str, Any] | None = field(default=None, hash=False)
 
     def pipeline_cls(self) -> type:
         """The pipeline class: a diffusers class name, or `package.module.Class` for one defined elsewhere."""
