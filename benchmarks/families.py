@@ -31,7 +31,7 @@ CONFIGS = [  # (label, pipeline folder name, extra overrides)
     ("sd", "sd", []),
     ("sdxl", "sdxl", []),
     ("sd3", "sd3", []),
-    ("sd3 no T5", "sd3", ["model.text_encoder_3=false"]),
+    ("sd3 no T5", "sd3", ["family.text_encoder_3=false"]),
     ("flux", "flux", []),
 ]
 
@@ -63,7 +63,7 @@ def measure(pipeline: str, pairs: str, extra: list[str], lora: int, batch: int, 
     from xdpo.train.step import train_step
 
     overrides = [f"model.pretrained={pipeline}", f"data.path={pairs}", "data.resolution=16"]
-    overrides += [f"model.lora_rank={lora}", f"model.max_sequence_length={seq}", *extra]
+    overrides += [f"model.lora_rank={lora}", f"family.max_sequence_length={seq}", *extra]
     cfg = load_config(None, overrides)
     m, models = single_process(cfg)
     opt = make_optimizer(cfg.train, models.params, 1e-4)

@@ -117,7 +117,7 @@ def test_cached_run_matches_uncached_run(tmp_path, tiny_pipeline_dir, pairs_parq
     assert losses(cached) == pytest.approx(losses(plain), rel=LOSS_RTOL)
 
     # batch by batch: captions (dropout), flips and latents replayed from the cache
-    comps = load_components(cached_cfg.model)
+    comps = load_components(cached_cfg.model, cached_cfg.family)
     _, pairs, n = open_pairs(cached_cfg)
     store = open_cache(cached_cfg, get_family("sd"))
     for step in range(4):
@@ -142,7 +142,7 @@ def test_flips_are_cached_in_both_orientations(tmp_path, tiny_pipeline_dir, pair
     assert {"mean_w_flip", "logvar_w_flip", "mean_l_flip", "logvar_l_flip"} <= set(shard)
     _, pairs, _ = open_pairs(cfg)
     batch = collate_pairs([pairs[(i, i)] for i in range(4)])
-    vae = load_components(cfg.model).vae
+    vae = load_components(cfg.model, cfg.family).vae
     with torch.no_grad():
         mean_flipped, _ = latent_params(vae, batch.pixels[:4].flip(-1))
     torch.testing.assert_close(shard["mean_w_flip"], mean_flipped, rtol=0, atol=1e-5)
@@ -324,7 +324,7 @@ def test_other_families_cache_their_conditions(
     kw = {"data.resolution": 16, **AUGMENT}
     cache = make_cache(tmp_path / "cache", pipe, pairs_parquet, **kw)
     cfg = load_config(None, overrides(pipe, pairs_parquet, **{"data.cache": cache}, **kw))
-    comps = load_components(cfg.model)
+    comps = load_components(cfg.model, cfg.family)
     store = open_cache(cfg, comps.family)
     _, pairs, _ = open_pairs(cfg)
     keys = [(0, 11), (5, 12), (7, 13)]

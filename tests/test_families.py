@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 PIPELINE_CLASS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 PIPELINE_CLASS |= {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 FIXTURE = {f: f"tiny_{f}_pipeline_dir" for f in ("sdxl", "sd3", "flux")} | {"sd": "tiny_pipeline_dir"}
-TRAINED = [("sdxl", {}), ("sd3", {}), ("sd3", {"model.text_encoder_3": "false"}), ("flux", {})]
+TRAINED = [("sdxl", {}), ("sd3", {}), ("sd3", {"family.text_encoder_3": "false"}), ("flux", {})]
 
 
 def run(tmp_path, pipe, pairs, name="run", **overrides):
@@ -31,12 +31,24 @@ def run(tmp_path, pipe, pairs, name="run", **overrides):
         tmp_path / name,
         pipe,
         pairs,
-        **{"model.max_sequence_length": 32, "data.resolution": SIDE, **overrides},
+        **{"family.max_sequence_length": 32, "data.resolution": SIDE, **overrides},
     )
 
 
+def run_cfg(path, *extra):
+    return load_config(None, [f"model.pretrained={path}", "data.path=x", *extra])
+
+
 def model_cfg(path, *extra):
-    return load_config(None, [f"model.pretrained={path}", "data.path=x", *extra]).model
+    return run_cfg(path, *extra).model
+
+
+def components(path, *extra):
+    """The pipeline's components as a run with these overrides loads them (model and family keys)."""
+    from xdpo.models.load import load_components
+
+    cfg = run_cfg(path, *extra)
+    return load_components(cfg.model, cfg.family)
 
 
 def read_metrics(out):
@@ -83,13 +95,13 @@ def _relabelled(tmp_path, src, class_name):
 
 
 def test_model_family_overrides_model_index(tmp_path, tiny_sd3_pipeline_dir):
-    from xdpo.models.load import check_pipeline, load_components
+    from xdpo.models.load import check_pipeline
 
     custom = _relabelled(tmp_path, tiny_sd3_pipeline_dir, "MyStableDiffusion3Pipeline")
     with pytest.raises(ConfigError, match="MyStableDiffusion3Pipeline"):
         check_pipeline(str(custom))
     assert check_pipeline(str(custom), "sd3").name == "sd3"
-    comps = load_components(model_cfg(custom, "model.family=sd3"))
+    comps = components(custom, "model.family=sd3")
     assert comps.family.name == "sd3" and type(comps.pipe).__name__ == "StableDiffusion3Pipeline"
     # forcing a family whose denoiser the folder lacks is refused by name
     with pytest.raises(ConfigError, match="lacks component.*unet"):
@@ -130,16 +142,16 @@ def _check_lora_final(family, base, out, extra):
     """base + load_lora_weights(final) reproduces the trained adapter (checkpoint step-3) in a forward."""
     from peft.utils import set_peft_model_state_dict
 
-    from xdpo.models.load import add_lora, load_components
+    from xdpo.models.load import add_lora
 
-    comps = load_components(model_cfg(base, *extra))
+    comps = components(base, *extra)
     fam, cfg = comps.family, model_cfg(base, "model.lora_rank=4", "model.lora_alpha=8")
     trained = type(comps.denoiser).from_pretrained(base, subfolder=fam.denoiser)
     add_lora(trained, cfg)
     adapter = load_file(out / "checkpoints" / "step-3" / "adapter_model.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0
     set_peft_model_state_dict(trained, adapter)
-    pipe = pipeline_cls(family).from_pretrained(base, **fam.load_kwargs(cfg))
+    pipe = pipeline_cls(family).from_pretrained(base, **fam.load_kwargs(run_cfg(base).family))
     pipe.load_lora_weights(out / "final")
     cond = conditions(comps, ["a bright picture", "a dark picture"])
     x = torch.randn(2, comps.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -173,7 +185,7 @@ def test_train_and_load_final(request, tmp_path, pairs_parquet, family, extra, l
         pipe = _check_lora_final(family, base, out, [f"{k}={v}" for k, v in extra.items()])
     else:
         pipe = _check_full_final(family, base, out / "final")
-        if extra.get("model.text_encoder_3") == "false":
+        if extra.get("family.text_encoder_3") == "false":
             assert pipe.text_encoder_3 is None  # final/ keeps the components the run trained with
     check_image(pipe)
 
@@ -198,7 +210,7 @@ def test_fixed_batch_loss_falls(request, pairs_parquet, family, lora):
     cfg = load_config(
         None,
         [f"model.pretrained={base}", f"data.path={pairs_parquet}", f"data.resolution={SIDE}",
-         f"model.lora_rank={lora}", "model.max_sequence_length=32", "loss.beta=1000"],
+         f"model.lora_rank={lora}", "family.max_sequence_length=32", "loss.beta=1000"],
     )  # fmt: skip
     m, models = single_process(cfg, CPU)
     params = models.params
@@ -307,7 +319,7 @@ def test_flux_dynamic_shift_equals_the_pipeline(tiny_flux_pipeline_dir, pairs_pa
     cfg = load_config(
         None, [f"model.pretrained={tiny_flux_pipeline_dir}", "data.path=x", f"data.resolution={SIDE}"]
     )
-    comps = load_components(cfg.model)
+    comps = load_components(cfg.model, cfg.family)
     proc = make_process(cfg, comps)
     pipe, sc = comps.pipe, comps.scheduler.config
     assert sc.use_dynamic_shifting
@@ -332,7 +344,7 @@ def test_flux_dynamic_shift_equals_the_pipeline(tiny_flux_pipeline_dir, pairs_pa
 CALLS = [  # (fixture, model overrides, pipeline call kwargs)
     ("tiny_sdxl_pipeline_dir", [], {"guidance_scale": 1.0}),
     ("tiny_sd3_pipeline_dir", [], {"guidance_scale": 1.0}),
-    ("tiny_sd3_pipeline_dir", ["model.text_encoder_3=false"], {"guidance_scale": 1.0}),
+    ("tiny_sd3_pipeline_dir", ["family.text_encoder_3=false"], {"guidance_scale": 1.0}),
     ("tiny_flux_pipeline_dir", [], {"guidance_scale": 3.5}),
     ("tiny_flux_schnell_pipeline_dir", [], {}),
 ]
@@ -346,14 +358,12 @@ def test_conditions_and_predict_equal_the_pipeline(request, fixture, extra, call
     denoiser (at the pipeline's default max_sequence_length); predict reproduces the denoiser's output."""
     from diffusers import FluxPipeline
 
-    from xdpo.models.load import load_components
-
     path = request.getfixturevalue(fixture)
-    comps = load_components(model_cfg(path, "model.guidance=3.5", *extra))
+    comps = components(path, "family.guidance=3.5", *extra)
     fam, pipe = comps.family, comps.pipe
     captions = ["a bright picture, number 3"]
     cond = conditions(comps, captions)
-    fresh = pipeline_cls(fam.name).from_pretrained(path, **fam.load_kwargs(model_cfg(path, *extra)))
+    fresh = pipeline_cls(fam.name).from_pretrained(path, **fam.load_kwargs(run_cfg(path, *extra).family))
     more_prompts = {"sdxl": [None], "sd3": [None, None], "flux": []}[fam.name]  # prompt_2 (, prompt_3)
     no_cfg = {} if fam.name == "flux" else {"do_classifier_free_guidance": False}
     with torch.no_grad():  # as the pipeline's __call__ (the attention kernel can differ with autograd on)
@@ -395,7 +405,7 @@ def test_conditions_and_predict_equal_the_pipeline(request, fixture, extra, call
 
 def test_sd35_transformer_trains(tmp_path, clip_tokenizer_dir, t5_tokenizer_dir, pairs_parquet):
     """SD3.5's transformer (qk RMS norm, dual attention), from a folder saved without T5 (model_index.json
-    null entries, loaded with model.text_encoder_3 left true): LoRA steps, final/ loads."""
+    null entries, loaded with family.text_encoder_3 left true): LoRA steps, final/ loads."""
     from diffusers import StableDiffusion3Pipeline
 
     from xdpo.models.tiny_families import build_tiny_sd3_pipeline

@@ -77,7 +77,7 @@ def test_online_round_pads_sampling_calls_when_forwards_are_collectives(
     (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
     cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "train.online=true",
                              f"train.online_prompts={tmp_path / 'prompts.txt'}", "train.online_scorer=x"])  # fmt: skip
-    comps = load_components(cfg.model)
+    comps = load_components(cfg.model, cfg.family)
     plugin = type("Plugin", (), {"zero_stage": 3})()
     accelerator = type("Acc", (), {
         "process_index": 1, "num_processes": 2, "is_main_process": False, "wait_for_everyone": lambda self: None,

@@ -96,19 +96,24 @@ def test_loader_collapses_and_images_match_the_plain_pipeline():
     assert np.abs(a - b).max() <= 1  # uint8 rounding
 
 
-def test_load_denoiser_prepares_as_the_loaders_do(transformer, tmp_path):
+def test_a_swapped_denoiser_is_prepared_by_its_family_as_the_loader_does(transformer, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from xdpo.apps.digits import base_model_path
     from xdpo.errors import DataError
-    from xdpo.models.denoiser import load_denoiser, prepare_denoiser
+    from xdpo.evaluate.sample import load_pipeline
+    from xdpo.models.denoiser import load_denoiser
+    from xdpo.models.families import family_of_pipeline
 
-    flow = load_denoiser(flow_base_model_path())  # transformer/: an SD3 transformer, collapse installed
-    assert getattr(flow, HOOKED, False) and not flow.training
+    flow = load_denoiser(flow_base_model_path())  # transformer/: an SD3 transformer, as saved
+    assert not getattr(flow, HOOKED, False) and not flow.training
+    pipe = load_pipeline(str(flow_base_model_path()), scheduler="default")  # no T5: the padding collapses
+    pipe.transformer = flow
+    family_of_pipeline(pipe).prepare_sampling(pipe)
+    assert getattr(flow, HOOKED, False)
     inputs = _inputs(transformer.config, 256, seed=2)
     assert (_run(flow, inputs) - _run(transformer, inputs)).abs().max() < 1e-4
     unet = load_denoiser(base_model_path())  # unet/: unchanged
     assert isinstance(unet, UNet2DConditionModel) and not getattr(unet, HOOKED, False)
-    assert prepare_denoiser(unet) is unet and not getattr(unet, HOOKED, False)
     with pytest.raises(DataError, match="no unet/ or transformer/"):
         load_denoiser(tmp_path)

@@ -152,7 +152,7 @@ def test_divergence_estimate_is_zero_for_the_same_model_and_grows_with_drift(une
     from xdpo.models.noise import DDPMProcess
 
     cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=y"])
-    comps = load_components(cfg.model)
+    comps = load_components(cfg.model, cfg.family)
     ref = make(unet, False, strategy="periodic")
     lat = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = {"encoder_hidden_states": torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))}

@@ -282,7 +282,8 @@ def test_memory_estimate_counts_adapters_and_the_full_optimizer(tiny_pipeline_di
     # the count matches what peft attaches
     from xdpo.models.load import add_lora, load_components
 
-    comps = load_components(load_config(None, [*base, "model.lora_rank=4"]).model)
+    lora_cfg = load_config(None, [*base, "model.lora_rank=4"])
+    comps = load_components(lora_cfg.model, lora_cfg.family)
     add_lora(comps.denoiser, load_config(None, [*base, "model.lora_rank=4"]).model)
     attached = sum(x.numel() for x in comps.denoiser.parameters() if x.requires_grad)
     assert lora["_trainable"] == attached

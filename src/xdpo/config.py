@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from xdpo.errors import ConfigError
+from xdpo.family_config import family_choices, family_section, rename_old_keys, validate_family
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -33,15 +34,10 @@ class ModelConfig:
         "`digits` / `digits-flow` = the shipped digits bases",
     )
     revision: str | None = _f(None, "hub revision of `pretrained`")
-    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = _f(
-        "auto", "model family; auto = read from model_index.json (_class_name)"
+    family: str = _f(
+        "auto", "model family; auto = read from model_index.json (_class_name)", choices=family_choices
     )
     vae: str = _f("", "another VAE folder or hub id (e.g. SDXL's fp16-fix VAE); empty = the pipeline's")
-    text_encoder_3: bool = _f(True, "SD3: load the T5 text encoder (false drops it, as diffusers allows)")
-    max_sequence_length: int = _f(0, "SD3/Flux: T5 tokens; 0 = the pipeline's default (SD3 256, Flux 512)")
-    guidance: float = _f(
-        3.5, "Flux guidance-distilled checkpoints (FLUX.1-dev): the guidance embedding's scale"
-    )
     lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     lora_alpha: float | None = _f(None, "LoRA alpha; empty = lora_rank (scale 1)")
     lora_dropout: float = _f(0.0, "LoRA dropout")
@@ -232,6 +228,13 @@ class Config:
     output_dir: str = _f("outputs/xdpo-run", "where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
     seed: int = _f(0, "seed for data order, timesteps, noise and augmentation")
     model: ModelConfig = field(default_factory=ModelConfig)
+    family: Any = field(
+        default_factory=lambda: family_section()(),
+        metadata={
+            "section": family_section,
+            "help": "the model family's own knobs, declared by the families",
+        },
+    )
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -247,7 +250,9 @@ def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[s
     """Yield (dotted key, field, resolved type) for every leaf key."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+        tp = f.metadata["section"]() if "section" in f.metadata else hints[f.name]
+        if "choices" in f.metadata:
+            tp = Literal[f.metadata["choices"]()]
         if dataclasses.is_dataclass(tp):
             yield from iter_fields(tp, f"{prefix}{f.name}.")
         else:
@@ -358,7 +363,7 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key `{key}`{hint}")
 
 
-SECTIONS = ("model", "data", "loss", "reference", "timesteps", "train")
+SECTIONS = ("model", "family", "data", "loss", "reference", "timesteps", "train")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -411,7 +416,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def from_flat(flat: dict[str, Any]) -> Config:
     types_by_key = {k: tp for k, _, tp in iter_fields()}
     cfg = Config()
-    for key, value in flat.items():
+    for key, value in rename_old_keys(flat).items():
         if key not in types_by_key:
             raise _unknown(key)
         section, _, name = key.rpartition(".")
@@ -494,7 +499,7 @@ def validate(cfg: Config) -> None:
         "weights B A; use periodic, or a full fine-tune (model.lora_rank=0)",
         r.strategy,
     )
-    _require(m.max_sequence_length >= 0, "model.max_sequence_length", "must be >= 0", m.max_sequence_length)
+    validate_family(cfg)
     _require(ts.std > 0, "timesteps.std", "must be > 0", ts.std)
     _require(0 <= r.ema_decay < 1, "reference.ema_decay", "must be in [0, 1)", r.ema_decay)
     _require(ts.bins >= 1, "timesteps.bins", "must be >= 1", ts.bins)

@@ -10,7 +10,7 @@ What a cache holds, in `data.cache/`:
 - `text-NNNNN.safetensors`: the family's conditions (`family.encode_text`) of each distinct caption,
   sorted, plus the empty caption "" when `data.prompt_dropout` > 0; the captions in the metadata.
 - `manifest.json`: what the cache depends on (model files, VAE, family, resolution, flips, data and its
-  row and pair counts, ties, max_pairs, on_bad_row, the text settings of SD3/Flux) and what it holds.
+  row and pair counts, ties, max_pairs, on_bad_row, the family's text settings) and what it holds.
 
 Precision: the dtype the VAE and text encoders compute in during training (`train.mixed_precision`,
 fp32 for an upcast VAE), i.e. exactly the values an uncached run would compute and no more: fp32 for
@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from xdpo.errors import ConfigError, DataError
+from xdpo.family_config import renamed_keys
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -171,12 +172,7 @@ def depends(cfg: Any, fam: Any, table: Any, pairs: Any, n_pairs: int) -> dict[st
         "model.vae": _resolved(m.vae) if m.vae else "",
         "model.vae files": fingerprint(_local(m.vae, None), ["."]) if m.vae else "",
     }
-    if fam.name == "sd3":
-        out["model.text_encoder_3"] = m.text_encoder_3
-    if fam.name in ("sd3", "flux"):
-        out["model.max_sequence_length"] = m.max_sequence_length
-    if fam.name == "flux":
-        out["model.guidance"] = m.guidance
+    out.update(fam.cache_keys(cfg.family))  # the family's knobs its text conditions depend on
     out.update(
         {
             "data.path": _resolved(d.path),
@@ -215,8 +211,9 @@ def check_manifest(
             f"data.cache: {folder} has cache format {manifest.get('format')}, not {FORMAT}; rebuild it"
         )
     cached = manifest.get("depends", {})
+    formerly = {new: old for old, new in renamed_keys().items()}  # caches written before a key moved
     for key, value in expected.items():
-        old = cached.get(key)
+        old = cached[key] if key in cached else cached.get(formerly.get(key, key))
         if old == value:
             continue
         if key in ("rows", "pairs"):

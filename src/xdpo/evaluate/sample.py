@@ -22,6 +22,7 @@ from typing import Any
 
 from xdpo.errors import ConfigError, DataError
 from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
+from xdpo.models.families import family_of_class, family_of_pipeline, pipeline_classes
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
@@ -56,13 +57,6 @@ def register_sampling_defaults(model: str, **settings: Any) -> None:
     MODEL_SAMPLING[model] = dict(settings)
 
 
-# Flow-matching pipelines sample with their own scheduler (FlowMatchEuler) at their pipelines' defaults.
-FLOW_SAMPLING: dict[str, dict[str, Any]] = {
-    "StableDiffusion3Pipeline": {"steps": 28, "guidance": 7.0, "scheduler": "default"},
-    "FluxPipeline": {"steps": 28, "guidance": 3.5, "scheduler": "default"},
-}
-
-
 def pipeline_class_name(model: str | Path) -> str | None:
     """`_class_name` of a pipeline folder (or named model), None where it cannot be read."""
     try:
@@ -73,13 +67,14 @@ def pipeline_class_name(model: str | Path) -> str | None:
 
 
 def sampling_defaults(model: str | Path) -> dict[str, Any]:
-    """The SD papers' defaults (a flow-matching pipeline's own), updated with a named model's own."""
+    """The SD papers' defaults (or the family's own, e.g. flow-matching pipelines at their pipelines'
+    defaults with their own scheduler), updated with a named model's own."""
     from xdpo.evaluate.plugins import load_plugins
 
     load_plugins()
     named = MODEL_SAMPLING.get(str(model), {}) if not Path(model).exists() else {}
-    base = FLOW_SAMPLING.get(pipeline_class_name(model) or "", PAPER_SAMPLING)
-    return base | named
+    fam = family_of_class(pipeline_class_name(model) or "")
+    return dict((fam.sampling if fam is not None else None) or PAPER_SAMPLING) | named
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -165,10 +160,9 @@ def load_pipeline(
     if lora is not None:
         folder, weight_name = resolve_lora(lora)
         pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
-    if type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "text_encoder_3", 0) is None:
-        from xdpo.models.padding import collapse_zero_padding
-
-        collapse_zero_padding(pipe.transformer)  # without T5: the same images, ~6x faster (digits-flow)
+    fam = family_of_pipeline(pipe)
+    if fam is not None:
+        fam.prepare_sampling(pipe)  # e.g. SD3 without T5: zero padding attended once, the same images
     if SCHEDULERS[scheduler]:
         if type(pipe.scheduler).__name__.startswith("FlowMatch"):
             raise ConfigError(
@@ -185,9 +179,17 @@ def initial_latents(pipe: Any, n: int, seed: int) -> Any:
     import torch
 
     g = torch.Generator().manual_seed(int(seed))
-    if type(pipe).__name__.startswith("Flux"):  # packed latents: let the pipeline draw them
-        raise ConfigError("initial latents for Flux pipelines: sample with per-image generators instead")
-    c = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    fam = family_of_pipeline(pipe)
+    if fam is None:
+        raise ConfigError(
+            f"initial latents: {type(pipe).__name__} is not a pipeline of a family xdpo knows "
+            f"({', '.join(pipeline_classes())})"
+        )
+    if fam.packed_latents:  # packed latents: let the pipeline draw them
+        raise ConfigError(
+            f"initial latents for {fam.pipeline_class} pipelines: sample with per-image generators instead"
+        )
+    c = getattr(pipe, fam.denoiser)
     return torch.randn((n, c.config.in_channels, c.config.sample_size, c.config.sample_size), generator=g)
 
 

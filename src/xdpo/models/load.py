@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from xdpo.errors import ConfigError
-from xdpo.models.families import Family, family_of_class, get_family
+from xdpo.models.families import Family, family_of_class, get_family, pipeline_classes
 from xdpo.models.named import resolve_named
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,8 +35,7 @@ class Components:
     scheduler: Any  # the training scheduler (DDPM for UNet families, the flow scheduler otherwise)
     text_encoders: dict[str, Any] = field(default_factory=dict)
     tokenizers: dict[str, Any] = field(default_factory=dict)
-    max_sequence_length: int = 0
-    guidance: float = 3.5
+    options: Any = None  # the config's `family` section: the family's own knobs (its `Option`s)
 
     @property
     def unet(self) -> Any:  # SD-era name of the denoiser
@@ -86,8 +85,7 @@ def check_pipeline(pretrained: str, family: str = "auto", revision: str | None =
     if fam is None:
         raise ConfigError(
             f"model.pretrained: {resolve_pretrained(pretrained)} is a {class_name}, not a family xdpo trains "
-            "(StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline); "
-            "set model.family to force one"
+            f"({', '.join(pipeline_classes())}); set model.family to force one"
         )
     missing = [c for c in (fam.denoiser, "vae", "scheduler", "text_encoder", "tokenizer") if c not in info]
     if missing:
@@ -106,10 +104,11 @@ def null_components(info: dict[str, Any]) -> dict[str, None]:
     }
 
 
-def pipeline_kwargs(model_cfg: Any, fam: Family) -> dict[str, Any]:
-    """Component overrides for loading (and for saving final/): null components, the family's, `model.vae`."""
+def pipeline_kwargs(model_cfg: Any, fam: Family, options: Any) -> dict[str, Any]:
+    """Component overrides for loading (and for saving final/): null components, the family's (from its
+    `options`, the config's `family` section), `model.vae`."""
     nulls = null_components(read_model_index(model_cfg.pretrained, model_cfg.revision))
-    kw: dict[str, Any] = {"revision": model_cfg.revision, **nulls, **fam.load_kwargs(model_cfg)}
+    kw: dict[str, Any] = {"revision": model_cfg.revision, **nulls, **fam.load_kwargs(options)}
     if model_cfg.vae:
         from diffusers import AutoencoderKL
 
@@ -120,14 +119,15 @@ def pipeline_kwargs(model_cfg: Any, fam: Family) -> dict[str, Any]:
     return kw
 
 
-def load_components(model_cfg: Any, skip: tuple[str, ...] = ()) -> Components:
+def load_components(model_cfg: Any, options: Any, skip: tuple[str, ...] = ()) -> Components:
     """The pipeline of `model.pretrained` through its family's diffusers class, and its training scheduler.
 
-    `skip`: components not loaded (None), e.g. the text encoders of a run that reads `data.cache`."""
+    `options`: the config's `family` section (the family's own knobs); `skip`: components not loaded
+    (None), e.g. the text encoders of a run that reads `data.cache`."""
     fam = check_pipeline(model_cfg.pretrained, model_cfg.family, model_cfg.revision)
     path = resolve_pretrained(model_cfg.pretrained)
     try:
-        kw = {**pipeline_kwargs(model_cfg, fam), **dict.fromkeys(skip)}
+        kw = {**pipeline_kwargs(model_cfg, fam, options), **dict.fromkeys(skip)}
         pipe = fam.pipeline_cls().from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained: cannot load {path}: {str(e).splitlines()[0]}") from None
@@ -151,8 +151,7 @@ def load_components(model_cfg: Any, skip: tuple[str, ...] = ()) -> Components:
         scheduler=scheduler,
         text_encoders=encoders,
         tokenizers=tokenizers,
-        max_sequence_length=model_cfg.max_sequence_length,
-        guidance=model_cfg.guidance,
+        options=options,
     )
 
 

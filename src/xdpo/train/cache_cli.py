@@ -92,7 +92,7 @@ def load_encoders(cfg: Config, fam: Any, device: torch.device) -> Any:
     from xdpo.models.load import load_components
     from xdpo.train.setup import place_frozen
 
-    comps = load_components(cfg.model, skip=(fam.denoiser,))
+    comps = load_components(cfg.model, cfg.family, skip=(fam.denoiser,))
     comps.denoiser = SimpleNamespace(config=_denoiser_config(cfg, fam))
     place_frozen(comps, cfg.train.mixed_precision, device)
     return comps

@@ -230,11 +230,7 @@ def save_final(
     if cfg.model.lora_rank > 0:
         from peft.utils import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(model, state_dict=whole)
-        if fam.denoiser == "unet":  # peft -> diffusers key names, as diffusers' UNet LoRA scripts save
-            from diffusers.utils import convert_state_dict_to_diffusers
-
-            layers = convert_state_dict_to_diffusers(layers)
+        layers = fam.lora_state_for_saving(get_peft_model_state_dict(model, state_dict=whole))
         metadata = model.peft_config["default"].to_dict()  # keeps lora_alpha != rank right on loading
         pipeline_cls.save_lora_weights(
             out,
@@ -247,7 +243,7 @@ def save_final(
             plain = cls.from_config(model.config)
             plain.load_state_dict({k: v.to(torch.float32) for k, v in whole.items()})
             model = plain
-        kw = pipeline_kwargs(cfg.model, fam)
+        kw = pipeline_kwargs(cfg.model, fam, cfg.family)
         pipe = pipeline_cls.from_pretrained(comps.path, **{fam.denoiser: model}, **kw)
         pipe.save_pretrained(out)
     info = {

@@ -56,8 +56,8 @@ def meta_modules(pretrained: str, fam: Any, cfg: Any) -> dict[str, Any]:
     path = resolve_pretrained(pretrained)
     index = read_model_index(pretrained, cfg.model.revision)
     wanted = [fam.denoiser, "vae"] + [k for k in index if k.startswith("text_encoder")]
-    if not cfg.model.text_encoder_3:
-        wanted = [k for k in wanted if k != "text_encoder_3"]
+    dropped = {k for k, v in fam.load_kwargs(cfg.family).items() if v is None}  # e.g. SD3 without T5
+    wanted = [k for k in wanted if k not in dropped]
     out = {}
     with init_empty_weights():
         for name in wanted:

@@ -45,7 +45,7 @@ def make_process(cfg: Config, comps: Components) -> Any:
         return PROCESSES[kind](comps.scheduler)
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     side = cfg.data.resolution // vae_scale
-    return PROCESSES[kind](comps.scheduler, image_seq_len=(side // 2) ** 2)
+    return PROCESSES[kind](comps.scheduler, image_seq_len=comps.family.image_tokens(side, side))
 
 
 def place_frozen(comps: Components, mixed_precision: str, device: torch.device) -> None:
@@ -64,9 +64,9 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
     if cfg.data.cache:
         from xdpo.data.cache import text_components
 
-        comps = load_components(cfg.model, skip=text_components(cfg))
+        comps = load_components(cfg.model, cfg.family, skip=text_components(cfg))
     else:
-        comps = load_components(cfg.model)
+        comps = load_components(cfg.model, cfg.family)
         place_frozen(comps, cfg.train.mixed_precision, device)
     weight_dtype = DTYPES[cfg.train.mixed_precision]
     process = make_process(cfg, comps)

@@ -246,11 +246,10 @@ class SameSeedEvaluator:
     def images(self, denoiser=None) -> list:
         """Samples of `denoiser` (None: the base) at the fixed (prompt, seed) noise, in `self.prompts` order."""
         from xdpo.apps.digits.sampling import generate
-        from xdpo.models.denoiser import prepare_denoiser
+        from xdpo.models.families import family_of_pipeline
 
-        if denoiser is not None:
-            prepare_denoiser(denoiser)  # as the loader did for the base (SD3: zero padding attended once)
         setattr(self.pipe, self.attr, denoiser if denoiser is not None else self.base_denoiser)
+        family_of_pipeline(self.pipe).prepare_sampling(self.pipe)  # as the loader did for the base
         try:
             return generate(self.pipe, self.prompts, latents=self.latents, progress=False)
         finally:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from xdpo.apps.digits import base_model_path, digits_sampling, pipeline_sampling
 from xdpo.evaluate.sample import initial_latents
+from xdpo.models.families import family_of_pipeline
 
 __all__ = ["denoiser_name", "generate", "initial_latents", "load_pipeline"]
 
@@ -31,7 +32,7 @@ def load_pipeline(path: str | Path | None = None, scheduler: str | None = None) 
 
 def denoiser_name(pipe: Any) -> str:
     """The pipeline attribute holding its denoiser: `unet` (SD 1.x) or `transformer` (SD3, Flux)."""
-    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    return family_of_pipeline(pipe).denoiser
 
 
 def generate(

@@ -2,7 +2,7 @@
 
 Conditions (as `FluxPipeline.encode_prompt`, which computes them): T5 hidden states as
 `encoder_hidden_states`, the pooled CLIP embedding as `pooled_projections`, and for guidance-distilled
-checkpoints (FLUX.1-dev, `guidance_embeds`) the guidance scale `model.guidance` per sample.
+checkpoints (FLUX.1-dev, `guidance_embeds`) the guidance scale `family.guidance` per sample.
 `predict` packs the [N, C, h, w] latents into 2x2 patches [N, h/2 * w/2, 4C] with their image ids
 (FluxPipeline's own helpers), calls the transformer with timestep s (the flow sigma, as the pipeline
 passes t / 1000) and zero text ids, and unpacks the prediction.
@@ -15,12 +15,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family
+from xdpo.models.families.spec import Family, Option
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 
+OPTIONS = (
+    Option(
+        "max_sequence_length",
+        int,
+        0,
+        f"T5 tokens (0 = the pipeline's default, {DEFAULT_MAX_SEQUENCE_LENGTH})",
+        check=lambda v: v >= 0,
+        rule="must be >= 0",
+        formerly="model.max_sequence_length",
+        cached=True,
+    ),
+    Option(
+        "guidance",
+        float,
+        3.5,
+        "guidance-distilled checkpoints (FLUX.1-dev): the guidance embedding's scale",
+        formerly="model.guidance",
+        cached=True,
+    ),
+)
 
-def load_kwargs(model_cfg: Any) -> dict[str, Any]:
+
+def load_kwargs(options: Any) -> dict[str, Any]:
     return {}
 
 
@@ -31,11 +52,11 @@ def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[s
         prompt_2=None,
         device=device,
         num_images_per_prompt=1,
-        max_sequence_length=comps.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length=comps.options.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
     )
     cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     if comps.denoiser.config.guidance_embeds:
-        cond["guidance"] = torch.full((len(captions),), float(comps.guidance), device=device)
+        cond["guidance"] = torch.full((len(captions),), float(comps.options.guidance), device=device)
     return cond
 
 
@@ -80,4 +101,9 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="Flux.1: MMDiT, CLIP pooled + T5, flow matching, packed latents, guidance embedding",
+    options=OPTIONS,
+    sampling={"steps": 28, "guidance": 3.5, "scheduler": "default"},  # the pipeline's own (FlowMatchEuler)
+    latent_patch=2,  # latents packed in 2x2 patches
+    resolution_multiple=16,  # VAE factor 8 x packing 2
+    packed_latents=True,
 )

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family
+from xdpo.models.families.spec import Family, diffusers_lora_state
 
 
-def load_kwargs(model_cfg: Any) -> dict[str, Any]:
+def load_kwargs(options: Any) -> dict[str, Any]:
     """No safety checker: it is not needed for training and its weights are 1.2 GB."""
     return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
@@ -46,4 +46,6 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="SD 1.x/2.x: UNet, one CLIP encoder, DDPM (eps or v)",
+    resolution_multiple=8,  # the VAE's factor
+    lora_state_for_saving=diffusers_lora_state,
 )

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family
+from xdpo.models.families.spec import Family, diffusers_lora_state
 
 
-def load_kwargs(model_cfg: Any) -> dict[str, Any]:
+def load_kwargs(options: Any) -> dict[str, Any]:
     return {}
 
 
@@ -67,4 +67,6 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="SDXL: UNet with added time ids, CLIP-L + CLIP-G, DDPM",
+    resolution_multiple=8,  # the VAE's factor
+    lora_state_for_saving=diffusers_lora_state,
 )

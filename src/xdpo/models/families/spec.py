@@ -1,10 +1,51 @@
-"""The `Family` record: how a diffusers pipeline of one family is trained (see `families/__init__.py`)."""
+"""The `Family` record: how a diffusers pipeline of one family is trained (see `families/__init__.py`),
+and `Option`, a key of the config's `family` section that a family declares and reads.
+
+Light on purpose (no torch): the registry and the config read these records before any model loads.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from xdpo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """A knob of one family, the config key `family.<name>` (one key however many families declare it).
+
+    `type`: what the config coerces the value to (bool, int, float, str, a Literal); `check(value)` False
+    stops the run with "config key `family.<name>`: <rule>"; `formerly`: the key's old name, still
+    accepted with a one-line deprecation message; `cached`: the text conditions depend on it, so a
+    latent/text cache records it (`Family.cache_keys`)."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+    formerly: str = ""
+    cached: bool = False
+
+
+def same_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """LoRA weights saved under peft's own key names (what diffusers' transformer LoRA loaders read)."""
+    return state_dict
+
+
+def diffusers_lora_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """peft -> diffusers LoRA key names, as diffusers' UNet LoRA training scripts save them."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(state_dict)
+
+
+def no_preparation(pipe: Any) -> None:
+    """Nothing to change on a loaded pipeline before sampling."""
 
 
 @dataclass(frozen=True)
@@ -19,8 +60,41 @@ class Family:
     image_conditions: Callable[..., dict[str, Any]]
     predict: Callable[..., Any]
     about: str = ""
+    options: tuple[Option, ...] = ()
+    latent_patch: int = 1
+    resolution_multiple: int = 8
+    packed_latents: bool = False
+    lora_state_for_saving: Callable[[dict[str, Any]], dict[str, Any]] = same_state
+    prepare_sampling: Callable[[Any], None] = no_preparation
+    sampling: dict[str, Any] | None = field(default=None, hash=False)
 
     def pipeline_cls(self) -> type:
-        import diffusers
+        """The pipeline class: a diffusers class name, or `package.module.Class` for one defined elsewhere."""
+        import importlib
 
-        return getattr(diffusers, self.pipeline_class)
+        module, _, name = self.pipeline_class.rpartition(".")
+        return getattr(importlib.import_module(module or "diffusers"), name)
+
+    def image_tokens(self, latent_h: int, latent_w: int) -> int:
+        """Image tokens the denoiser sees for latents of h x w: (h / p)(w / p), p = `latent_patch`
+        (Flux packs 2x2 latent patches; SD3's transformer embeds 2x2 patches); FluxPipeline's
+        `image_seq_len`, which sets Flux's resolution-dependent shift."""
+        p = self.latent_patch
+        if latent_h % p or latent_w % p:
+            raise ConfigError(
+                f"config key `data.resolution`: latents of {latent_h} x {latent_w} do not split into the "
+                f"{p} x {p} patches of {self.name} models; use a multiple of {self.resolution_multiple}"
+            )
+        return (latent_h // p) * (latent_w // p)
+
+    def check_resolution(self, resolution: int) -> None:
+        """One line when the image side is not a multiple of `resolution_multiple` (VAE factor x patch)."""
+        if resolution % self.resolution_multiple:
+            raise ConfigError(
+                f"config key `data.resolution`: must be a multiple of {self.resolution_multiple} for "
+                f"{self.name} models (VAE factor x patch), got {resolution}"
+            )
+
+    def cache_keys(self, options: Any) -> dict[str, Any]:
+        """The family's settings a text cache depends on, by config key (`family.<name>`)."""
+        return {f"family.{o.name}": getattr(options, o.name) for o in self.options if o.cached}
