@@ -253,3 +253,56 @@ def test_no_file_cites_design_md(folder):
     assert not cited
     assert (ROOT / "docs" / "design.md").is_file() and (ROOT / "docs" / "math.md").is_file()
     assert "DESIGN" + ".md" not in (ROOT / "README.md").read_text()
+
+
+LAYERS = (
+    ("xdpo.errors", "xdpo.plugins"),
+    ("xdpo.objectives", "xdpo.models"),  # pure losses and registries; model families, loading, noise
+    ("xdpo.family_config",),
+    ("xdpo.config",),  # typed config; its choices read the registries below
+    ("xdpo.data",),
+    ("xdpo.train", "xdpo.evaluate"),  # the training recipe never imports scorers or samplers (rollout)
+    ("xdpo.pairs",),
+    ("xdpo.rollout",),  # on-policy rounds: sampling and scoring, handed to the recipe as a round maker
+    ("xdpo", "xdpo.cli", "xdpo.__main__", "xdpo.apps"),  # composition and the users of the library
+)
+"""The library's layers, bottom first: a module imports only modules of its own package or of lower layers."""
+
+
+def layer_of(module: str) -> int:
+    best = max((p for layer in LAYERS for p in layer if under(module, (p,))), key=len)
+    return next(i for i, layer in enumerate(LAYERS) if best in layer)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'importer -> imported' for every import of a module in a higher layer (or of a sibling package in
+    the same layer), e.g. a train module importing a scorer."""
+    found = []
+    for m, edges in graph.items():
+        for e in sorted(edges):
+            same_package = e.split(".")[:2] == m.split(".")[:2]
+            if (
+                not same_package
+                and m != "xdpo"
+                and layer_of(e) >= layer_of(m)
+                and layer_of(m) < len(LAYERS) - 1
+            ):
+                found.append(f"{m} -> {e}")
+    return found
+
+
+def test_the_layer_rule_finds_an_upward_import():
+    graph = {"xdpo.train.recipe": {"xdpo.pairs.scoring", "xdpo.data.batch"}, "xdpo.data.batch": set()}
+    assert upward_imports(graph) == ["xdpo.train.recipe -> xdpo.pairs.scoring"]
+    assert upward_imports({"xdpo.models.load": {"xdpo.apps.digits"}}) == [
+        "xdpo.models.load -> xdpo.apps.digits"
+    ]
+    assert upward_imports({"xdpo.train.step": {"xdpo.evaluate.sample"}}) == [
+        "xdpo.train.step -> xdpo.evaluate.sample"
+    ]
+
+
+def test_no_module_reaches_up_a_layer():
+    """models never import digits or evaluate; the recipe never imports pairs, evaluate or rollout; data never
+    imports train; and so on (LAYERS)."""
+    assert upward_imports(import_graph()) == []
