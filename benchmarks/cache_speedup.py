@@ -108,7 +108,7 @@ def make_pairs(path: Path, n: int, size: int) -> Path:
 
 def step_time(overrides: list[str], out: Path, cache: Path | None) -> float:
     from xdpo.config import load_config
-    from xdpo.train.loop import train
+    from xdpo.train.recipe import train
 
     extra = [f"output_dir={out}"] + ([f"data.cache={cache}"] if cache else [])
     train(load_config(None, overrides + extra))

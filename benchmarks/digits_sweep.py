@@ -38,7 +38,7 @@ def main() -> None:
     from xdpo.apps.demo.run import CONFIGS, SameSeedEvaluator
     from xdpo.config import load_config
     from xdpo.models.denoiser import load_denoiser
-    from xdpo.train.loop import train
+    from xdpo.train.recipe import train
 
     torch.set_num_threads(args.threads)
     ev = SameSeedEvaluator(args.seeds, None if args.model == "digits" else args.model)

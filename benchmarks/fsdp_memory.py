@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     from xdpo.config import load_config
-    from xdpo.train import checkpoint, loop, recipe_setup
+    from xdpo.train import checkpoint, recipe, setup
 
     report: dict = {}
 
@@ -85,14 +85,14 @@ def child(args: argparse.Namespace) -> None:
         )
 
     loop_models: dict = {}
-    real = recipe_setup.load_models
+    real = setup.load_models
 
     def keep(cfg: Any, device: Any, objective: Any) -> Any:
         models = real(cfg, device, objective)
         loop_models["reference"] = models.reference
         return models
 
-    recipe_setup.load_models, checkpoint.save_final = keep, count
+    setup.load_models, checkpoint.save_final = keep, count
     checkpoint.save_checkpoint = lambda *a, **k: None
     cfg = load_config(
         None,
@@ -102,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
             "train.checkpoint_every=0", "train.learning_rate=1e-6", "train.scale_lr=false", "train.warmup_steps=0",
         ],
     )  # fmt: skip
-    loop.train(cfg)
+    recipe.train(cfg)
     sys.stdout.write("FSDP-MEMORY " + json.dumps(report) + "\n")  # one write: ranks share the pipe
     sys.stdout.flush()
 

@@ -58,10 +58,10 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     from xdpo.config import load_config
-    from xdpo.train import checkpoint, loop, recipe_setup
+    from xdpo.train import checkpoint, recipe, setup
 
     marks: dict[str, int] = {}
-    real = recipe_setup.load_models
+    real = setup.load_models
 
     def measured(cfg: Any, device: Any, objective: Any) -> Any:
         models = real(cfg, device, objective)
@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
         return models
 
-    recipe_setup.load_models = measured
+    setup.load_models = measured
     cfg = load_config(
         None,
         [
@@ -93,7 +93,7 @@ def child(args: argparse.Namespace) -> None:
     # not measured (and it would write a full UNet to disk); train() writes its summary into final/
     checkpoint.save_final = lambda accelerator, unet, cfg, comps, final, step, **kw: final.mkdir(parents=True)
     checkpoint.save_checkpoint = lambda *a, **k: None
-    loop.train(cfg)
+    recipe.train(cfg)
     peak = status_kib("VmHWM")
     print(json.dumps({"mode": args.child, "loaded_kib": marks["loaded"], "peak_kib": peak, **marks}))
 

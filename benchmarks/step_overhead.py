@@ -121,7 +121,7 @@ def bare_step_time(cfg: Any, batch: int, steps: int) -> float:
 def loop_step_time(cfg: Any) -> float:
     """Fastest step (s): time between consecutive metrics.jsonl lines of `xdpo train`, after warm-up."""
     from xdpo.train import metrics
-    from xdpo.train.loop import train
+    from xdpo.train.recipe import train
 
     stamps: list[float] = []
     write = metrics.MetricsLog.write

@@ -226,9 +226,9 @@ def torchrun(command: str, *args: str, env: dict[str, str] | None = None) -> str
 
 
 def run_training(out: Path, pipe: Path | str, pairs: Path | str, **overrides) -> Path:
-    """`xdpo.train.loop.train` on a test config; returns output_dir."""
+    """`xdpo.train.recipe.train` on a test config; returns output_dir."""
     from xdpo.config import load_config
-    from xdpo.train.loop import train
+    from xdpo.train.recipe import train
 
     return train(load_config(None, train_overrides(out, pipe, pairs, **overrides)))
 

@@ -15,7 +15,7 @@ from xdpo.config import load_config
 from xdpo.data.cache import open_pairs, pair_shard, read_manifest
 from xdpo.data.cache_reader import open_cache
 from xdpo.train.cache_cli import build_cache
-from xdpo.train.loop import train
+from xdpo.train.recipe import train
 
 TRAIN = {
     "data.resolution": 32,

@@ -1,4 +1,4 @@
-"""End to end: `xdpo.train.loop.train` on webdataset tar shards with the tiny pipeline."""
+"""End to end: `xdpo.train.recipe.train` on webdataset tar shards with the tiny pipeline."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from test_data_webdataset import write_shard
 from xdpo.config import load_config
-from xdpo.train.loop import train
+from xdpo.train.recipe import train
 
 
 def texture(rng: np.random.Generator, bright: float) -> bytes:

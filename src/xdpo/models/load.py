@@ -171,9 +171,11 @@ def add_lora(model: Any, cfg: Any) -> None:
         model.add_adapter(lora)
     except ValueError as e:
         raise ConfigError(f"model.lora_targets: {e}") from None
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # trainable adapter weights in fp32 under mixed precision
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(
+        model, dtype=torch.float32
+    )  # trainable adapter weights in fp32 under mixed precision
 
 
 def frozen_copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
@@ -195,25 +197,17 @@ def tuner_layers(model: Any) -> list[Any]:
 
 @contextmanager
 def adapters_disabled(model: Any):
-    """Reference = the base denoiser: LoRA adapters off inside the block. Only the layers' switch is
-    flipped (peft's `disable_adapters` also walks every module and resets requires_grad, which a
-    no-grad reference pass does not need)."""
-    layers = tuner_layers(model)
-    if not layers or not all(hasattr(m, "_disable_adapters") for m in layers):
-        model.disable_adapters()  # a peft without the flag: the public, slower switch
-        try:
-            yield model
-        finally:
-            model.enable_adapters()
-        return
-    previous = [m._disable_adapters for m in layers]
+    """The base denoiser inside the block: LoRA adapters off through peft's public per-layer switch
+    (`BaseTunerLayer.enable_adapters`, what diffusers' `disable_adapters` calls on each layer), on the
+    model's LoRA layers found once instead of a walk over every module per call."""
+    layers = [m for m in tuner_layers(model) if not m.disable_adapters]
     for m in layers:
-        m._disable_adapters = True
+        m.enable_adapters(False)
     try:
         yield model
     finally:
-        for m, was in zip(layers, previous, strict=True):
-            m._disable_adapters = was
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:

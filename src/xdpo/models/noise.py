@@ -127,11 +127,14 @@ class FlowProcess:
 
 
 def _dynamic_mu(cfg: Any, image_seq_len: int) -> float:
-    """Flux's resolution-dependent shift: mu linear in the image token count (FluxPipeline's calculate_shift)."""
-    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * m + base_shift - m * base_len
+    """Flux's resolution-dependent shift: mu linear in the image token count (FluxPipeline's own
+    `calculate_shift`, with the scheduler config's lengths and shifts)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+    )  # fmt: skip
 
 
 PROCESSES = {"ddpm": DDPMProcess, "flow": FlowProcess}

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         from xdpo.train.dryrun import dry_run
 
         return dry_run(cfg)
-    from xdpo.train.loop import train
+    from xdpo.train.recipe import train
 
     train(cfg)
     return 0

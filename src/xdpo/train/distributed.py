@@ -158,9 +158,9 @@ def clip_grad_norm(accelerator: Any, params: list[torch.nn.Parameter], max_norm:
     """`accelerator.clip_grad_norm_` (returns the norm before clipping, scales by max_norm / (norm + 1e-6)
     when that is below 1), without its rescaling pass when nothing is clipped: a pass over every gradient,
     2% of a digits-base full fine-tune step on a CPU. Only on the CPU (elsewhere the test `norm <= max_norm`
-    would wait for the device every step); sharded and fp16-scaled gradients go through accelerate.
-    Gradients of one dtype: torch's own foreach calls (`get_total_norm`, `clip_grads_with_norm_`), the same
-    values bit for bit, without their per-call grouping and per-tensor `.to()` (~0.4 ms a digits step)."""
+    would wait for the device every step); sharded and fp16-scaled gradients go through accelerate. The
+    norm and the scaling are torch's public `get_total_norm` / `clip_grads_with_norm_` (the values of
+    `clip_grad_norm_`, bit for bit)."""
     plain = (
         accelerator.distributed_type.name in ("NO", "MULTI_CPU")
         and accelerator.scaler is None
@@ -169,14 +169,9 @@ def clip_grad_norm(accelerator: Any, params: list[torch.nn.Parameter], max_norm:
     if not plain or not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
         return accelerator.clip_grad_norm_(params, max_norm)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads or any(g.dtype != grads[0].dtype for g in grads):
-        norm = torch.nn.utils.get_total_norm(grads)
-        if not float(norm) + 1e-6 <= max_norm:  # (a non-finite norm clips too, as in torch)
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if not float(norm) + 1e-6 <= max_norm:  # (a non-finite norm clips too, as in torch)
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm
 
 

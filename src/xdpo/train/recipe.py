@@ -36,8 +36,7 @@ from xdpo.train.distributed import (
 )  # fmt: skip
 from xdpo.train.metrics import MetricsLog, summarize
 from xdpo.train.optim import learning_rate
-from xdpo.train.recipe_setup import describe, make_probe, prepare_models
-from xdpo.train.setup import step_context
+from xdpo.train.setup import describe, make_probe, prepare_models, step_context
 from xdpo.train.sources import RoundFactory, TrainData, default_rounds, open_train_data
 from xdpo.train.state import TrainerState
 from xdpo.train.step import train_step
@@ -265,3 +264,15 @@ class Recipe:
         acc.print(
             f"Done: {st.step} steps; final model in {out / 'final'}; metrics in {out / 'metrics.jsonl'}"
         )
+
+
+def train(cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None) -> Path:
+    """Run (or resume) a training run; return `output_dir`. `rounds`: the online round maker's factory
+    (default: online DPO's, `xdpo.rollout.rounds.PairRounds`). A run stopped by SIGINT / SIGTERM has saved a
+    checkpoint; `train` then raises `KeyboardInterrupt`, so that a caller running several stages (the demo,
+    the study, a script) stops with it (`Recipe.run` itself just returns with `stopped` set)."""
+    recipe = Recipe(cfg, accelerator, rounds)
+    out = recipe.run()
+    if recipe.stopped:
+        raise KeyboardInterrupt
+    return out

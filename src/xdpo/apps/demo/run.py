@@ -168,7 +168,7 @@ def train_all(
     """Train every method x seed; a finished run is reused, an interrupted one resumed.
     `prepare(method, seed, cfg)`, if given, runs just before each run is trained (e.g. to seed its folder)."""
     from xdpo.train.checkpoint import list_checkpoints
-    from xdpo.train.loop import train
+    from xdpo.train.recipe import train
 
     runs = {}
     for m in s.methods:

@@ -99,7 +99,7 @@ def train_job(job: Job, s: StudySettings, folder: Path):
     from xdpo.apps.demo.run import CONFIGS, _same_config
     from xdpo.config import load_config
     from xdpo.train.checkpoint import list_checkpoints
-    from xdpo.train.loop import train
+    from xdpo.train.recipe import train
 
     every = job.steps // job.curve_points if job.curve_points else 0
     over = [
