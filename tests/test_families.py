@@ -448,9 +448,9 @@ def _prompts(tmp_path):
 COMPOSED = [  # every strategy on the new families: objectives, reference strategies, timestep strategies
     ("sd3", {"loss.objective": "kto", "reference.strategy": "periodic", "reference.update_every": 1,
              "reference.max_divergence": 10, "model.lora_rank": 4, "timesteps.sampling": "skewed",
-             "timesteps.weighting": "snr"}),
+             "timesteps.weighting": "snr", "loss.error_space": "epsilon"}),
     ("flux", {"loss.objective": "sft", "reference.strategy": "ema", "reference.update_every": 1,
-              "loss.beta_schedule": "flow", "loss.error_space": "epsilon"}),
+              "loss.beta_schedule": "flow"}),
     ("sdxl", {"loss.divergence": "xdpo", "loss.outer": "ipo", "reference.strategy": "periodic",
               "reference.update_every": 1, "reference.max_divergence": 10, "data.ties": "keep"}),
 ]  # fmt: skip

@@ -482,9 +482,9 @@ def validate(cfg: Config) -> None:
         d.random_crop,
     )
     _require(
-        d.ties == "drop" or lo.objective != "kto",
+        d.ties == "drop" or lo.objective == "pair",
         "data.ties",
-        "keep needs loss.objective=pair or sft (a tie has no desirable image for KTO)",
+        f"keep needs loss.objective=pair (a tie has no preferred image for {lo.objective} to train on)",
         d.ties,
     )
     _require(lo.beta > 0, "loss.beta", "must be > 0", lo.beta)
@@ -500,6 +500,13 @@ def validate(cfg: Config) -> None:
         lo.label_smoothing,
     )
     _require(lo.logratio_scale > 0, "loss.logratio_scale", "must be > 0", lo.logratio_scale)
+    _require(
+        not (lo.beta_schedule == "flow" and lo.error_space == "epsilon"),
+        "loss.beta_schedule",
+        "flow with loss.error_space=epsilon applies (1 - sigma)^2 twice (epsilon errors of a flow model are "
+        "velocity errors times (1 - sigma)^2); use loss.error_space=native",
+        lo.beta_schedule,
+    )
     _require(lo.clamp > 0, "loss.clamp", "must be > 0", lo.clamp)
     _require(r.update_every >= 1, "reference.update_every", "must be >= 1", r.update_every)
     _require(r.max_divergence > 0, "reference.max_divergence", "must be > 0", r.max_divergence)
