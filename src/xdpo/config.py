@@ -177,7 +177,8 @@ class TimestepConfig:
     )
     weighting: Literal["constant", "snr"] = _f(
         "constant",
-        "lambda(t) multiplying beta: 1, or 1 + minmax(1/sqrt(SNR(t))) in [1, 2] (Kang et al. 2025)",
+        "lambda(t) multiplying beta: 1, or 1 + minmax(1/sqrt(SNR(t))) in [1, 2] (Kang et al. 2025; flow "
+        "models: 1 + minmax(sigma))",
     )
 
 

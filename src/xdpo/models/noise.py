@@ -5,11 +5,16 @@ Every process indexes training timesteps by an integer k in [0, N), larger k = n
 timestep samplers (uniform, skewed bins, logit-normal) and Kang et al.'s SNR weights are shared.
 
 - `ddpm` (SD 1.x/2.x, SDXL): x_t = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps; target eps, v or x0 by the
-  scheduler's `prediction_type`; the denoiser sees t = k. SNR(k) = abar_k / (1 - abar_k).
+  scheduler's `prediction_type`; the denoiser sees t = k. SNR(k) = abar_k / (1 - abar_k), with abar
+  clamped to >= 2^-24 as diffusers' schedulers do for zero-terminal-SNR schedules (Lin et al. 2024).
 - `flow` (SD3/SD3.5, Flux; rectified flow, Esser et al. 2024): x_t = (1 - s) x0 + s eps with
   s = sigma_k, the scheduler's training sigmas (shifted by its `shift`, or by the resolution-dependent
   mu of Flux's dynamic shifting) sorted ascending; target v = eps - x0; the denoiser sees s * N.
   SNR(s) = ((1 - s) / s)^2.
+
+`weighting_basis()` is what `timesteps.weighting=snr` min-maxes (`xdpo.objectives.timesteps`):
+1 / sqrt(SNR) for DDPM (Kang et al. 2025), sigma for flow, where 1 / sqrt(SNR) = s / (1 - s) diverges at
+s = 1 (docs/math.md §7).
 
 `to_epsilon` re-expresses a prediction as a noise prediction, for `loss.error_space=epsilon`:
 v-errors are eps-errors times 1 / abar_k-dependent factors (1 at k = 0, ~215 at k = 999 on SD's schedule
@@ -25,6 +30,10 @@ import torch
 from torch import Tensor
 
 from xdpo.errors import ConfigError
+
+
+ZERO_SNR_ABAR = 2.0**-24
+"""The smallest abar: diffusers' schedulers set a zero terminal abar to 2^-24 (finite SNR and sigma)."""
 
 
 def _bcast(x: Tensor, like: Tensor) -> Tensor:
@@ -73,9 +82,14 @@ class DDPMProcess:
         return (x_t.float() - a * pred.float()) / b
 
     def snr(self) -> Tensor:
-        """SNR(k) = abar_k / (1 - abar_k) for every k, float64 [N]."""
-        a = self.alphas_cumprod
+        """SNR(k) = abar_k / (1 - abar_k) for every k, float64 [N], > 0: abar is clamped to >= 2^-24 as
+        diffusers' schedulers clamp a zero terminal abar (`rescale_betas_zero_snr`)."""
+        a = self.alphas_cumprod.clamp(min=ZERO_SNR_ABAR)
         return a / (1 - a)
+
+    def weighting_basis(self) -> Tensor:
+        """1 / sqrt(SNR(k)), float64 [N] (Kang et al. 2025's timestep weight before its min-max)."""
+        return self.snr().rsqrt()
 
     def noise_level(self, k: Tensor) -> Tensor:
         """sqrt(1 - abar_k) in [0, 1] (the weight of eps in x_t)."""
@@ -121,6 +135,11 @@ class FlowProcess:
         """SNR(s) = ((1 - s) / s)^2 (docs/design.md §8); s = 1 is clipped to 1 - 1/N so it stays > 0."""
         s = self.sigmas.clamp(max=1 - 1 / self.num_steps)
         return ((1 - s) / s) ** 2
+
+    def weighting_basis(self) -> Tensor:
+        """sigma_k, float64 [N]: bounded, unlike 1 / sqrt(SNR) = s / (1 - s), whose min-max is ~0 everywhere
+        but at s = 1 (E lambda = 1.005 under SD3's logit-normal timesteps; docs/math.md §7)."""
+        return self.sigmas.clone()
 
     def noise_level(self, k: Tensor) -> Tensor:
         return self.sigma(k).float()

@@ -11,7 +11,7 @@ from xdpo.config import Config
 from xdpo.errors import XdpoError
 from xdpo.models.load import DTYPES, Components, add_lora, load_components
 from xdpo.models.noise import PROCESSES
-from xdpo.objectives.timesteps import snr_lambda_table
+from xdpo.objectives.timesteps import minmax_lambda_table
 from xdpo.train.batches import mix_seed
 from xdpo.train.reference import Reference
 
@@ -85,7 +85,7 @@ def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any
 
 
 def lambda_table(cfg: Config, process: Any) -> torch.Tensor | None:
-    return snr_lambda_table(process.snr()) if cfg.timesteps.weighting == "snr" else None
+    return minmax_lambda_table(process.weighting_basis()) if cfg.timesteps.weighting == "snr" else None
 
 
 def loss_kwargs(cfg: Config) -> dict[str, Any]:
