@@ -140,3 +140,34 @@ def test_zero_terminal_snr_schedule_has_finite_weights(kind):
     x0, eps, k = tensors()
     x_t, target = proc.noise(x0, eps, k)
     assert bool(torch.isfinite(x_t).all() and torch.isfinite(target).all())
+
+
+FLOW_OPTIONS = [  # scheduler options that shape the sigmas, as FlowMatchEulerDiscreteScheduler applies them
+    {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+    {"use_dynamic_shifting": True, "shift_terminal": 0.1},
+    {"shift": 3.0, "shift_terminal": 0.05},
+]
+
+
+@pytest.mark.parametrize("options", FLOW_OPTIONS, ids=["linear-shift", "dynamic-terminal", "terminal"])
+def test_flow_sigmas_follow_the_schedulers_shift_options(options):
+    """`time_shift_type=linear` and `shift_terminal` were ignored: the training sigmas are those the scheduler
+    samples with num_train_timesteps steps (`set_timesteps`, diffusers' own code) at the training resolution."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **options)
+    seq_len, n = 1024, 1000
+    proc = FlowProcess(sched, image_seq_len=seq_len)
+    c = sched.config
+    mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu if c.use_dynamic_shifting else None)
+    torch.testing.assert_close(proc.sigmas.flip(0).float(), sched.sigmas[:n], rtol=1e-5, atol=1e-6)
+
+
+def test_inverted_flow_sigmas_are_refused():
+    from xdpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invert_sigmas") as err:
+        FlowProcess(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, invert_sigmas=True))
+    assert "\n" not in str(err.value)

@@ -23,14 +23,12 @@ for the squared error), flow v-errors are eps-errors / (1 - s)^2.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from xdpo.errors import ConfigError
-
 
 ZERO_SNR_ABAR = 2.0**-24
 """The smallest abar: diffusers' schedulers set a zero terminal abar to 2^-24 (finite SNR and sigma)."""
@@ -97,23 +95,35 @@ class DDPMProcess:
 
 
 class FlowProcess:
-    """Rectified flow matching (SD3 / Flux training), on the scheduler's shifted sigmas."""
+    """Rectified flow matching (SD3 / Flux training), on the scheduler's shifted sigmas.
+
+    The sigmas are those `FlowMatchEulerDiscreteScheduler.set_timesteps` gives for N = num_train_timesteps
+    steps at the training resolution: the static `shift`, or the dynamic shift by mu with the scheduler's
+    own `time_shift` (`time_shift_type` exponential or linear), then its `stretch_shift_to_terminal` when
+    `shift_terminal` is set. `invert_sigmas` is refused; the inference spacings (`use_karras_sigmas`, ...)
+    only place a sampler's steps and do not apply."""
 
     kind = "flow"
 
     def __init__(self, scheduler: Any, image_seq_len: int | None = None) -> None:
         cfg = scheduler.config
+        if cfg.get("invert_sigmas", False):
+            raise ConfigError(
+                "model.pretrained: its flow scheduler sets invert_sigmas (sigma runs from clean to noise), "
+                "which xdpo does not train"
+            )
         self.scheduler = scheduler
         self.num_steps = n = int(cfg.num_train_timesteps)
         s = torch.arange(1, n + 1, dtype=torch.float64) / n  # ascending, as the scheduler's before shifting
         if cfg.get("use_dynamic_shifting", False):
             if image_seq_len is None:
                 raise ConfigError("a dynamically shifted flow scheduler needs the image sequence length")
-            mu = _dynamic_mu(cfg, image_seq_len)
-            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))  # the exponential time shift of sampling
+            s = scheduler.time_shift(_dynamic_mu(cfg, image_seq_len), 1.0, s)  # exponential or linear
         else:
             shift = float(cfg.get("shift", 1.0))
             s = shift * s / (1 + (shift - 1) * s)
+        if cfg.get("shift_terminal"):  # the scheduler's stretch works on descending sigmas
+            s = scheduler.stretch_shift_to_terminal(s.flip(0)).flip(0)
         self.sigmas = s  # [N], float64, sigma_k for k = 0 (cleanest) .. N-1 (noisiest, = 1)
 
     def sigma(self, k: Tensor) -> Tensor:
