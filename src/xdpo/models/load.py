@@ -235,6 +235,11 @@ def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
     return dist.mean.float(), dist.logvar.float()
 
 
+def vae_scale_factor(vae: Any) -> int:
+    """How many pixels one latent spans per side: 2^(VAE levels - 1), as the pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def scale_latents(vae: Any, z: Tensor) -> Tensor:
     """(z - shift_factor) * scaling_factor, the space the denoiser works in (shift: SD3, Flux)."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0

@@ -34,8 +34,10 @@ from xdpo.models.load import adapters_disabled, frozen_copy
 from xdpo.train.distributed import full_tensor, like
 
 
-def _cast(cond: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+def _cast(cond: dict[str, Tensor], dtype: torch.dtype, embeddings: tuple[str, ...]) -> dict[str, Tensor]:
+    """The family's float embeddings in `dtype`; ids, sizes and guidance as they are (bf16 would round
+    SDXL's 683 px to 684)."""
+    return {k: v.to(dtype) if k in embeddings and v.is_floating_point() else v for k, v in cond.items()}
 
 
 class _Predictor(torch.nn.Module):
@@ -112,7 +114,7 @@ class Reference:
     def _call(self, model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """A frozen copy in its own dtype (e.g. an fp16 reference next to an fp32 policy without autocast)."""
         dtype = next(model.parameters()).dtype
-        return self.family.predict(model, noisy.to(dtype), t, _cast(cond, dtype))
+        return self.family.predict(model, noisy.to(dtype), t, _cast(cond, dtype, self.family.embeddings))
 
     def predict(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """The reference prediction."""

@@ -9,7 +9,7 @@ import torch
 
 from xdpo.config import Config
 from xdpo.errors import XdpoError
-from xdpo.models.load import DTYPES, Components, add_lora, load_components
+from xdpo.models.load import DTYPES, Components, add_lora, load_components, vae_scale_factor
 from xdpo.models.noise import PROCESSES
 from xdpo.objectives.timesteps import minmax_lambda_table
 from xdpo.train.batches import mix_seed
@@ -62,6 +62,7 @@ def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any
     else:
         comps = load_components(cfg.model)
         place_frozen(comps, t.mixed_precision, device)
+    comps.family.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
     weight_dtype = DTYPES[t.mixed_precision]
     process = make_process(cfg, comps)
     resolve_timesteps(cfg, process.kind)

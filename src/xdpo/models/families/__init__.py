@@ -8,7 +8,10 @@ A `Family` says how a diffusers pipeline of that family is trained:
 - `encode_text(comps, captions, device)`: the prompt conditions, a dict of batch-first tensors [B, ...];
 - `image_conditions(comps, batch, n)`: per-image conditions for [w; l] (SDXL's time ids), or {};
 - `predict(model, noisy, t, cond)`: the only place a denoiser is called; returns the prediction in
-  the latent layout [N, C, h, w] whatever the model's own layout (Flux packs and unpacks inside).
+  the latent layout [N, C, h, w] whatever the model's own layout (Flux packs and unpacks inside);
+- `embeddings`: the condition keys that are float embeddings (the only ones cast to a half-precision
+  reference's dtype; ids, sizes and guidance never are);
+- `latent_multiple`: the latent side's multiple (SD3's and Flux's 2 x 2 patches; `check_resolution`).
 
 A new family is one module defining `FAMILY` plus one line in `FAMILIES`.
 """

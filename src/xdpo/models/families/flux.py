@@ -78,4 +78,6 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="Flux.1: MMDiT, CLIP pooled + T5, flow matching, packed latents, guidance embedding",
+    embeddings=("encoder_hidden_states", "pooled_projections"),
+    latent_multiple=2,
 )

@@ -44,4 +44,5 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="SD 1.x/2.x: UNet, one CLIP encoder, DDPM (eps or v)",
+    embeddings=("encoder_hidden_states",),
 )

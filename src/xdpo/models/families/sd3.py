@@ -70,4 +70,6 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="SD3/SD3.5: MMDiT, CLIP-L + CLIP-G + T5, flow matching",
+    embeddings=("encoder_hidden_states", "pooled_projections"),
+    latent_multiple=2,
 )

@@ -64,4 +64,5 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="SDXL: UNet with added time ids, CLIP-L + CLIP-G, DDPM",
+    embeddings=("encoder_hidden_states", "text_embeds"),
 )
