@@ -1,5 +1,5 @@
 """Mixed precision on the CPU (torch autocasts bf16 there too): the reference sees the policy's ids and
-sizes unrounded."""
+sizes unrounded; T5 keeps its fp32 layers (`_keep_in_fp32_modules`) in fp16."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_training
+from xdpo.config import load_config
 from xdpo.models.tiny import tiny_resolution
 
 SIDE = tiny_resolution(8)  # the tiny pipelines' latents 8 x 8 (the SD one at half its native size)
@@ -56,3 +57,29 @@ def test_reference_sees_the_policys_ids_and_sizes(
             assert ref[key].dtype == torch.bfloat16 and torch.equal(ref[key], value.bfloat16()), key
     if family == "sdxl":
         assert {257.0, 683.0} <= set(policy["time_ids"].flatten().tolist())
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["train", "cache"])
+def test_t5_keeps_its_fp32_layers_in_fp16(tiny_sd3_pipeline_dir, cache):
+    """In fp16 the text encoders load as `from_pretrained(torch_dtype=float16)` loads them: T5's feed-forward
+    output layers (`wo`, its `_keep_in_fp32_modules`) stay in fp32, the rest (and both CLIPs) in fp16; for
+    training and for `xdpo cache` alike."""
+    cfg = load_config(
+        None, [f"model.pretrained={tiny_sd3_pipeline_dir}", "data.path=x", "train.mixed_precision=fp16"]
+    )
+    if cache:
+        from xdpo.models.families import get_family
+        from xdpo.train.cache_cli import load_encoders
+
+        comps = load_encoders(cfg, get_family("sd3"), CPU)
+    else:
+        from xdpo.train.setup import load_models
+
+        comps = load_models(cfg, CPU)[0]
+    t5 = comps.text_encoders["text_encoder_3"]
+    assert t5._keep_in_fp32_modules and "wo" in t5._keep_in_fp32_modules
+    kept = {n for n, _ in t5.named_parameters() if ".wo." in n}
+    assert kept and all(p.dtype == torch.float32 for n, p in t5.named_parameters() if n in kept)
+    assert all(p.dtype == torch.float16 for n, p in t5.named_parameters() if n not in kept)
+    for name in ("text_encoder", "text_encoder_2"):
+        assert all(p.dtype == torch.float16 for p in comps.text_encoders[name].parameters()), name

@@ -24,6 +24,12 @@ from xdpo.models.families import Family, family_of_class, get_family
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def half_precision(mixed_precision: str) -> torch.dtype | None:
+    """The dtype of a half-precision setting (fp16, bf16), None for fp32."""
+    dtype = DTYPES[mixed_precision]
+    return None if dtype == torch.float32 else dtype
+
+
 @dataclass
 class Components:
     family: Family
@@ -132,14 +138,26 @@ def pipeline_kwargs(model_cfg: Any, fam: Family) -> dict[str, Any]:
     return kw
 
 
-def load_components(model_cfg: Any, skip: tuple[str, ...] = ()) -> Components:
+def load_components(
+    model_cfg: Any, skip: tuple[str, ...] = (), text_dtype: torch.dtype | None = None
+) -> Components:
     """The pipeline of `model.pretrained` through its family's diffusers class, and its training scheduler.
 
-    `skip`: components not loaded (None), e.g. the text encoders of a run that reads `data.cache`."""
+    `skip`: components not loaded (None), e.g. the text encoders of a run that reads `data.cache`.
+    `text_dtype` (a half-precision run's): the text encoders' dtype, given to `from_pretrained` as the
+    pipelines take `torch_dtype`, so that transformers keeps their `_keep_in_fp32_modules` in fp32 (T5's
+    `wo`, which overflows in fp16); the other components load in fp32."""
     fam = check_pipeline(model_cfg.pretrained, model_cfg.family, model_cfg.revision)
     path = resolve_pretrained(model_cfg.pretrained)
+    kw = {**pipeline_kwargs(model_cfg, fam), **dict.fromkeys(skip)}
+    if text_dtype is not None:
+        encoders = [
+            k
+            for k in read_model_index(model_cfg.pretrained, model_cfg.revision)
+            if k.startswith("text_encoder")
+        ]
+        kw["dtype"] = {"default": torch.float32, **dict.fromkeys(encoders, text_dtype)}
     try:
-        kw = {**pipeline_kwargs(model_cfg, fam), **dict.fromkeys(skip)}
         pipe = fam.pipeline_cls().from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained: cannot load {path}: {str(e).splitlines()[0]}") from None

@@ -90,10 +90,12 @@ def _denoiser_config(cfg: Config, fam: Any) -> SimpleNamespace:
 
 def load_encoders(cfg: Config, fam: Any, device: torch.device) -> Any:
     """The pipeline without its denoiser; VAE and text encoders on `device`, as a training run places them."""
-    from xdpo.models.load import load_components
+    from xdpo.models.load import half_precision, load_components
     from xdpo.train.setup import place_frozen
 
-    comps = load_components(cfg.model, skip=(fam.denoiser,))
+    comps = load_components(
+        cfg.model, skip=(fam.denoiser,), text_dtype=half_precision(cfg.train.mixed_precision)
+    )
     comps.denoiser = SimpleNamespace(config=_denoiser_config(cfg, fam))
     place_frozen(comps, cfg.train.mixed_precision, device)
     return comps

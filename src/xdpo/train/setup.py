@@ -9,7 +9,7 @@ import torch
 
 from xdpo.config import Config
 from xdpo.errors import XdpoError
-from xdpo.models.load import DTYPES, Components, add_lora, load_components, vae_scale_factor
+from xdpo.models.load import DTYPES, Components, add_lora, half_precision, load_components, vae_scale_factor
 from xdpo.models.noise import PROCESSES
 from xdpo.objectives.timesteps import minmax_lambda_table
 from xdpo.train.batches import mix_seed
@@ -40,13 +40,14 @@ def make_process(cfg: Config, comps: Components) -> Any:
 
 
 def place_frozen(comps: Components, mixed_precision: str, device: torch.device) -> None:
-    """The VAE and text encoders on `device` in the mixed-precision dtype (what they encode in)."""
+    """The VAE and text encoders on `device` in the mixed-precision dtype (what they encode in); the text
+    encoders were loaded in it (`load_components(text_dtype=...)`, keeping T5's fp32 layers)."""
     weight_dtype = DTYPES[mixed_precision]
     # SDXL's VAE overflows in fp16 (unless it is the fp16-fix VAE, whose config says force_upcast: false)
     upcast = weight_dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False)
     comps.vae.to(device, dtype=torch.float32 if upcast else weight_dtype)
-    for frozen in comps.text_encoders.values():  # frozen encoders run in the mixed-precision dtype
-        frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
+    for frozen in comps.text_encoders.values():
+        frozen.to(device)
 
 
 def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any, Reference, list]:
@@ -60,7 +61,7 @@ def load_models(cfg: Config, device: torch.device) -> tuple[Components, Any, Any
 
         comps = load_components(cfg.model, skip=text_components(cfg))
     else:
-        comps = load_components(cfg.model)
+        comps = load_components(cfg.model, text_dtype=half_precision(t.mixed_precision))
         place_frozen(comps, t.mixed_precision, device)
     comps.family.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
     weight_dtype = DTYPES[t.mixed_precision]
