@@ -52,6 +52,42 @@ def test_online_rounds_resume_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("mode", ["MULTI_CPU", "FSDP", "DEEPSPEED"])
+def test_online_round_samples_without_inference_mode_where_parameters_are_partitioned(
+    tmp_path, tiny_pipeline_dir, mode
+):
+    """FSDP2 and ZeRO-3 gather the parameters inside the sampling forwards; gathered under inference mode they
+    become inference tensors that the next training step cannot use (FSDP2: "Inplace update to inference
+    tensor outside InferenceMode"; ZeRO-3: "Inference tensors cannot be saved for backward"). A round samples
+    under no_grad there, under inference mode elsewhere."""
+    import numpy as np
+
+    from xdpo.models.load import load_components
+    from xdpo.train import online
+
+    (tmp_path / "prompts.txt").write_text("a\n")
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "train.online=true",
+                             f"train.online_prompts={tmp_path / 'prompts.txt'}", "train.online_scorer=x",
+                             "train.online_per_prompt=2", "train.online_sample_steps=1"])  # fmt: skip
+    comps = load_components(cfg.model)
+    seen = []
+    comps.denoiser.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+    )
+    plugin = type("Plugin", (), {"zero_stage": 3})()
+    accelerator = type("Acc", (), {
+        "process_index": 0, "num_processes": 1, "is_main_process": True, "wait_for_everyone": lambda self: None,
+        "distributed_type": type("T", (), {"name": mode})(), "state": type("S", (), {"deepspeed_plugin": plugin})(),
+    })()  # fmt: skip
+
+    def reward(images, prompts):
+        return np.arange(len(images), dtype=np.float64)
+
+    path = online.make_round(cfg, comps, comps.denoiser, reward, tmp_path, 0, accelerator)
+    assert path.is_file() and seen
+    assert set(seen) == {(mode == "MULTI_CPU", False)}
+
+
 @pytest.mark.parametrize(
     ("mode", "calls"), [("MULTI_CPU", [1]), ("FSDP", [1, None]), ("DEEPSPEED", [1, None])]
 )

@@ -50,17 +50,21 @@ def sample_and_pair(
     steps: int = 25,
     guidance: float = 5.0,
     batch_size: int = 8,
+    no_grad: Callable[[], Any] | None = None,
 ) -> dict[str, list]:
-    """Columns of the pairs of `records` (prompt p has global index first_index + p) from `pipe`."""
+    """Columns of the pairs of `records` (prompt p has global index first_index + p) from `pipe`, sampled
+    under `no_grad` (default `torch.inference_mode`; `torch.no_grad` where the model's forwards gather
+    sharded parameters, which inference mode would turn into inference tensors)."""
     import torch
 
+    no_grad = no_grad or torch.inference_mode
     jobs = [(p, k) for p in range(len(records)) for k in range(per_prompt)]
     seeds = [seed + (first_index + p) * per_prompt + k for p, k in jobs]
     images = []
     for i in range(0, len(jobs), batch_size):
         part = jobs[i : i + batch_size]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch_size]]
-        with torch.inference_mode():
+        with no_grad():
             images += pipe(
                 prompt=[records[p]["prompt"] for p, _ in part],
                 generator=gens,

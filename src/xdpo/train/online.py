@@ -39,7 +39,8 @@ def make_round(cfg: Any, comps: Any, model: Any, reward: Any, out: Path, r: int,
     rank, world = accelerator.process_index, accelerator.num_processes
     records = resolve_prompt_records(t.online_prompts)
     mine = list(range(rank, len(records), world))
-    if is_partitioned(accelerator):  # forwards are collectives: as many sampling calls on every process
+    partitioned = is_partitioned(accelerator)
+    if partitioned:  # forwards are collectives: as many sampling calls on every process
         mine += [None] * (-(-len(records) // world) - len(mine))
     defaults = sampling_defaults(cfg.model.pretrained)
     pipe = comps.family.pipeline_cls()(**{**comps.pipe.components, comps.family.denoiser: model})
@@ -60,6 +61,7 @@ def make_round(cfg: Any, comps: Any, model: Any, reward: Any, out: Path, r: int,
                 first_index=i or 0,
                 min_gap=t.online_min_gap, steps=t.online_sample_steps or defaults["steps"],
                 guidance=defaults["guidance"], batch_size=t.online_per_prompt,
+                no_grad=torch.no_grad if partitioned else torch.inference_mode,  # (as the step's reference)
             )  # fmt: skip
             for k, v in got.items() if i is not None else ():  # (None: a padding call, discarded)
                 cols.setdefault(k, []).extend(v)
