@@ -198,12 +198,13 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
 
     if t.online:
         from xdpo.pairs.scoring import load_reward
-        from xdpo.train.online import make_round, round_pairs, stream
+        from xdpo.train.online import make_round, round_file, round_pairs, stream
 
         reward = load_reward(t.online_scorer, device=str(device))
 
         def new_round(r):
-            path = make_round(cfg, comps, accelerator.unwrap_model(unet), reward, out, r, accelerator)
+            with autocast():  # the pipeline's VAE and encoders are in the mixed-precision dtype, the policy not
+                path = make_round(cfg, comps, accelerator.unwrap_model(unet), reward, out, r, accelerator)
             data = round_pairs(cfg, path)
             accelerator.print(
                 f"Online round {r}: {len(data)} pairs from the policy at step {r * t.online_every}"
@@ -217,6 +218,9 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
     else:
         batches = micro_batches(pairs, cfg.seed, start_step, t.max_steps)
     if cfg.reference.strategy == "periodic":
+        if t.online:  # the probe comes from round 0's pairs, also when resuming in a later round
+            pairs = round_pairs(cfg, round_file(out, 0))
+            n_pairs = len(pairs)
         build_probe(cfg, pairs, n_pairs, m, rank, world, collate)
 
     # SIGINT / SIGTERM: finish the step, save a checkpoint (all processes agree), then stop;
