@@ -203,7 +203,7 @@ def train(cfg: Config, accelerator=None) -> Path:  # noqa: C901 - the recipe rea
         reward = load_reward(t.online_scorer, device=str(device))
 
         def new_round(r):
-            with autocast():  # the pipeline's VAE and encoders are in the mixed-precision dtype, the policy not
+            with autocast():  # the pipeline's VAE and encoders hold the run's dtype, the policy does not
                 path = make_round(cfg, comps, accelerator.unwrap_model(unet), reward, out, r, accelerator)
             data = round_pairs(cfg, path)
             accelerator.print(
