@@ -84,7 +84,8 @@ class DataConfig:
     )
     resolution: int = _f(512, "square training resolution in pixels (resize shorter side, then crop)")
     ties: Literal["drop", "keep"] = _f(
-        "drop", "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5)"
+        "drop",
+        "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5; loss.objective=pair only)",
     )
     prompt_dropout: float = _f(0.0, "probability of an empty caption (Diffusion-DPO used 0.2)")
     flip: Literal["none", "pair", "independent"] = _f(
@@ -159,7 +160,10 @@ class ReferenceConfig:
         "pred_mse", "divergence estimate: mean (pred - pred_initial)^2, or e - e_initial (signed)"
     )
     ema_decay: float = _f(0.99, "ema: ref <- decay * ref + (1 - decay) * policy every update_every steps")
-    offload: bool = _f(False, "full fine-tune: keep the initial-model copy on the CPU (periodic, ema)")
+    offload: bool = _f(
+        False,
+        "full fine-tune with reference.strategy=periodic: keep the initial-model copy on the CPU (ema has none)",
+    )
 
 
 @dataclass

@@ -173,7 +173,8 @@ def sft_loss(
     """Supervised fine-tuning on the preferred image: loss = lambda(t) * e_theta(w) (plain denoising loss).
 
     The rewards are the Diffusion-DPO ones, logged only to show how SFT moves the implicit preference.
-    `label` is ignored: SFT trains on the first image whatever its preference probability.
+    `label` is ignored: SFT trains on the first image whatever its preference probability (the config
+    refuses `data.ties=keep` with SFT).
     """
     dtype = torch.promote_types(e_w.dtype, torch.float32)
     lam = torch.ones_like(e_w, dtype=dtype) if weight is None else weight.to(dtype)
@@ -197,9 +198,9 @@ def kto_loss(
 ) -> LossOutput:
     """Diffusion-KTO (Li et al., NeurIPS 2024) with the winner desirable and the loser undesirable.
 
-    g = e_ref - e_theta per image (the implicit reward); z0 = max(mean g over the global batch, 0),
-    detached (pass it as `reference_point`, e.g. a running mean over an optimizer step's images of all
-    processes; default: this batch); `weight` is lambda per pair [B] or per image [2B] (w then l);
+    g = e_ref - e_theta per image (the implicit reward); z0 = max(reference point, 0), detached: the
+    training step passes `reference_point` = the mean g over a running window of one optimizer step's
+    images of all processes (the current micro-batch's included); default: the mean over this batch; `weight` is lambda per pair [B] or per image [2B] (w then l);
     loss = 1 - sigma(beta * lambda * sign * (g - z0)), sign = +1 (desirable) / -1 (undesirable).
     The per-pair loss is the mean of its two per-image losses (so the batch mean is the per-image mean).
     `label` is ignored: KTO needs each image desirable or undesirable (drop ties with `data.ties=drop`).

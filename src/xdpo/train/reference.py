@@ -1,8 +1,8 @@
 """Reference-model strategies: frozen, periodic (Kang et al. 2025, stable update) and EMA.
 
 Three models take part: the policy (trained), the reference (in the loss) and the initial model.
-- Full fine-tune: the reference is a frozen copy in reduced precision; with `periodic`/`ema` the
-  initial model is a third copy (on the CPU with `reference.offload`, moved in only for checks).
+- Full fine-tune: the reference is a frozen copy in reduced precision (fp32 for `ema`); with `periodic`
+  the initial model is a third copy (on the CPU with `reference.offload`, moved in only for checks).
 - LoRA: one base denoiser for all three. Initial = adapters disabled; the reference is a snapshot of
   the adapter weights run through `torch.func.functional_call` (no second copy, no in-place swapping),
   or adapters disabled while the snapshot is empty (frozen, or after `reinit`). `ema` is refused with
