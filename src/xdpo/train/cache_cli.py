@@ -169,7 +169,7 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
     """Encode the config's pairs and captions into `data.cache` (this process's shards); return the folder."""
     from accelerate import Accelerator
 
-    from xdpo.models.load import check_pipeline
+    from xdpo.models.load import check_pipeline, vae_scale_factor
 
     if not cfg.data.cache:
         raise ConfigError(
@@ -196,8 +196,6 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
             accelerator.print(f"xdpo cache: {folder} is complete and matches this config; nothing to do")
             return folder
     comps = load_encoders(cfg, fam, accelerator.device)
-    from xdpo.models.load import vae_scale_factor
-
     fam.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
     flips, n_shards = cfg.data.flip != "none", math.ceil(n_pairs / shard_size)
     manifest: dict[str, Any] = {
