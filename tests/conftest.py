@@ -225,6 +225,43 @@ def torchrun(command: str, *args: str, env: dict[str, str] | None = None) -> str
     return proc.stdout + proc.stderr
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (fixed by a process's first `Accelerator`, mixed precision
+    included), as accelerate's own `AccelerateTestCase` does after each test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def any_precision():
+    """A test whose runs set `train.mixed_precision`: accelerate's state is reset before and after it (and
+    the test resets it between runs of different precisions), so no other test inherits a precision."""
+    reset_accelerate_state()
+    yield reset_accelerate_state
+    reset_accelerate_state()
+
+
+INK_REWARD = (
+    "import numpy as np\n"
+    "def ink(images, prompts):\n"
+    "    return [float(np.asarray(im.convert('L'), dtype=np.float64).mean()) for im in images]\n"
+)
+"""A reward plugin module (`rewards:ink` once written as rewards.py): the mean grey level."""
+
+
+def online_args(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """Overrides and environment of an online run on a tiny pipeline launched as processes: rounds of 2 steps,
+    2 prompts, 2 images each in 2 sampling steps, scored by `rewards:ink` (written into `folder`, which the
+    environment's PYTHONPATH adds)."""
+    (folder / "rewards.py").write_text(INK_REWARD)
+    (folder / "prompts.txt").write_text("a red square\na blue circle\n")
+    args = ["data.path=", "train.online=true", "train.online_every=2", f"train.online_prompts={folder / 'prompts.txt'}",
+            "train.online_scorer=rewards:ink", "train.online_per_prompt=2", "train.online_sample_steps=2"]  # fmt: skip
+    return args, {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_training(out: Path, pipe: Path | str, pairs: Path | str, **overrides) -> Path:
     """`xdpo.train.recipe.train` on a test config; returns output_dir."""
     from xdpo.config import load_config

@@ -102,6 +102,26 @@ def test_config_errors_are_one_clear_line_and_write_nothing(tmp_path, capsys, ov
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (  # epsilon errors already carry (1 - sigma)^2: the flow schedule would apply it twice
+            ["loss.beta_schedule=flow", "loss.error_space=epsilon"],
+            "config key `loss.beta_schedule`: flow with loss.error_space=epsilon applies (1 - sigma)^2 twice",
+        ),
+        (  # SFT would train the first image of a tie as if it were preferred
+            ["loss.objective=sft", "data.ties=keep"],
+            "config key `data.ties`: keep trains ties as soft labels, which loss.objective=sft does not use",
+        ),
+    ],
+    ids=["flow-schedule-on-epsilon-errors", "sft-on-ties"],
+)
+def test_conflicting_keys_are_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.pretrained=m", "data.path=d", *overrides])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_required_keys():
     with pytest.raises(ConfigError, match="model.pretrained"):
         load_config(None, ["data.path=d"])

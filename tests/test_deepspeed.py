@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo), through accelerate's DeepSpeed path as on GPUs (forced on
 where accelerate falls back to plain multi-CPU): the step equals the step computed by hand, the parameters
-are really partitioned, the reference updates survive a resume, and `final/` loads."""
+are really partitioned, online rounds and the reference updates survive a resume, and `final/` loads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import torchrun, train_overrides
+from conftest import online_args, torchrun, train_overrides
 from test_grad_accum import ACCUM, by_hand
 
 try:  # in the dev extras; deepspeed builds its ops lazily (a C++ compiler for its CPU comm op)
@@ -33,8 +33,8 @@ def ds_env(stage: int) -> dict[str, str]:
     }
 
 
-def launch(stage: int, args: list[str]) -> str:
-    return torchrun("train", *args, env=ds_env(stage))
+def launch(stage: int, args: list[str], env: dict[str, str] | None = None) -> str:
+    return torchrun("train", *args, env={**ds_env(stage), **(env or {})})
 
 
 def logged(out) -> list[dict]:
@@ -76,28 +76,40 @@ def test_zero3_step_equals_the_step_by_hand(tmp_path, tiny_pipeline_dir, pairs_p
 
 
 @pytest.mark.slow
-def test_zero3_lora_reference_update_survives_resume(tmp_path, tiny_pipeline_dir, pairs_parquet):
-    """ZeRO-3 with LoRA and the periodic reference: the reference becomes the policy at step 2 (its adapter
-    snapshot written into partitioned adapters for each reference pass); resumed from step 2, the loss of
-    step 3 is exactly log 2 (reference = policy), so the snapshot and the policy were both restored; and the
-    resumed run ends where an uninterrupted one does (the optimizer's partitioned moments restored too)."""
+def test_zero3_lora_online_rounds_and_reference_update_survive_resume(
+    tmp_path, tiny_pipeline_dir, pairs_parquet
+):
+    """ZeRO-3 with LoRA on online rounds and the periodic reference: round 0 is sampled by the partitioned
+    policy (under no_grad: ZeRO-3 gathers parameters in the sampling forwards, which inference mode would turn
+    into tensors the training step cannot save for backward); the reference becomes the policy at step 2 (its
+    adapter snapshot written into partitioned adapters for each reference pass); resumed from step 2, round 1
+    is sampled and the loss of step 3 is exactly log 2 (reference = policy), so the snapshot and the policy
+    were both restored; and the resumed run ends where an uninterrupted one does (the optimizer's partitioned
+    moments and the round files restored too)."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
+    extra, env = online_args(tmp_path)
     out = tmp_path / "lora"
     kw = {"model.lora_rank": 4, "train.checkpoint_every": 1, "reference.strategy": "periodic",
           "reference.update_every": 2, "reference.max_divergence": 10}  # fmt: skip
-    launch(3, train_overrides(out, tiny_pipeline_dir, pairs_parquet, **kw, **{"train.max_steps": 2}))
+    launch(
+        3,
+        [*train_overrides(out, tiny_pipeline_dir, pairs_parquet, **kw, **{"train.max_steps": 2}), *extra],
+        env,
+    )
     ckpt = out / "checkpoints" / "step-2"
     assert (ckpt / "pytorch_model").is_dir() and (ckpt / "reference.safetensors").is_file()
     args = train_overrides(out, tiny_pipeline_dir, pairs_parquet, **kw, **{"train.resume_from": "latest"})
-    assert "Resuming from" in launch(3, args)
+    assert "Resuming from" in launch(3, [*args, *extra], env)
     rows = logged(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["ref_updates"] == 1
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) != rows[1]["loss"]
     assert rows[2]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert sorted(p.name for p in (out / "online").iterdir()) == ["round-0000.parquet", "round-0001.parquet"]
     straight = tmp_path / "straight"
-    launch(3, train_overrides(straight, tiny_pipeline_dir, pairs_parquet, **kw, **{"train.max_steps": 3}))
+    args = train_overrides(straight, tiny_pipeline_dir, pairs_parquet, **kw, **{"train.max_steps": 3})
+    launch(3, [*args, *extra], env)
     assert logged(straight)[2]["grad_norm"] == pytest.approx(rows[2]["grad_norm"], rel=1e-6)
     a, b = (load_file(d / "final" / "pytorch_lora_weights.safetensors") for d in (out, straight))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)

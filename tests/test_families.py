@@ -474,3 +474,37 @@ def test_strategies_compose_on_every_family(request, tmp_path, pairs_parquet, fa
         assert rows[-1]["ref_updates"] == 3
     if "timesteps.weighting" in extra or "loss.beta_schedule" in extra:
         assert any(r["lambda_mean"] != 1.0 for r in rows)
+
+
+def test_resolution_off_the_patch_grid_is_one_clear_line(tmp_path, tiny_flux_pipeline_dir, pairs_parquet):
+    """Flux packs 2 x 2 latent patches: behind an 8x VAE, 40 px (latents 5 x 5) cannot be packed. Training and
+    `xdpo cache` stop before any work with one line naming data.resolution and the multiple (16 px), instead
+    of failing inside the packing's `view`."""
+    from xdpo.models.tiny import tiny_vae
+    from xdpo.models.tiny_families import FLUX_VAE
+    from xdpo.train.cache_cli import build_cache
+
+    variant = _relabelled(tmp_path, tiny_flux_pipeline_dir, "FluxPipeline")
+    (variant / "vae").unlink()
+    tiny_vae(
+        latent_channels=16, blocks=(8, 8, 8, 8), norm_groups=4, quant_conv=False, **FLUX_VAE
+    ).save_pretrained(variant / "vae")
+    for attempt in (
+        lambda: run(tmp_path, variant, pairs_parquet, **{"data.resolution": 40}),
+        lambda: build_cache(
+            load_config(
+                None,
+                [
+                    f"model.pretrained={variant}",
+                    f"data.path={pairs_parquet}",
+                    "data.resolution=40",
+                    f"data.cache={tmp_path / 'cache'}",
+                ],
+            )  # fmt: skip
+        ),
+    ):
+        with pytest.raises(ConfigError) as err:
+            attempt()
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("data.resolution: 40") and "multiple of 16" in msg, msg
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

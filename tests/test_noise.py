@@ -101,3 +101,73 @@ def test_flow_dpo_loss_equals_the_papers_formula(schedule):
     s = proc.sigma(k)
     expected = _flow_dpo_transcription(e_w, e_l, r_w, r_l, 500.0, s if schedule == "flow" else None)
     torch.testing.assert_close(out.loss, expected)
+
+
+def snr_table(process):
+    """The `timesteps.weighting=snr` table a run builds for `process`."""
+    from xdpo.train.setup import lambda_table
+
+    return lambda_table(SimpleNamespace(timesteps=SimpleNamespace(weighting="snr")), process)
+
+
+def test_snr_weighting_moves_flow_models():
+    """On flow models lambda = 1 + minmax(sigma) (docs/math.md §7): 1/sqrt(SNR) = sigma / (1 - sigma) diverges
+    at sigma = 1, and its min-max was ~1 everywhere but at the last index (E lambda = 1.005 under SD3's
+    logit-normal sampling). Now lambda runs from 1 to 2, is monotone, and moves beta on most draws."""
+    from xdpo.objectives.timesteps import sample_timesteps
+
+    proc = FlowProcess(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    table = snr_table(proc)
+    s = proc.sigmas
+    torch.testing.assert_close(table, (1 + (s - s.min()) / (s.max() - s.min())).float())
+    assert table[0] == 1 and table[-1] == 2 and bool((table[1:] >= table[:-1]).all())
+    t = sample_timesteps(20000, 1000, sampling="logit_normal", generator=torch.Generator().manual_seed(0))
+    lam = table[t]
+    assert lam.mean() > 1.5 and (lam > 1.1).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_zero_terminal_snr_schedule_has_finite_weights(kind):
+    """A zero-terminal-SNR schedule (abar_T = 0, Lin et al. 2024) gave lambda(T) = NaN (and NaN losses); abar
+    is clamped to 2^-24 as diffusers' schedulers do, so SNR > 0 and lambda runs from 1 to 2."""
+    sched = DDPMScheduler(**SD15, prediction_type=kind, rescale_betas_zero_snr=True)
+    assert float(sched.alphas_cumprod[-1]) < 1e-12
+    proc = DDPMProcess(sched)
+    assert bool(torch.isfinite(proc.snr()).all() and (proc.snr() > 0).all())
+    table = snr_table(proc)
+    assert bool(torch.isfinite(table).all()) and table[0] == 1 and table[-1] == 2
+    assert bool((table[1:] >= table[:-1]).all())
+    x0, eps, k = tensors()
+    x_t, target = proc.noise(x0, eps, k)
+    assert bool(torch.isfinite(x_t).all() and torch.isfinite(target).all())
+
+
+FLOW_OPTIONS = [  # scheduler options that shape the sigmas, as FlowMatchEulerDiscreteScheduler applies them
+    {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+    {"use_dynamic_shifting": True, "shift_terminal": 0.1},
+    {"shift": 3.0, "shift_terminal": 0.05},
+]
+
+
+@pytest.mark.parametrize("options", FLOW_OPTIONS, ids=["linear-shift", "dynamic-terminal", "terminal"])
+def test_flow_sigmas_follow_the_schedulers_shift_options(options):
+    """`time_shift_type=linear` and `shift_terminal` were ignored: the training sigmas are those the scheduler
+    samples with num_train_timesteps steps (`set_timesteps`, diffusers' own code) at the training resolution."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **options)
+    seq_len, n = 1024, 1000
+    proc = FlowProcess(sched, image_seq_len=seq_len)
+    c = sched.config
+    mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu if c.use_dynamic_shifting else None)
+    torch.testing.assert_close(proc.sigmas.flip(0).float(), sched.sigmas[:n], rtol=1e-5, atol=1e-6)
+
+
+def test_inverted_flow_sigmas_are_refused():
+    from xdpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invert_sigmas") as err:
+        FlowProcess(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, invert_sigmas=True))
+    assert "\n" not in str(err.value)

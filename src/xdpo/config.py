@@ -80,7 +80,8 @@ class DataConfig:
     )
     resolution: int = _f(512, "square training resolution in pixels (resize shorter side, then crop)")
     ties: Literal["drop", "keep"] = _f(
-        "drop", "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5)"
+        "drop",
+        "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5; loss.objective=pair only)",
     )
     prompt_dropout: float = _f(0.0, "probability of an empty caption (Diffusion-DPO used 0.2)")
     flip: Literal["none", "pair", "independent"] = _f(
@@ -155,7 +156,10 @@ class ReferenceConfig:
         "pred_mse", "divergence estimate: mean (pred - pred_initial)^2, or e - e_initial (signed)"
     )
     ema_decay: float = _f(0.99, "ema: ref <- decay * ref + (1 - decay) * policy every update_every steps")
-    offload: bool = _f(False, "full fine-tune: keep the initial-model copy on the CPU (periodic, ema)")
+    offload: bool = _f(
+        False,
+        "full fine-tune with reference.strategy=periodic: keep the initial-model copy on the CPU (ema has none)",
+    )
 
 
 @dataclass
@@ -173,7 +177,8 @@ class TimestepConfig:
     )
     weighting: Literal["constant", "snr"] = _f(
         "constant",
-        "lambda(t) multiplying beta: 1, or 1 + minmax(1/sqrt(SNR(t))) in [1, 2] (Kang et al. 2025)",
+        "lambda(t) multiplying beta: 1, or 1 + minmax(1/sqrt(SNR(t))) in [1, 2] (Kang et al. 2025; flow "
+        "models: 1 + minmax(sigma))",
     )
 
 
@@ -487,6 +492,13 @@ def validate(cfg: Config) -> None:
     _require(0 < lo.alpha <= 1, "loss.alpha", "must be in (0, 1]", lo.alpha)
     _require(0 <= lo.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", lo.label_smoothing)
     _require(lo.logratio_scale > 0, "loss.logratio_scale", "must be > 0", lo.logratio_scale)
+    _require(
+        not (lo.beta_schedule == "flow" and lo.error_space == "epsilon"),
+        "loss.beta_schedule",
+        "flow with loss.error_space=epsilon applies (1 - sigma)^2 twice (epsilon errors of a flow model are "
+        "velocity errors times (1 - sigma)^2); use loss.error_space=native",
+        lo.beta_schedule,
+    )
     _require(lo.clamp > 0, "loss.clamp", "must be > 0", lo.clamp)
     _require(r.update_every >= 1, "reference.update_every", "must be >= 1", r.update_every)
     _require(r.max_divergence > 0, "reference.max_divergence", "must be > 0", r.max_divergence)

@@ -68,8 +68,8 @@ def rename_old_keys(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_family(cfg: Any) -> None:
-    """Each family's checks of its `family.*` keys; `data.resolution` against a family named in the config
-    (with `model.family=auto` the family is known once the model is found: `Family.image_tokens`)."""
+    """Each family's checks of its `family.*` keys (`data.resolution` is checked against the family and its
+    VAE once the model is found: `Family.check_resolution`)."""
     from xdpo.models.families import families
 
     for fam in families().values():
@@ -77,5 +77,3 @@ def validate_family(cfg: Any) -> None:
             value = getattr(cfg.family, o.name)
             if o.check is not None and not o.check(value):
                 raise ConfigError(f"config key `family.{o.name}`: {o.rule}, got {value!r}")
-    if cfg.model.family != "auto":
-        families()[cfg.model.family].check_resolution(cfg.data.resolution)

@@ -25,6 +25,12 @@ from xdpo.models.named import resolve_named
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def half_precision(mixed_precision: str) -> torch.dtype | None:
+    """The dtype of a half-precision setting (fp16, bf16), None for fp32."""
+    dtype = DTYPES[mixed_precision]
+    return None if dtype == torch.float32 else dtype
+
+
 @dataclass
 class Components:
     family: Family
@@ -119,15 +125,27 @@ def pipeline_kwargs(model_cfg: Any, fam: Family, options: Any) -> dict[str, Any]
     return kw
 
 
-def load_components(model_cfg: Any, options: Any, skip: tuple[str, ...] = ()) -> Components:
+def load_components(
+    model_cfg: Any, options: Any, skip: tuple[str, ...] = (), text_dtype: torch.dtype | None = None
+) -> Components:
     """The pipeline of `model.pretrained` through its family's diffusers class, and its training scheduler.
 
     `options`: the config's `family` section (the family's own knobs); `skip`: components not loaded
-    (None), e.g. the text encoders of a run that reads `data.cache`."""
+    (None), e.g. the text encoders of a run that reads `data.cache`. `text_dtype` (a half-precision run's):
+    the text encoders' dtype, given to `from_pretrained` as the pipelines take `torch_dtype`, so that
+    transformers keeps their `_keep_in_fp32_modules` in fp32 (T5's `wo`, which overflows in fp16); the
+    other components load in fp32."""
     fam = check_pipeline(model_cfg.pretrained, model_cfg.family, model_cfg.revision)
     path = resolve_pretrained(model_cfg.pretrained)
+    kw = {**pipeline_kwargs(model_cfg, fam, options), **dict.fromkeys(skip)}
+    if text_dtype is not None:
+        encoders = [
+            k
+            for k in read_model_index(model_cfg.pretrained, model_cfg.revision)
+            if k.startswith("text_encoder")
+        ]
+        kw["dtype"] = {"default": torch.float32, **dict.fromkeys(encoders, text_dtype)}
     try:
-        kw = {**pipeline_kwargs(model_cfg, fam, options), **dict.fromkeys(skip)}
         pipe = fam.pipeline_cls().from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained: cannot load {path}: {str(e).splitlines()[0]}") from None
@@ -214,6 +232,11 @@ def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
     """The VAE posterior's (mean, logvar), unscaled, float32."""
     dist = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
     return dist.mean.float(), dist.logvar.float()
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """How many pixels one latent spans per side: 2^(VAE levels - 1), as the pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def scale_latents(vae: Any, z: Tensor) -> Tensor:

@@ -5,11 +5,16 @@ Every process indexes training timesteps by an integer k in [0, N), larger k = n
 timestep samplers (uniform, skewed bins, logit-normal) and Kang et al.'s SNR weights are shared.
 
 - `ddpm` (SD 1.x/2.x, SDXL): x_t = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps; target eps, v or x0 by the
-  scheduler's `prediction_type`; the denoiser sees t = k. SNR(k) = abar_k / (1 - abar_k).
+  scheduler's `prediction_type`; the denoiser sees t = k. SNR(k) = abar_k / (1 - abar_k), with abar
+  clamped to >= 2^-24 as diffusers' schedulers do for zero-terminal-SNR schedules (Lin et al. 2024).
 - `flow` (SD3/SD3.5, Flux; rectified flow, Esser et al. 2024): x_t = (1 - s) x0 + s eps with
   s = sigma_k, the scheduler's training sigmas (shifted by its `shift`, or by the resolution-dependent
   mu of Flux's dynamic shifting) sorted ascending; target v = eps - x0; the denoiser sees s * N.
   SNR(s) = ((1 - s) / s)^2.
+
+`weighting_basis()` is what `timesteps.weighting=snr` min-maxes (`xdpo.objectives.timesteps`):
+1 / sqrt(SNR) for DDPM (Kang et al. 2025), sigma for flow, where 1 / sqrt(SNR) = s / (1 - s) diverges at
+s = 1 (docs/math.md §7).
 
 `to_epsilon` re-expresses a prediction as a noise prediction, for `loss.error_space=epsilon`:
 v-errors are eps-errors times 1 / abar_k-dependent factors (1 at k = 0, ~215 at k = 999 on SD's schedule
@@ -18,13 +23,15 @@ for the squared error), flow v-errors are eps-errors / (1 - s)^2.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from xdpo.errors import ConfigError
+
+ZERO_SNR_ABAR = 2.0**-24
+"""The smallest abar: diffusers' schedulers set a zero terminal abar to 2^-24 (finite SNR and sigma)."""
 
 
 def _bcast(x: Tensor, like: Tensor) -> Tensor:
@@ -73,9 +80,14 @@ class DDPMProcess:
         return (x_t.float() - a * pred.float()) / b
 
     def snr(self) -> Tensor:
-        """SNR(k) = abar_k / (1 - abar_k) for every k, float64 [N]."""
-        a = self.alphas_cumprod
+        """SNR(k) = abar_k / (1 - abar_k) for every k, float64 [N], > 0: abar is clamped to >= 2^-24 as
+        diffusers' schedulers clamp a zero terminal abar (`rescale_betas_zero_snr`)."""
+        a = self.alphas_cumprod.clamp(min=ZERO_SNR_ABAR)
         return a / (1 - a)
+
+    def weighting_basis(self) -> Tensor:
+        """1 / sqrt(SNR(k)), float64 [N] (Kang et al. 2025's timestep weight before its min-max)."""
+        return self.snr().rsqrt()
 
     def noise_level(self, k: Tensor) -> Tensor:
         """sqrt(1 - abar_k) in [0, 1] (the weight of eps in x_t)."""
@@ -83,23 +95,35 @@ class DDPMProcess:
 
 
 class FlowProcess:
-    """Rectified flow matching (SD3 / Flux training), on the scheduler's shifted sigmas."""
+    """Rectified flow matching (SD3 / Flux training), on the scheduler's shifted sigmas.
+
+    The sigmas are those `FlowMatchEulerDiscreteScheduler.set_timesteps` gives for N = num_train_timesteps
+    steps at the training resolution: the static `shift`, or the dynamic shift by mu with the scheduler's
+    own `time_shift` (`time_shift_type` exponential or linear), then its `stretch_shift_to_terminal` when
+    `shift_terminal` is set. `invert_sigmas` is refused; the inference spacings (`use_karras_sigmas`, ...)
+    only place a sampler's steps and do not apply."""
 
     kind = "flow"
 
     def __init__(self, scheduler: Any, image_seq_len: int | None = None) -> None:
         cfg = scheduler.config
+        if cfg.get("invert_sigmas", False):
+            raise ConfigError(
+                "model.pretrained: its flow scheduler sets invert_sigmas (sigma runs from clean to noise), "
+                "which xdpo does not train"
+            )
         self.scheduler = scheduler
         self.num_steps = n = int(cfg.num_train_timesteps)
         s = torch.arange(1, n + 1, dtype=torch.float64) / n  # ascending, as the scheduler's before shifting
         if cfg.get("use_dynamic_shifting", False):
             if image_seq_len is None:
                 raise ConfigError("a dynamically shifted flow scheduler needs the image sequence length")
-            mu = _dynamic_mu(cfg, image_seq_len)
-            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))  # the exponential time shift of sampling
+            s = scheduler.time_shift(_dynamic_mu(cfg, image_seq_len), 1.0, s)  # exponential or linear
         else:
             shift = float(cfg.get("shift", 1.0))
             s = shift * s / (1 + (shift - 1) * s)
+        if cfg.get("shift_terminal"):  # the scheduler's stretch works on descending sigmas
+            s = scheduler.stretch_shift_to_terminal(s.flip(0)).flip(0)
         self.sigmas = s  # [N], float64, sigma_k for k = 0 (cleanest) .. N-1 (noisiest, = 1)
 
     def sigma(self, k: Tensor) -> Tensor:
@@ -121,6 +145,11 @@ class FlowProcess:
         """SNR(s) = ((1 - s) / s)^2 (docs/design.md §8); s = 1 is clipped to 1 - 1/N so it stays > 0."""
         s = self.sigmas.clamp(max=1 - 1 / self.num_steps)
         return ((1 - s) / s) ** 2
+
+    def weighting_basis(self) -> Tensor:
+        """sigma_k, float64 [N]: bounded, unlike 1 / sqrt(SNR) = s / (1 - s), whose min-max is ~0 everywhere
+        but at s = 1 (E lambda = 1.005 under SD3's logit-normal timesteps; docs/math.md §7)."""
+        return self.sigmas.clone()
 
     def noise_level(self, k: Tensor) -> Tensor:
         return self.sigma(k).float()

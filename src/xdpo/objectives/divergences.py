@@ -9,14 +9,16 @@ the logits of the outer loss are (beta / 2) * lambda(t) * (r_w - r_l) (docs/math
 | reverse_kl | log z                          | Diffusion-DPO (Wallace et al. 2024)            |
 | xdpo       | eta log z - gamma z^(-n)       | xDPO, Zhang & Xiang 2025, Appendix C (trained) |
 | xdpo_eq9   | eta log z + gamma z^n          | xDPO, Table 1 / Eq. 9 as printed               |
-| chi2       | log z + z                      | chi-PO (Huang et al. 2024) = xdpo_eq9(1, 1, 1) |
+| chi2       | log z + z                      | chi-PO's link (Huang et al. 2024), unclipped   |
 | js         | log(2z / (1 + z))              | f-DPO (Wang et al., ICLR 2024)                 |
 | alpha      | (1 - z^(-alpha)) / alpha       | f-DPO (Wang et al., ICLR 2024)                 |
 
 The xDPO paper's Table 1 and Appendix C disagree on the sign of the exponent; `xdpo` follows the
 Appendix C code (exp(6 (e_theta - e_ref)) / 6 + 0.05 (e_theta - e_ref), i.e. gamma z^-n with n = 6,
-gamma = 1/6, eta = 0.05), the form the paper's results were reported with. Exponent arguments are
-clamped to [-clamp, clamp]; each function returns (reward, clamped) with `clamped` a bool mask.
+gamma = 1/6, eta = 0.05: the constants the paper reports). Exponent arguments are clamped to
+[-clamp, clamp]; each function returns (reward, clamped) with `clamped` a bool mask. `chi2` is
+`xdpo_eq9(1, 1, 1)`, chi-PO's link function; chi-PO also clips each reward beta * f'(z) to
+[-2 R_max, 2 R_max] (its Algorithm 1), which `chi2` does not (only the exponent is clamped).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def xdpo_eq9(
 
 
 def chi2(logz: Tensor, *, clamp: float, **_: float) -> tuple[Tensor, Tensor]:
-    """f'(z) = log z + z (chi-PO, Huang et al. 2024)."""
+    """f'(z) = log z + z (chi-PO's link, Huang et al. 2024; without chi-PO's clipping of the reward)."""
     z, mask = _clamped_exp(logz, clamp)
     return logz + z, mask
 

@@ -9,10 +9,11 @@ Timesteps are integer indices t in [0, T), larger = noisier, for every noise pro
 - `skewed`: [0, T) is split into K equal bins; bin k (k = 0 the noisiest, i.e. the highest t) is drawn
   with probability gamma^k / sum_j gamma^j, then t is uniform inside the bin. The paper's exact
   indexing is in an appendix we could not read: this is our reading of its main text.
-- `snr` weighting: lambda(t) = 1 + minmax(1 / sqrt(SNR(t))) with SNR(t) = abar_t / (1 - abar_t) (DDPM)
-  or ((1 - s) / s)^2 (flow matching, on sigma s) and the
-  min-max over the scheduler's T timesteps, so lambda runs from 2 (noisiest) to 1 (cleanest);
-  lambda multiplies beta inside the outer loss. `constant`: lambda = 1.
+- `snr` weighting: lambda(t) = 1 + minmax(b(t)), the min-max over the scheduler's T timesteps, so lambda
+  runs from 2 (noisiest) to 1 (cleanest); lambda multiplies beta inside the outer loss. b is the noise
+  process's `weighting_basis()`: 1 / sqrt(SNR(t)) with SNR(t) = abar_t / (1 - abar_t) for DDPM (Kang et
+  al.'s definition; abar clamped to >= 2^-24), sigma for flow matching (bounded: 1 / sqrt(SNR) =
+  sigma / (1 - sigma) diverges at sigma = 1; docs/math.md §7). `constant`: lambda = 1.
 """
 
 from __future__ import annotations
@@ -57,10 +58,18 @@ def sample_timesteps(
     return torch.minimum(lo + (u * (hi - lo).float()).long(), hi - 1)
 
 
+def minmax_lambda_table(basis: Tensor) -> Tensor:
+    """lambda(t) = 1 + minmax(basis(t)) for every t of the process (float32, shape [T]); `basis` is the
+    process's `weighting_basis()` and must be finite."""
+    b = basis.double()
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("timestep weighting: the weighting basis has non-finite entries")
+    return (1 + (b - b.min()) / (b.max() - b.min())).float()
+
+
 def snr_lambda_table(snr: Tensor) -> Tensor:
-    """lambda(t) = 1 + minmax(1/sqrt(SNR(t))) for every t of the process (float32, shape [T])."""
-    inv = snr.double().rsqrt()
-    return (1 + (inv - inv.min()) / (inv.max() - inv.min())).float()
+    """lambda(t) = 1 + minmax(1/sqrt(SNR(t))) for every t (float32, shape [T]): Kang et al.'s weight."""
+    return minmax_lambda_table(snr.double().rsqrt())
 
 
 def timestep_weights(timesteps: Tensor, weighting: str, table: Tensor | None) -> Tensor | None:

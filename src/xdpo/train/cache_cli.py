@@ -89,10 +89,12 @@ def _denoiser_config(cfg: Config, fam: Any) -> SimpleNamespace:
 
 def load_encoders(cfg: Config, fam: Any, device: torch.device) -> Any:
     """The pipeline without its denoiser; VAE and text encoders on `device`, as a training run places them."""
-    from xdpo.models.load import load_components
+    from xdpo.models.load import half_precision, load_components
     from xdpo.train.setup import place_frozen
 
-    comps = load_components(cfg.model, cfg.family, skip=(fam.denoiser,))
+    comps = load_components(
+        cfg.model, cfg.family, skip=(fam.denoiser,), text_dtype=half_precision(cfg.train.mixed_precision)
+    )
     comps.denoiser = SimpleNamespace(config=_denoiser_config(cfg, fam))
     place_frozen(comps, cfg.train.mixed_precision, device)
     return comps
@@ -170,7 +172,7 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
     """Encode the config's pairs and captions into `data.cache` (this process's shards); return the folder."""
     from accelerate import Accelerator
 
-    from xdpo.models.load import check_pipeline
+    from xdpo.models.load import check_pipeline, vae_scale_factor
 
     if not cfg.data.cache:
         raise ConfigError(
@@ -197,6 +199,7 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
             accelerator.print(f"xdpo cache: {folder} is complete and matches this config; nothing to do")
             return folder
     comps = load_encoders(cfg, fam, accelerator.device)
+    fam.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
     flips, n_shards = cfg.data.flip != "none", math.ceil(n_pairs / shard_size)
     manifest: dict[str, Any] = {
         "format": FORMAT,

@@ -13,10 +13,10 @@ import torch
 from xdpo.config import Config
 from xdpo.data.encode import encode
 from xdpo.errors import XdpoError
-from xdpo.models.load import DTYPES, Components, add_lora, load_components
+from xdpo.models.load import DTYPES, Components, add_lora, half_precision, load_components, vae_scale_factor
 from xdpo.models.noise import PROCESSES
 from xdpo.objectives import Objective
-from xdpo.objectives.timesteps import snr_lambda_table
+from xdpo.objectives.timesteps import minmax_lambda_table
 from xdpo.train.batches import mix_seed
 from xdpo.train.checkpoint import register_model_hooks
 from xdpo.train.distributed import deepspeed_stage, is_partitioned, local_fraction
@@ -57,13 +57,14 @@ def make_process(cfg: Config, comps: Components) -> Any:
 
 
 def place_frozen(comps: Components, mixed_precision: str, device: torch.device) -> None:
-    """The VAE and text encoders on `device` in the mixed-precision dtype (what they encode in)."""
+    """The VAE and text encoders on `device` in the mixed-precision dtype (what they encode in); the text
+    encoders were loaded in it (`load_components(text_dtype=...)`, keeping T5's fp32 layers)."""
     weight_dtype = DTYPES[mixed_precision]
     # SDXL's VAE overflows in fp16 (unless it is the fp16-fix VAE, whose config says force_upcast: false)
     upcast = weight_dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False)
     comps.vae.to(device, dtype=torch.float32 if upcast else weight_dtype)
-    for frozen in comps.text_encoders.values():  # frozen encoders run in the mixed-precision dtype
-        frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, dtype=weight_dtype)
+    for frozen in comps.text_encoders.values():
+        frozen.to(device)
 
 
 def load_models(cfg: Config, device: torch.device, objective: Objective) -> Models:
@@ -74,8 +75,9 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
 
         comps = load_components(cfg.model, cfg.family, skip=text_components(cfg))
     else:
-        comps = load_components(cfg.model, cfg.family)
+        comps = load_components(cfg.model, cfg.family, text_dtype=half_precision(cfg.train.mixed_precision))
         place_frozen(comps, cfg.train.mixed_precision, device)
+    comps.family.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
     weight_dtype = DTYPES[cfg.train.mixed_precision]
     process = make_process(cfg, comps)
     resolve_timesteps(cfg, process.kind)
@@ -101,7 +103,7 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
 
 
 def lambda_table(cfg: Config, process: Any) -> torch.Tensor | None:
-    return snr_lambda_table(process.snr()) if cfg.timesteps.weighting == "snr" else None
+    return minmax_lambda_table(process.weighting_basis()) if cfg.timesteps.weighting == "snr" else None
 
 
 def step_context(cfg: Config, models: Models, objective: Objective, **run: Any) -> StepContext:

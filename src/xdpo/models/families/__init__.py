@@ -11,11 +11,13 @@ A `Family` (spec.py) says how a diffusers pipeline of that family is trained:
 - `image_conditions(comps, n, pixel_size, sizes)`: per-image conditions of n images (SDXL's time ids), or {};
 - `predict(model, noisy, t, cond)`: the only place a denoiser is called; returns the prediction in
   the latent layout [N, C, h, w] whatever the model's own layout (Flux packs and unpacks inside);
-- `latent_patch`, `resolution_multiple`: latent pixels per image-token side, and the image side's multiple;
+- `latent_patch`: latent pixels per image-token side (`image_tokens`; `check_resolution` with the VAE factor);
 - `packed_latents`: the denoiser's latents are packed, so its pipeline draws the initial noise itself;
 - `lora_state_for_saving(state_dict)`: peft LoRA weights -> the key names its pipeline's LoRA loader reads;
 - `prepare_sampling(pipe)`: changes to a loaded pipeline before sampling (SD3 without T5: zero padding once);
-- `sampling`: the pipeline's own sampling defaults (steps, guidance, scheduler), None = the SD papers'.
+- `sampling`: the pipeline's own sampling defaults (steps, guidance, scheduler), None = the SD papers';
+- `embeddings`: the condition keys that are float embeddings (the only ones cast to a half-precision
+  reference's dtype; ids, sizes and guidance never are).
 
 A new family is one module defining `FAMILY` plus one name in `BUILT_IN`, or `register_family(FAMILY)`
 from outside the package (a plugin, a test). Importing this module imports no family: the registry

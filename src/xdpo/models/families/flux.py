@@ -104,6 +104,6 @@ FAMILY = Family(
     options=OPTIONS,
     sampling={"steps": 28, "guidance": 3.5, "scheduler": "default"},  # the pipeline's own (FlowMatchEuler)
     latent_patch=2,  # latents packed in 2x2 patches
-    resolution_multiple=16,  # VAE factor 8 x packing 2
     packed_latents=True,
+    embeddings=("encoder_hidden_states", "pooled_projections"),
 )

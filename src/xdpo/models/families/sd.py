@@ -46,6 +46,6 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="SD 1.x/2.x: UNet, one CLIP encoder, DDPM (eps or v)",
-    resolution_multiple=8,  # the VAE's factor
     lora_state_for_saving=diffusers_lora_state,
+    embeddings=("encoder_hidden_states",),
 )

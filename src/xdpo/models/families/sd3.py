@@ -105,6 +105,6 @@ FAMILY = Family(
     options=OPTIONS,
     sampling={"steps": 28, "guidance": 7.0, "scheduler": "default"},  # the pipeline's own (FlowMatchEuler)
     latent_patch=2,  # the transformer's patch embedding (patch_size 2)
-    resolution_multiple=16,  # VAE factor 8 x patch 2
     prepare_sampling=prepare_sampling,
+    embeddings=("encoder_hidden_states", "pooled_projections"),
 )

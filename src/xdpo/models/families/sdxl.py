@@ -67,6 +67,6 @@ FAMILY = Family(
     image_conditions=image_conditions,
     predict=predict,
     about="SDXL: UNet with added time ids, CLIP-L + CLIP-G, DDPM",
-    resolution_multiple=8,  # the VAE's factor
     lora_state_for_saving=diffusers_lora_state,
+    embeddings=("encoder_hidden_states", "text_embeds"),
 )

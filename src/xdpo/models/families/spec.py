@@ -62,11 +62,13 @@ class Family:
     about: str = ""
     options: tuple[Option, ...] = ()
     latent_patch: int = 1
-    resolution_multiple: int = 8
     packed_latents: bool = False
     lora_state_for_saving: Callable[[dict[str, Any]], dict[str, Any]] = same_state
     prepare_sampling: Callable[[Any], None] = no_preparation
     sampling: dict[str, Any] | None = field(default=None, hash=False)
+    embeddings: tuple[str, ...] = ()
+    """Condition keys holding float embeddings, cast to a half-precision reference's dtype; every other
+    condition (SDXL's size ids, Flux's guidance) reaches every model as it is, never rounded."""
 
     def pipeline_cls(self) -> type:
         """The pipeline class: a diffusers class name, or `package.module.Class` for one defined elsewhere."""
@@ -83,16 +85,19 @@ class Family:
         if latent_h % p or latent_w % p:
             raise ConfigError(
                 f"config key `data.resolution`: latents of {latent_h} x {latent_w} do not split into the "
-                f"{p} x {p} patches of {self.name} models; use a multiple of {self.resolution_multiple}"
+                f"{p} x {p} patches of {self.name} models"
             )
         return (latent_h // p) * (latent_w // p)
 
-    def check_resolution(self, resolution: int) -> None:
-        """One line when the image side is not a multiple of `resolution_multiple` (VAE factor x patch)."""
-        if resolution % self.resolution_multiple:
+    def check_resolution(self, resolution: int, vae_scale: int) -> None:
+        """One line naming `data.resolution` when it is not a multiple of vae_scale x `latent_patch`."""
+        multiple = vae_scale * self.latent_patch
+        if resolution % multiple:
+            low = resolution - resolution % multiple
             raise ConfigError(
-                f"config key `data.resolution`: must be a multiple of {self.resolution_multiple} for "
-                f"{self.name} models (VAE factor x patch), got {resolution}"
+                f"config key `data.resolution`: {resolution} px is not a multiple of {multiple}, which "
+                f"{self.name} needs (its VAE downsamples {vae_scale}x, its denoiser takes {self.latent_patch} x "
+                f"{self.latent_patch} latent patches); e.g. {low or multiple} or {low + multiple}"
             )
 
     def cache_keys(self, options: Any) -> dict[str, Any]:

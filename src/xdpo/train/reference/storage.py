@@ -25,8 +25,12 @@ from xdpo.models.load import adapters_disabled, frozen_copy
 from xdpo.train.distributed import full_tensor, like
 
 
-def cast_floats(cond: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+def cast_embeddings(
+    cond: dict[str, Tensor], dtype: torch.dtype, embeddings: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """The family's float embeddings in `dtype`; ids, sizes and guidance as they are (bf16 would round
+    SDXL's 683 px to 684 and Flux's guidance 3.7 to 3.703125)."""
+    return {k: v.to(dtype) if k in embeddings and v.is_floating_point() else v for k, v in cond.items()}
 
 
 @contextmanager
@@ -157,7 +161,9 @@ class CopyStorage:
     def _call(self, model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """A frozen copy in its own dtype (e.g. an fp16 reference next to an fp32 policy without autocast)."""
         dtype = next(model.parameters()).dtype
-        return self.family.predict(model, noisy.to(dtype), t, cast_floats(cond, dtype))
+        return self.family.predict(
+            model, noisy.to(dtype), t, cast_embeddings(cond, dtype, self.family.embeddings)
+        )
 
     def reference(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return self._call(self.ref_model, noisy, t, cond)
