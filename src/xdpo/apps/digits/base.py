@@ -29,13 +29,12 @@ import numpy as np
 import torch
 
 from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.models.small import components
 
 KL_WEIGHT = 1e-6  # SD-like: a near-deterministic encoder (posterior std << latent std)
 CFG_DROP = 0.1
 TEXT_HIDDEN = 16
-UNET_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-UNET_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-UNET_ADDITION = "text"
+VAE_BLOCKS = (16, 32, 32)
 
 
 @dataclass(frozen=True)
@@ -56,74 +55,42 @@ class BuildRecipe:
 
 
 def make_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
+    """The digits autoencoder: 32x32x3 -> 4x8x8 (blocks 16, 32, 32; `xdpo.models.small.components.vae`)."""
+    return components.vae(blocks=VAE_BLOCKS, latent_channels=4, image_size=32, norm_groups=16)
 
 
 def make_text_encoder(with_projection: bool = False):
     """The digits bases' small CLIP text encoder (the real 49,408-token vocabulary, hidden 16); the flow
     base uses two of them with a projection (`CLIPTextModelWithProjection`, as SD3's pipeline expects)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(
-        vocab_size=49408,
+    return components.clip_text_encoder(
         hidden_size=TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
+        heads=2,
         projection_dim=TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        with_projection=with_projection,
     )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
 
 def make_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
+    """Cross-attention at both levels, 2 heads (diffusers reads `attention_head_dim` as the number of heads:
+    head dims 16, 32); the pooled text also enters every ResNet block through the time embedding
+    (`addition_embed_type="text"`, TextTimeEmbedding)."""
+    return components.unet(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=UNET_DOWN,
-        up_block_types=UNET_UP,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        blocks=(32, 64),
+        cross_attention=(True, True),
         cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=2,  # diffusers reads this as the number of heads: 2 (head dims 16, 32)
-        norm_num_groups=8,
-        # the pooled text also enters every ResNet block through the time embedding (TextTimeEmbedding)
-        addition_embed_type=UNET_ADDITION,
+        heads=2,
+        norm_groups=8,
+        addition_embed_type="text",
         addition_embed_type_num_heads=2,
     )
 
 
 def make_scheduler():
-    """SD 1.x's DDPM training schedule; sampling may swap in DDIM via `DDIMScheduler.from_config`."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
+    """SD 1.x's DDPM training schedule; sampling may swap in DDIM via `DDIMScheduler.from_config` (the
+    saved config has no `set_alpha_to_one`, so DDIM takes its default)."""
+    return components.ddpm_scheduler("epsilon", set_alpha_to_one=None)
 
 
 def _images_tensor() -> torch.Tensor:

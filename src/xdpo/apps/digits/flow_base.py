@@ -48,6 +48,7 @@ import torch
 from xdpo.apps.digits.base import make_text_encoder as make_base_text_encoder
 from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
 from xdpo.models.padding import CollapsedJointAttnProcessor
+from xdpo.models.small import components
 
 CFG_DROP = 0.1
 TEXT_HIDDEN = 16
@@ -81,27 +82,22 @@ def make_text_encoder():
 
 
 def make_transformer(r: FlowRecipe):
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
+    """The recipe's `SD3Transformer2DModel` on the 8x8x4 latents (`xdpo.models.small.components`)."""
+    return components.sd3_transformer(
         sample_size=8,
+        latent_channels=4,
         patch_size=r.patch_size,
-        in_channels=4,
-        out_channels=4,
-        num_layers=r.layers,
-        attention_head_dim=r.head_dim,
-        num_attention_heads=r.heads,
+        layers=r.layers,
+        heads=r.heads,
+        head_dim=r.head_dim,
         joint_attention_dim=JOINT_DIM,
-        caption_projection_dim=r.heads * r.head_dim,
         pooled_projection_dim=2 * TEXT_HIDDEN,
         pos_embed_max_size=8 // r.patch_size,
     )
 
 
 def make_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+    return components.flow_scheduler(FLOW_SHIFT)
 
 
 def collapsed_matches_full(transformer, seed: int = 0, copies: int = T5_TOKENS) -> float:
