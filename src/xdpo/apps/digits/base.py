@@ -12,8 +12,9 @@ base took 29 min wall time (11 min autoencoder, 18 min UNet) on one core of a bu
    embedding) trained jointly with a small `UNet2DConditionModel` (block_out_channels (32, 64),
    cross-attention at both levels, 2 heads, the pooled text also added to the time embedding via
    `addition_embed_type="text"`; 1.05M params) on eps-prediction, ``loss = mse(unet(z_t, t, text(c)), eps)``, SD 1.x
-   `scaled_linear` DDPM schedule, captions drawn from `data.TRAIN_TEMPLATES`, dropped to "" with
-   probability CFG_DROP (for classifier-free guidance); EMA weights of both are saved.
+   `scaled_linear` DDPM schedule (z_t from `xdpo.models.noise.DDPMProcess`), captions drawn from
+   `data.TRAIN_TEMPLATES`, dropped to "" with probability CFG_DROP (for classifier-free guidance); EMA
+   weights of both are saved.
 4. `save_pretrained` with safety checker and feature extractor set to None.
 """
 
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 
 from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.models.noise import DDPMProcess
 from xdpo.models.small import components
+from xdpo.objectives.timesteps import sample_timesteps
 
 KL_WEIGHT = 1e-6  # SD-like: a near-deterministic encoder (posterior std << latent std)
 CFG_DROP = 0.1
@@ -144,20 +147,23 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: torch.Generator, log=print):
-    """Train UNet + text encoder jointly on scaled latents; return their EMA copies."""
+    """Train UNet + text encoder jointly on scaled latents; return their EMA copies.
+
+    Noise by `xdpo.models.noise.DDPMProcess` on the scheduler (x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
+    target eps), t uniform (`sample_timesteps`).
+    """
     unet, text = make_unet(), make_text_encoder()
-    sched = make_scheduler()
+    process = DDPMProcess(make_scheduler())
     # caption table: [10 digits x T templates] + the empty caption (index -1)
     caps = [caption(d, t) for d in range(10) for t in TRAIN_TEMPLATES] + [""]
     ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     n_t = len(TRAIN_TEMPLATES)
-    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=1e-2)
     lr_s = torch.optim.lr_scheduler.OneCycleLR(
         opt, r.unet_lr, total_steps=max(r.unet_steps, 2), pct_start=0.05
     )
-    acp = sched.alphas_cumprod
     labels = torch.as_tensor(labels)
     t0, run = time.time(), 0.0
     for step in range(r.unet_steps):
@@ -165,12 +171,10 @@ def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: tor
         z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         cap = labels[idx] * n_t + torch.randint(0, n_t, (r.unet_batch,), generator=g)
         cap = torch.where(torch.rand(r.unet_batch, generator=g) < CFG_DROP, len(caps) - 1, cap)
-        t = torch.randint(0, sched.config.num_train_timesteps, (r.unet_batch,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        pred = unet(zt, t, text(ids[cap])[0]).sample
-        loss = torch.nn.functional.mse_loss(pred, eps)
+        t = sample_timesteps(r.unet_batch, process.num_steps, sampling="uniform", generator=g)
+        zt, target = process.noise(z0, torch.randn(z0.shape, generator=g), t)
+        pred = unet(zt, process.model_timestep(t), text(ids[cap])[0]).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -7,10 +7,12 @@ Recipe (`build_flow_base`), all on CPU, deterministic for a given seed and threa
 2. Two small `CLIPTextModelWithProjection` (hidden 16, projection 16, 2 layers; `text_encoder` and
    `text_encoder_2`, the real CLIP tokenizer for both, no T5), trained jointly with a small
    `SD3Transformer2DModel` (patch 1 on the 8x8 latents = 64 image tokens, 3 joint blocks, 2 heads x 32,
-   joint_attention_dim 32 = 16 + 16, pooled_projection_dim 32) by rectified flow exactly as SD3:
-   ``x_s = (1 - s) x0 + s eps``, ``loss = mse(transformer(x_s, 1000 s, cond), eps - x0)``,
-   ``s = sigmoid(N(0, 1))`` (logit-normal), captions from `data.TRAIN_TEMPLATES` dropped to "" with
-   probability CFG_DROP; EMA weights of all three are saved.
+   joint_attention_dim 32 = 16 + 16, pooled_projection_dim 32) by rectified flow exactly as SD3 and
+   xdpo's own training (`xdpo.models.noise.FlowProcess`): ``x_s = (1 - s) x0 + s eps``,
+   ``loss = mse(transformer(x_s, 1000 s, cond), eps - x0)``, s = sigma_k = (k + 1) / 1000 (the scheduler's
+   sigmas at shift 1) with k = floor(1000 sigmoid(N(0, 1))) (logit-normal, `sample_timesteps`), captions
+   from `data.TRAIN_TEMPLATES` dropped to "" with probability CFG_DROP; EMA weights of all three are saved.
+   (The shipped folder was trained on the continuous s = sigmoid(N(0, 1)).)
    ``cond`` is `StableDiffusion3Pipeline.encode_prompt` itself, run with gradients each step on the 61
    distinct captions: CLIP penultimate states of both encoders concatenated on features, then the
    zero "T5" tokens on the sequence; pooled = both projected EOS embeddings.
@@ -47,8 +49,10 @@ import torch
 
 from xdpo.apps.digits.base import make_text_encoder as make_base_text_encoder
 from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.models.noise import FlowProcess
 from xdpo.models.padding import CollapsedJointAttnProcessor
 from xdpo.models.small import components
+from xdpo.objectives.timesteps import sample_timesteps
 
 CFG_DROP = 0.1
 TEXT_HIDDEN = 16
@@ -153,6 +157,7 @@ def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: tor
     transformer, te1, te2 = make_transformer(r), make_text_encoder(), make_text_encoder()
     transformer.set_attn_processor(CollapsedJointAttnProcessor(T5_TOKENS))
     pipe = _pipeline(transformer, vae, te1, te2, *tokenizers)
+    process = FlowProcess(pipe.scheduler)  # shift FLOW_SHIFT = 1: sigma_k = (k + 1) / N
     # caption table: [10 digits x T templates] + the empty caption (index -1)
     caps = [caption(d, t) for d in range(10) for t in TRAIN_TEMPLATES] + [""]
     n_t = len(TRAIN_TEMPLATES)
@@ -176,11 +181,10 @@ def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: tor
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         cap = labels[idx] * n_t + torch.randint(0, n_t, (r.batch,), generator=g)
         cap = torch.where(torch.rand(r.batch, generator=g) < CFG_DROP, len(caps) - 1, cap)
-        s = torch.sigmoid(torch.randn(r.batch, generator=g))  # logit-normal(0, 1)
-        eps = torch.randn(x0.shape, generator=g)
-        xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
-        pred = transformer(xs, emb[cap], pooled[cap], s * 1000).sample
-        loss = torch.nn.functional.mse_loss(pred, eps - x0)
+        k = sample_timesteps(r.batch, process.num_steps, sampling="logit_normal", generator=g)
+        xs, target = process.noise(x0, torch.randn(x0.shape, generator=g), k)
+        pred = transformer(xs, emb[cap], pooled[cap], process.model_timestep(k)).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -254,7 +258,7 @@ def build_flow_base(
         "scaling_factor": sf,
         "cfg_drop": CFG_DROP,
         "flow_shift": FLOW_SHIFT,
-        "timestep_sampling": "logit-normal(0, 1)",
+        "timestep_sampling": "logit-normal(0, 1) over the scheduler's 1000 sigmas",
         "sampling": default_sampling(r),
         "params": n_params,
         "seconds": {"total": round(time.time() - t_start, 1)},
