@@ -14,13 +14,12 @@ base took 29 min wall time (11 min autoencoder, 18 min UNet) on one core of a bu
    `addition_embed_type="text"`; 1.05M params) on eps-prediction, ``loss = mse(unet(z_t, t, text(c)), eps)``, SD 1.x
    `scaled_linear` DDPM schedule (z_t from `xdpo.models.noise.DDPMProcess`), captions drawn from
    `data.TRAIN_TEMPLATES`, dropped to "" with probability CFG_DROP (for classifier-free guidance); EMA
-   weights of both are saved.
+   weights of both (diffusers' `EMAModel`) are saved.
 4. `save_pretrained` with safety checker and feature extractor set to None.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -140,18 +139,15 @@ def train_vae(x: torch.Tensor, r: BuildRecipe, g: torch.Generator, log=print):
     return vae.eval().requires_grad_(False)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-            pe.lerp_(pm, 1.0 - decay)
-
-
 def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: torch.Generator, log=print):
-    """Train UNet + text encoder jointly on scaled latents; return their EMA copies.
+    """Train UNet + text encoder jointly on scaled latents; return them holding their EMA weights.
 
     Noise by `xdpo.models.noise.DDPMProcess` on the scheduler (x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
-    target eps), t uniform (`sample_timesteps`).
+    target eps), t uniform (`sample_timesteps`); EMA by diffusers' `EMAModel` (decay min(ema_decay,
+    (1 + n) / (10 + n)) at its n-th update after the first, which copies the weights).
     """
+    from diffusers.training_utils import EMAModel
+
     unet, text = make_unet(), make_text_encoder()
     process = DDPMProcess(make_scheduler())
     # caption table: [10 digits x T templates] + the empty caption (index -1)
@@ -159,7 +155,7 @@ def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: tor
     ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     n_t = len(TRAIN_TEMPLATES)
     params = list(unet.parameters()) + list(text.parameters())
-    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    ema = EMAModel(params, decay=r.ema_decay)
     opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=1e-2)
     lr_s = torch.optim.lr_scheduler.OneCycleLR(
         opt, r.unet_lr, total_steps=max(r.unet_steps, 2), pct_start=0.05
@@ -180,13 +176,12 @@ def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: tor
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_s.step()
-        decay = min(r.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_u, unet, decay)
-        _ema_update(ema_t, text, decay)
+        ema.step(params)
         run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
         if step % 250 == 0 or step == r.unet_steps - 1:
             _log(f"unet step {step}: loss {run:.4f} ({time.time() - t0:.0f} s)", log)
-    return ema_u.eval(), ema_t.eval()
+    ema.copy_to(params)
+    return unet.eval().requires_grad_(False), text.eval().requires_grad_(False)
 
 
 def build_base(

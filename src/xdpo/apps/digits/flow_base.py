@@ -11,7 +11,8 @@ Recipe (`build_flow_base`), all on CPU, deterministic for a given seed and threa
    xdpo's own training (`xdpo.models.noise.FlowProcess`): ``x_s = (1 - s) x0 + s eps``,
    ``loss = mse(transformer(x_s, 1000 s, cond), eps - x0)``, s = sigma_k = (k + 1) / 1000 (the scheduler's
    sigmas at shift 1) with k = floor(1000 sigmoid(N(0, 1))) (logit-normal, `sample_timesteps`), captions
-   from `data.TRAIN_TEMPLATES` dropped to "" with probability CFG_DROP; EMA weights of all three are saved.
+   from `data.TRAIN_TEMPLATES` dropped to "" with probability CFG_DROP; EMA weights of all three
+   (diffusers' `EMAModel`) are saved.
    (The shipped folder was trained on the continuous s = sigmoid(N(0, 1)).)
    ``cond`` is `StableDiffusion3Pipeline.encode_prompt` itself, run with gradients each step on the 61
    distinct captions: CLIP penultimate states of both encoders concatenated on features, then the
@@ -130,12 +131,6 @@ def _log(msg: str, log) -> None:
         log(msg)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-            pe.lerp_(pm, 1.0 - decay)
-
-
 def _pipeline(transformer, vae, te1, te2, tokenizer, tokenizer_2):
     from diffusers import StableDiffusion3Pipeline
 
@@ -153,7 +148,11 @@ def _pipeline(transformer, vae, te1, te2, tokenizer, tokenizer_2):
 
 
 def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: torch.Generator, log=print):
-    """Train transformer + both text encoders jointly (module docstring, step 2); return their EMA copies."""
+    """Train transformer + both text encoders jointly (module docstring, step 2); return them holding their
+    EMA weights (diffusers' `EMAModel`, as `xdpo.apps.digits.base.train_unet_text`)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.training_utils import EMAModel
+
     transformer, te1, te2 = make_transformer(r), make_text_encoder(), make_text_encoder()
     transformer.set_attn_processor(CollapsedJointAttnProcessor(T5_TOKENS))
     pipe = _pipeline(transformer, vae, te1, te2, *tokenizers)
@@ -162,8 +161,8 @@ def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: tor
     caps = [caption(d, t) for d in range(10) for t in TRAIN_TEMPLATES] + [""]
     n_t = len(TRAIN_TEMPLATES)
     models = (transformer, te1, te2)
-    emas = [copy.deepcopy(m).requires_grad_(False) for m in models]
     params = [p for m in models for p in m.parameters()]
+    ema = EMAModel(params, decay=r.ema_decay)
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
     lr_s = torch.optim.lr_scheduler.OneCycleLR(opt, r.lr, total_steps=max(r.steps, 2), pct_start=0.05)
     labels = torch.as_tensor(labels)
@@ -190,16 +189,13 @@ def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: tor
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_s.step()
-        decay = min(r.ema_decay, (1 + step) / (10 + step))
-        for e, m in zip(emas, models, strict=True):
-            _ema_update(e, m, decay)
+        ema.step(params)
         run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
         if step % 250 == 0 or step == r.steps - 1:
             _log(f"flow step {step}: loss {run:.4f} ({time.time() - t0:.0f} s)", log)
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    emas[0].set_attn_processor(JointAttnProcessor2_0())
-    return tuple(e.eval() for e in emas)
+    ema.copy_to(params)
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+    return tuple(m.eval().requires_grad_(False) for m in models)
 
 
 def build_flow_base(
