@@ -55,32 +55,20 @@ def build_sd15_shaped(out: Path, unet: dict | None = None) -> Path:
     """SD 1.5's UNet and VAE with random weights, the real CLIP tokenizer, a 1-layer CLIP text encoder.
     `unet`: keys of the UNet config to change (e.g. a narrower `block_out_channels`)."""
     from cache_flip import SD15_VAE  # benchmarks/cache_flip.py (this script's folder is on sys.path)
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    from xdpo.models.tiny import SD15_SCHEDULER, clip_tokenizer
+    from xdpo.models.small import components
+    from xdpo.models.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
     torch.manual_seed(0)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=1,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
+    text = components.clip_text_encoder(hidden_size=768, intermediate_size=3072, heads=12, layers=1)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**SD15_VAE),
         text_encoder=text,
         tokenizer=tok,
         unet=UNet2DConditionModel(**{**SD15_UNET, **(unet or {})}),
-        scheduler=DDPMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": "epsilon"}),
+        scheduler=components.ddpm_scheduler("epsilon"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -2,7 +2,7 @@
 
 One step = `train_step` (VAE encode, text encoders, reference forward, policy forward on [w; l],
 the loss) + backward + AdamW step, on a batch of `--batch` pairs at 16 x 16 px (latents 8 x 8), for
-the tiny SD, SDXL, SD3 (with and without T5) and Flux pipelines of `xdpo.models.tiny_families`, full
+the tiny SD, SDXL, SD3 (with and without T5) and Flux pipelines of `xdpo.models.small`, full
 fine-tune and LoRA (rank 4). T5 runs at the pipelines' default max_sequence_length (SD3 256, Flux 512)
 unless `--max-seq-len` says otherwise.
 
@@ -130,7 +130,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res))
         return
 
-    from xdpo.models.tiny_families import build_all
+    from xdpo.models.small import build_all
 
     with tempfile.TemporaryDirectory(prefix="xdpo-bench-families-") as tmp:
         pipes = build_all(Path(tmp) / "pipes")

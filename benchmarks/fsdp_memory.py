@@ -132,9 +132,9 @@ def build_pipeline(out: Path, widths: tuple[int, ...]) -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
     from cache_speedup import SD15_UNET
 
-    from xdpo.models.tiny import build_tiny_pipeline
+    from xdpo.models.small import build_pipeline
 
-    path = build_tiny_pipeline(out, sample_size=16)
+    path = build_pipeline("StableDiffusionPipeline", out, sample_size=16)
     config = {**SD15_UNET, "block_out_channels": list(widths), "cross_attention_dim": 32, "sample_size": 16}
     UNet2DConditionModel(**config).save_pretrained(path / "unet")
     return path

@@ -52,21 +52,22 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = time.process_time
 TARGETS = {"uncached": 1.10, "cached": 1.05}
 LARGE_TARGET = 1.03
+SD = "StableDiffusionPipeline"  # the tiny pipeline built for the timings (xdpo.models.small)
 
 
 def build_pipelines(tmp: Path, only: set[str]) -> dict[str, tuple[str, int]]:
     """name -> (model path or name, resolution)."""
     from diffusers import UNet2DConditionModel
 
-    from xdpo.models.tiny import build_tiny_pipeline
+    from xdpo.models.small import build_pipeline
 
     models = {}
     if "digits" in only:
         models["digits"] = ("digits", 32)
     if "tiny16" in only:
-        models["tiny16"] = (str(build_tiny_pipeline(tmp / "tiny16", sample_size=8)), 16)
+        models["tiny16"] = (str(build_pipeline(SD, tmp / "tiny16", sample_size=8)), 16)
     if "unet64" in only:
-        path = build_tiny_pipeline(tmp / "unet64", sample_size=16)
+        path = build_pipeline(SD, tmp / "unet64", sample_size=16)
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
             sample_size=16,

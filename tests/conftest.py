@@ -102,28 +102,33 @@ def clip_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
     """A tiny random SD pipeline (epsilon prediction, 32 x 32 px images, latents 4 x 16 x 16)."""
-    from xdpo.models.tiny import build_tiny_pipeline
+    from xdpo.models.small import build_pipeline
 
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), tokenizer_dir=clip_tokenizer_dir)
+    return build_pipeline(
+        "StableDiffusionPipeline", tmp_path_factory.mktemp("tiny_sd"), tokenizer_dir=clip_tokenizer_dir
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_v_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
     """As `tiny_pipeline_dir` with `prediction_type="v_prediction"`."""
-    from xdpo.models.tiny import build_tiny_pipeline
+    from xdpo.models.small import build_pipeline
 
-    return build_tiny_pipeline(
-        tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction", tokenizer_dir=clip_tokenizer_dir
+    return build_pipeline(
+        "StableDiffusionPipeline",
+        tmp_path_factory.mktemp("tiny_sd_v"),
+        prediction_type="v_prediction",
+        tokenizer_dir=clip_tokenizer_dir,
     )
 
 
-# ---- tiny pipelines of the other families (xdpo.models.tiny_families): latents 8 x 8, images 16 x 16 px ----
+# ---- tiny pipelines of the other families (xdpo.models.small): latents 8 x 8, images 16 x 16 px ----
 
 
 @pytest.fixture(scope="session")
 def t5_tokenizer_dir(tmp_path_factory) -> Path:
     """A small T5 tokenizer (Unigram, T5's special tokens), built once per session."""
-    from xdpo.models.tiny_families import build_t5_tokenizer
+    from xdpo.models.tokenizer import build_t5_tokenizer
 
     out = tmp_path_factory.mktemp("t5_tokenizer")
     build_t5_tokenizer(out)
@@ -133,17 +138,20 @@ def t5_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_pipeline_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
     """A tiny random SDXL pipeline (CLIP-L + CLIP-G, text_time UNet, Euler; 16 x 16 px images)."""
-    from xdpo.models.tiny_families import build_tiny_sdxl_pipeline
+    from xdpo.models.small import build_pipeline
 
-    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), tokenizer_dir=clip_tokenizer_dir)
+    return build_pipeline(
+        "StableDiffusionXLPipeline", tmp_path_factory.mktemp("tiny_sdxl"), tokenizer_dir=clip_tokenizer_dir
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_dir) -> Path:
     """A tiny random SD3 pipeline with T5 (MMDiT, flow matching with shift 3; 16 x 16 px images)."""
-    from xdpo.models.tiny_families import build_tiny_sd3_pipeline
+    from xdpo.models.small import build_pipeline
 
-    return build_tiny_sd3_pipeline(
+    return build_pipeline(
+        "StableDiffusion3Pipeline",
         tmp_path_factory.mktemp("tiny_sd3"),
         tokenizer_dir=clip_tokenizer_dir,
         t5_tokenizer_dir=t5_tokenizer_dir,
@@ -153,9 +161,10 @@ def tiny_sd3_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_dir
 @pytest.fixture(scope="session")
 def tiny_flux_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_dir) -> Path:
     """A tiny random FLUX.1-dev-like pipeline (guidance embedding, dynamic shifting; 16 x 16 px images)."""
-    from xdpo.models.tiny_families import build_tiny_flux_pipeline
+    from xdpo.models.small import build_pipeline
 
-    return build_tiny_flux_pipeline(
+    return build_pipeline(
+        "FluxPipeline",
         tmp_path_factory.mktemp("tiny_flux"),
         tokenizer_dir=clip_tokenizer_dir,
         t5_tokenizer_dir=t5_tokenizer_dir,
@@ -165,9 +174,10 @@ def tiny_flux_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_di
 @pytest.fixture(scope="session")
 def tiny_flux_schnell_pipeline_dir(tmp_path_factory, clip_tokenizer_dir, t5_tokenizer_dir) -> Path:
     """As `tiny_flux_pipeline_dir` without the guidance embedding (FLUX.1-schnell-like)."""
-    from xdpo.models.tiny_families import build_tiny_flux_pipeline
+    from xdpo.models.small import build_pipeline
 
-    return build_tiny_flux_pipeline(
+    return build_pipeline(
+        "FluxPipeline",
         tmp_path_factory.mktemp("tiny_flux_schnell"),
         guidance_embeds=False,
         tokenizer_dir=clip_tokenizer_dir,

@@ -73,6 +73,30 @@ def test_build_base_quick(tmp_path):
     assert img.size == (32, 32)
 
 
+def test_unet_training_is_deterministic(clip_tokenizer_dir):
+    """A fixed seed gives the same weights twice (noise from DDPMProcess, EMA from diffusers' EMAModel)."""
+    from transformers import CLIPTokenizer
+
+    from xdpo.apps.digits.base import BuildRecipe, train_unet_text
+
+    tok = CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
+    g = torch.Generator().manual_seed(0)
+    lat_mean, lat_std = torch.randn(20, 4, 8, 8, generator=g), torch.full((20, 4, 8, 8), 0.01)
+    labels = np.arange(20) % 10
+    recipe = BuildRecipe(unet_steps=2, unet_batch=4)
+
+    def weights(seed: int) -> dict:
+        torch.manual_seed(0)
+        unet, text = train_unet_text(
+            lat_mean, lat_std, labels, tok, recipe, torch.Generator().manual_seed(seed), None
+        )
+        return {**unet.state_dict(), **{f"text.{k}": v for k, v in text.state_dict().items()}}
+
+    a, b, c = weights(1), weights(1), weights(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert (
         main(

@@ -123,6 +123,29 @@ def test_build_flow_base_quick(tmp_path):
     assert img.size == (32, 32)
 
 
+def test_flow_training_is_deterministic(pipe):
+    """A fixed seed gives the same weights twice (noise from FlowProcess, EMA from diffusers' EMAModel)."""
+    from xdpo.apps.digits.base import make_vae
+    from xdpo.apps.digits.flow_base import FlowRecipe, train_flow
+
+    g = torch.Generator().manual_seed(0)
+    lat_mean, lat_std = torch.randn(20, 4, 8, 8, generator=g), torch.full((20, 4, 8, 8), 0.01)
+    labels = np.arange(20) % 10
+    recipe, toks = FlowRecipe(steps=2, batch=4), (pipe.tokenizer, pipe.tokenizer_2)
+
+    def weights(seed: int) -> dict:
+        torch.manual_seed(0)
+        vae = make_vae()
+        models = train_flow(
+            lat_mean, lat_std, labels, vae, toks, recipe, torch.Generator().manual_seed(seed), None
+        )
+        return {f"{i}.{k}": v for i, m in enumerate(models) for k, v in m.state_dict().items()}
+
+    a, b, c = weights(1), weights(1), weights(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_build_base_help_lists_family(capsys):
     with pytest.raises(SystemExit) as e:
         main(["digits", "build-base", "--help"])

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from conftest import run_training
 from xdpo.config import load_config
 from xdpo.errors import ConfigError
-from xdpo.models.tiny import tiny_resolution
+from xdpo.models.small import resolution
 
-SIDE = tiny_resolution(8)  # the tiny family pipelines' image size (latents 8 x 8)
+SIDE = resolution(8)  # the tiny family pipelines' image size (latents 8 x 8)
 CPU = torch.device("cpu")
 PIPELINE_CLASS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 PIPELINE_CLASS |= {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -408,9 +408,10 @@ def test_sd35_transformer_trains(tmp_path, clip_tokenizer_dir, t5_tokenizer_dir,
     null entries, loaded with family.text_encoder_3 left true): LoRA steps, final/ loads."""
     from diffusers import StableDiffusion3Pipeline
 
-    from xdpo.models.tiny_families import build_tiny_sd3_pipeline
+    from xdpo.models.small import build_pipeline
 
-    base = build_tiny_sd3_pipeline(
+    base = build_pipeline(
+        "StableDiffusion3Pipeline",
         tmp_path / "sd35",
         sd35=True,
         with_t5=False,

@@ -1,4 +1,4 @@
-"""The tiny random Stable Diffusion pipeline: saved, loaded offline, generates."""
+"""The tiny random pipelines (`xdpo.models.small`): the SD one saved, loaded offline, generates; the builder's table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from xdpo.errors import ConfigError
-from xdpo.models.tiny import build_tiny_pipeline, tiny_resolution
+from xdpo.models.small import ASSEMBLERS, build_pipeline, resolution
+
+SD = "StableDiffusionPipeline"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def test_saved_layout_and_size(tiny_pipeline_dir):
 
 def test_loads_offline_and_generates(pipe):
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
-    assert tiny_resolution(16) == 32
+    assert resolution(16) == 32
     out = pipe(
         ["a bright picture", "a dark picture"],
         num_inference_steps=2,
@@ -78,21 +80,33 @@ def test_v_prediction_propagated(tiny_pipeline_v_dir):
 def test_seed_determines_weights(tmp_path, clip_tokenizer_dir):
     from safetensors.torch import load_file
 
-    a = build_tiny_pipeline(
-        tmp_path / "a", seed=1, sample_size=8, latent_channels=3, tokenizer_dir=clip_tokenizer_dir
-    )
-    b = build_tiny_pipeline(
-        tmp_path / "b", seed=1, sample_size=8, latent_channels=3, tokenizer_dir=clip_tokenizer_dir
-    )
+    kw = {"seed": 1, "sample_size": 8, "latent_channels": 3, "tokenizer_dir": clip_tokenizer_dir}
+    a = build_pipeline(SD, tmp_path / "a", **kw)
+    b = build_pipeline(SD, tmp_path / "b", **kw)
+    c = build_pipeline(SD, tmp_path / "c", **{**kw, "seed": 2})
     wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    wc = load_file(c / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     config = json.loads((a / "unet" / "config.json").read_text())
     assert config["sample_size"] == 8 and config["in_channels"] == 3
 
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match="prediction_type"):
-        build_tiny_pipeline(tmp_path, prediction_type="flow")
+        build_pipeline(SD, tmp_path, prediction_type="flow")
     with pytest.raises(ConfigError, match="sample_size"):
-        build_tiny_pipeline(tmp_path, sample_size=7)
+        build_pipeline(SD, tmp_path, sample_size=7)
+    with pytest.raises(ConfigError, match="tiny StableDiffusionPipeline: unknown option 'with_t5'"):
+        build_pipeline(SD, tmp_path, with_t5=False)
+    with pytest.raises(ConfigError, match="no tiny pipeline for 'KandinskyPipeline'"):
+        build_pipeline("KandinskyPipeline", tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_every_built_in_family_has_a_tiny_pipeline():
+    """The builder's table is keyed by the families' pipeline classes: one assembler each."""
+    from xdpo.models.families import families
+
+    assert sorted(ASSEMBLERS) == sorted(fam.pipeline_class for fam in families().values())

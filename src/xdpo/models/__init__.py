@@ -1,1 +1,1 @@
-"""Model loading: diffusers components, LoRA, prediction targets, tokenizers, tiny test pipelines."""
+"""Model loading: diffusers components, LoRA, prediction targets, tokenizers, small components and tiny test pipelines."""

@@ -12,14 +12,14 @@ base took 29 min wall time (11 min autoencoder, 18 min UNet) on one core of a bu
    embedding) trained jointly with a small `UNet2DConditionModel` (block_out_channels (32, 64),
    cross-attention at both levels, 2 heads, the pooled text also added to the time embedding via
    `addition_embed_type="text"`; 1.05M params) on eps-prediction, ``loss = mse(unet(z_t, t, text(c)), eps)``, SD 1.x
-   `scaled_linear` DDPM schedule, captions drawn from `data.TRAIN_TEMPLATES`, dropped to "" with
-   probability CFG_DROP (for classifier-free guidance); EMA weights of both are saved.
+   `scaled_linear` DDPM schedule (z_t from `xdpo.models.noise.DDPMProcess`), captions drawn from
+   `data.TRAIN_TEMPLATES`, dropped to "" with probability CFG_DROP (for classifier-free guidance); EMA
+   weights of both (diffusers' `EMAModel`) are saved.
 4. `save_pretrained` with safety checker and feature extractor set to None.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.models.noise import DDPMProcess
+from xdpo.models.small import components
+from xdpo.objectives.timesteps import sample_timesteps
 
 KL_WEIGHT = 1e-6  # SD-like: a near-deterministic encoder (posterior std << latent std)
 CFG_DROP = 0.1
 TEXT_HIDDEN = 16
-UNET_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-UNET_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-UNET_ADDITION = "text"
+VAE_BLOCKS = (16, 32, 32)
 
 
 @dataclass(frozen=True)
@@ -56,74 +57,42 @@ class BuildRecipe:
 
 
 def make_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
+    """The digits autoencoder: 32x32x3 -> 4x8x8 (blocks 16, 32, 32; `xdpo.models.small.components.vae`)."""
+    return components.vae(blocks=VAE_BLOCKS, latent_channels=4, image_size=32, norm_groups=16)
 
 
 def make_text_encoder(with_projection: bool = False):
     """The digits bases' small CLIP text encoder (the real 49,408-token vocabulary, hidden 16); the flow
     base uses two of them with a projection (`CLIPTextModelWithProjection`, as SD3's pipeline expects)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(
-        vocab_size=49408,
+    return components.clip_text_encoder(
         hidden_size=TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
+        heads=2,
         projection_dim=TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        with_projection=with_projection,
     )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
 
 def make_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
+    """Cross-attention at both levels, 2 heads (diffusers reads `attention_head_dim` as the number of heads:
+    head dims 16, 32); the pooled text also enters every ResNet block through the time embedding
+    (`addition_embed_type="text"`, TextTimeEmbedding)."""
+    return components.unet(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=UNET_DOWN,
-        up_block_types=UNET_UP,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        blocks=(32, 64),
+        cross_attention=(True, True),
         cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=2,  # diffusers reads this as the number of heads: 2 (head dims 16, 32)
-        norm_num_groups=8,
-        # the pooled text also enters every ResNet block through the time embedding (TextTimeEmbedding)
-        addition_embed_type=UNET_ADDITION,
+        heads=2,
+        norm_groups=8,
+        addition_embed_type="text",
         addition_embed_type_num_heads=2,
     )
 
 
 def make_scheduler():
-    """SD 1.x's DDPM training schedule; sampling may swap in DDIM via `DDIMScheduler.from_config`."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
+    """SD 1.x's DDPM training schedule; sampling may swap in DDIM via `DDIMScheduler.from_config` (the
+    saved config has no `set_alpha_to_one`, so DDIM takes its default)."""
+    return components.ddpm_scheduler("epsilon", set_alpha_to_one=None)
 
 
 def _images_tensor() -> torch.Tensor:
@@ -170,27 +139,27 @@ def train_vae(x: torch.Tensor, r: BuildRecipe, g: torch.Generator, log=print):
     return vae.eval().requires_grad_(False)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-            pe.lerp_(pm, 1.0 - decay)
-
-
 def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: torch.Generator, log=print):
-    """Train UNet + text encoder jointly on scaled latents; return their EMA copies."""
+    """Train UNet + text encoder jointly on scaled latents; return them holding their EMA weights.
+
+    Noise by `xdpo.models.noise.DDPMProcess` on the scheduler (x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
+    target eps), t uniform (`sample_timesteps`); EMA by diffusers' `EMAModel` (decay min(ema_decay,
+    (1 + n) / (10 + n)) at its n-th update after the first, which copies the weights).
+    """
+    from diffusers.training_utils import EMAModel
+
     unet, text = make_unet(), make_text_encoder()
-    sched = make_scheduler()
+    process = DDPMProcess(make_scheduler())
     # caption table: [10 digits x T templates] + the empty caption (index -1)
     caps = [caption(d, t) for d in range(10) for t in TRAIN_TEMPLATES] + [""]
     ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     n_t = len(TRAIN_TEMPLATES)
-    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
+    ema = EMAModel(params, decay=r.ema_decay)
     opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=1e-2)
     lr_s = torch.optim.lr_scheduler.OneCycleLR(
         opt, r.unet_lr, total_steps=max(r.unet_steps, 2), pct_start=0.05
     )
-    acp = sched.alphas_cumprod
     labels = torch.as_tensor(labels)
     t0, run = time.time(), 0.0
     for step in range(r.unet_steps):
@@ -198,24 +167,21 @@ def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: tor
         z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         cap = labels[idx] * n_t + torch.randint(0, n_t, (r.unet_batch,), generator=g)
         cap = torch.where(torch.rand(r.unet_batch, generator=g) < CFG_DROP, len(caps) - 1, cap)
-        t = torch.randint(0, sched.config.num_train_timesteps, (r.unet_batch,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        pred = unet(zt, t, text(ids[cap])[0]).sample
-        loss = torch.nn.functional.mse_loss(pred, eps)
+        t = sample_timesteps(r.unet_batch, process.num_steps, sampling="uniform", generator=g)
+        zt, target = process.noise(z0, torch.randn(z0.shape, generator=g), t)
+        pred = unet(zt, process.model_timestep(t), text(ids[cap])[0]).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_s.step()
-        decay = min(r.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_u, unet, decay)
-        _ema_update(ema_t, text, decay)
+        ema.step(params)
         run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
         if step % 250 == 0 or step == r.unet_steps - 1:
             _log(f"unet step {step}: loss {run:.4f} ({time.time() - t0:.0f} s)", log)
-    return ema_u.eval(), ema_t.eval()
+    ema.copy_to(params)
+    return unet.eval().requires_grad_(False), text.eval().requires_grad_(False)
 
 
 def build_base(

@@ -7,10 +7,13 @@ Recipe (`build_flow_base`), all on CPU, deterministic for a given seed and threa
 2. Two small `CLIPTextModelWithProjection` (hidden 16, projection 16, 2 layers; `text_encoder` and
    `text_encoder_2`, the real CLIP tokenizer for both, no T5), trained jointly with a small
    `SD3Transformer2DModel` (patch 1 on the 8x8 latents = 64 image tokens, 3 joint blocks, 2 heads x 32,
-   joint_attention_dim 32 = 16 + 16, pooled_projection_dim 32) by rectified flow exactly as SD3:
-   ``x_s = (1 - s) x0 + s eps``, ``loss = mse(transformer(x_s, 1000 s, cond), eps - x0)``,
-   ``s = sigmoid(N(0, 1))`` (logit-normal), captions from `data.TRAIN_TEMPLATES` dropped to "" with
-   probability CFG_DROP; EMA weights of all three are saved.
+   joint_attention_dim 32 = 16 + 16, pooled_projection_dim 32) by rectified flow exactly as SD3 and
+   xdpo's own training (`xdpo.models.noise.FlowProcess`): ``x_s = (1 - s) x0 + s eps``,
+   ``loss = mse(transformer(x_s, 1000 s, cond), eps - x0)``, s = sigma_k = (k + 1) / 1000 (the scheduler's
+   sigmas at shift 1) with k = floor(1000 sigmoid(N(0, 1))) (logit-normal, `sample_timesteps`), captions
+   from `data.TRAIN_TEMPLATES` dropped to "" with probability CFG_DROP; EMA weights of all three
+   (diffusers' `EMAModel`) are saved.
+   (The shipped folder was trained on the continuous s = sigmoid(N(0, 1)).)
    ``cond`` is `StableDiffusion3Pipeline.encode_prompt` itself, run with gradients each step on the 61
    distinct captions: CLIP penultimate states of both encoders concatenated on features, then the
    zero "T5" tokens on the sequence; pooled = both projected EOS embeddings.
@@ -47,7 +50,10 @@ import torch
 
 from xdpo.apps.digits.base import make_text_encoder as make_base_text_encoder
 from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
+from xdpo.models.noise import FlowProcess
 from xdpo.models.padding import CollapsedJointAttnProcessor
+from xdpo.models.small import components
+from xdpo.objectives.timesteps import sample_timesteps
 
 CFG_DROP = 0.1
 TEXT_HIDDEN = 16
@@ -81,27 +87,22 @@ def make_text_encoder():
 
 
 def make_transformer(r: FlowRecipe):
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
+    """The recipe's `SD3Transformer2DModel` on the 8x8x4 latents (`xdpo.models.small.components`)."""
+    return components.sd3_transformer(
         sample_size=8,
+        latent_channels=4,
         patch_size=r.patch_size,
-        in_channels=4,
-        out_channels=4,
-        num_layers=r.layers,
-        attention_head_dim=r.head_dim,
-        num_attention_heads=r.heads,
+        layers=r.layers,
+        heads=r.heads,
+        head_dim=r.head_dim,
         joint_attention_dim=JOINT_DIM,
-        caption_projection_dim=r.heads * r.head_dim,
         pooled_projection_dim=2 * TEXT_HIDDEN,
         pos_embed_max_size=8 // r.patch_size,
     )
 
 
 def make_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+    return components.flow_scheduler(FLOW_SHIFT)
 
 
 def collapsed_matches_full(transformer, seed: int = 0, copies: int = T5_TOKENS) -> float:
@@ -130,12 +131,6 @@ def _log(msg: str, log) -> None:
         log(msg)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-            pe.lerp_(pm, 1.0 - decay)
-
-
 def _pipeline(transformer, vae, te1, te2, tokenizer, tokenizer_2):
     from diffusers import StableDiffusion3Pipeline
 
@@ -153,16 +148,21 @@ def _pipeline(transformer, vae, te1, te2, tokenizer, tokenizer_2):
 
 
 def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: torch.Generator, log=print):
-    """Train transformer + both text encoders jointly (module docstring, step 2); return their EMA copies."""
+    """Train transformer + both text encoders jointly (module docstring, step 2); return them holding their
+    EMA weights (diffusers' `EMAModel`, as `xdpo.apps.digits.base.train_unet_text`)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.training_utils import EMAModel
+
     transformer, te1, te2 = make_transformer(r), make_text_encoder(), make_text_encoder()
     transformer.set_attn_processor(CollapsedJointAttnProcessor(T5_TOKENS))
     pipe = _pipeline(transformer, vae, te1, te2, *tokenizers)
+    process = FlowProcess(pipe.scheduler)  # shift FLOW_SHIFT = 1: sigma_k = (k + 1) / N
     # caption table: [10 digits x T templates] + the empty caption (index -1)
     caps = [caption(d, t) for d in range(10) for t in TRAIN_TEMPLATES] + [""]
     n_t = len(TRAIN_TEMPLATES)
     models = (transformer, te1, te2)
-    emas = [copy.deepcopy(m).requires_grad_(False) for m in models]
     params = [p for m in models for p in m.parameters()]
+    ema = EMAModel(params, decay=r.ema_decay)
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
     lr_s = torch.optim.lr_scheduler.OneCycleLR(opt, r.lr, total_steps=max(r.steps, 2), pct_start=0.05)
     labels = torch.as_tensor(labels)
@@ -180,26 +180,22 @@ def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: tor
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         cap = labels[idx] * n_t + torch.randint(0, n_t, (r.batch,), generator=g)
         cap = torch.where(torch.rand(r.batch, generator=g) < CFG_DROP, len(caps) - 1, cap)
-        s = torch.sigmoid(torch.randn(r.batch, generator=g))  # logit-normal(0, 1)
-        eps = torch.randn(x0.shape, generator=g)
-        xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
-        pred = transformer(xs, emb[cap], pooled[cap], s * 1000).sample
-        loss = torch.nn.functional.mse_loss(pred, eps - x0)
+        k = sample_timesteps(r.batch, process.num_steps, sampling="logit_normal", generator=g)
+        xs, target = process.noise(x0, torch.randn(x0.shape, generator=g), k)
+        pred = transformer(xs, emb[cap], pooled[cap], process.model_timestep(k)).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_s.step()
-        decay = min(r.ema_decay, (1 + step) / (10 + step))
-        for e, m in zip(emas, models, strict=True):
-            _ema_update(e, m, decay)
+        ema.step(params)
         run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
         if step % 250 == 0 or step == r.steps - 1:
             _log(f"flow step {step}: loss {run:.4f} ({time.time() - t0:.0f} s)", log)
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    emas[0].set_attn_processor(JointAttnProcessor2_0())
-    return tuple(e.eval() for e in emas)
+    ema.copy_to(params)
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+    return tuple(m.eval().requires_grad_(False) for m in models)
 
 
 def build_flow_base(
@@ -258,7 +254,7 @@ def build_flow_base(
         "scaling_factor": sf,
         "cfg_drop": CFG_DROP,
         "flow_shift": FLOW_SHIFT,
-        "timestep_sampling": "logit-normal(0, 1)",
+        "timestep_sampling": "logit-normal(0, 1) over the scheduler's 1000 sigmas",
         "sampling": default_sampling(r),
         "params": n_params,
         "seconds": {"total": round(time.time() - t_start, 1)},
