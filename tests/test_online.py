@@ -1,4 +1,4 @@
-"""Online DPO (`train.online`): rounds of on-policy pairs, exact resume across rounds, and as many sampling
+"""Online DPO (`online.enabled`): rounds of on-policy pairs, exact resume across rounds, and as many sampling
 calls on every process where forwards are collectives."""
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ def test_online_rounds_resume_exactly(tmp_path, monkeypatch):
     kw = {
         "model.pretrained": "digits",
         "data.resolution": 32,
-        "train.online": True,
-        "train.online_every": 2,
-        "train.online_prompts": "digits",
-        "train.online_per_prompt": 2,
-        "train.online_scorer": "rewards:ink",
-        "train.online_sample_steps": 3,
+        "online.enabled": True,
+        "online.every": 2,
+        "online.prompts": "digits",
+        "online.per_prompt": 2,
+        "online.scorer": "rewards:ink",
+        "online.sample_steps": 3,
         "train.checkpoint_every": 1,
         "model.lora_rank": 4,
         "data.path": "",
@@ -75,8 +75,8 @@ def test_online_round_pads_sampling_calls_when_forwards_are_collectives(
     monkeypatch.setattr(generate, "sample_and_pair", fake_sample)
     monkeypatch.setattr(generate, "write_columns", lambda path, cols: made.append(("wrote", cols)))
     (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
-    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "train.online=true",
-                             f"train.online_prompts={tmp_path / 'prompts.txt'}", "train.online_scorer=x"])  # fmt: skip
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "online.enabled=true",
+                             f"online.prompts={tmp_path / 'prompts.txt'}", "online.scorer=x"])  # fmt: skip
     comps = load_components(cfg.model, cfg.family)
     plugin = type("Plugin", (), {"zero_stage": 3})()
     accelerator = type("Acc", (), {
