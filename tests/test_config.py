@@ -309,3 +309,15 @@ def test_yaml_booleans_keep_their_text_for_string_keys(tmp_path):
         load_config(None, [*BASE, "train.max_steps=no"])
     with pytest.raises(ConfigError, match="`train.mixed_precision`: expected no | fp16 | bf16, got 'yes'"):
         load_config(None, [*BASE, "train.mixed_precision=yes"])
+
+
+def test_the_readme_table_is_the_schema():
+    from xdpo.config import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| key | type | default | meaning |")
+    table = readme[start : readme.index("\n\n", start)]
+    assert table == markdown_table(), (
+        "README's key table differs from the schema; regenerate it with "
+        "`python -c 'from xdpo.config import markdown_table; print(markdown_table())'`"
+    )
