@@ -261,6 +261,22 @@ def test_a_registered_objective_is_a_choice_with_its_own_section(tmp_path, throw
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # as a spawned worker receives it
 
 
+def test_an_objective_section_cannot_take_a_section_name():
+    import dataclasses
+
+    from xdpo.config import Option
+    from xdpo.objectives import OBJECTIVES, get_objective, register_objective
+
+    register_objective(
+        dataclasses.replace(get_objective("pair"), name="data", options=(Option("x", int, 0, "x"),))
+    )
+    try:
+        with pytest.raises(ConfigError, match="the options of 'data' would make a section named like `data`"):
+            load_config(None, BASE)
+    finally:
+        OBJECTIVES.pop("data")
+
+
 def test_an_unregistered_objective_is_refused():
     with pytest.raises(ConfigError, match="`loss.objective`: expected pair | sft | kto"):
         load_config(None, [*BASE, "loss.objective=throwaway"])

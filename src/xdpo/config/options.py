@@ -80,7 +80,6 @@ def names(ref: str, *first: str) -> Callable[[], tuple[str, ...]]:
         found = found() if callable(found) else found
         return (*first, *(found.keys() if isinstance(found, Mapping) else found))
 
-    choices.ref = ref  # type: ignore[attr-defined]
     return choices
 
 
