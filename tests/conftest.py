@@ -267,8 +267,8 @@ def online_args(folder: Path) -> tuple[list[str], dict[str, str]]:
     environment's PYTHONPATH adds)."""
     (folder / "rewards.py").write_text(INK_REWARD)
     (folder / "prompts.txt").write_text("a red square\na blue circle\n")
-    args = ["data.path=", "train.online=true", "train.online_every=2", f"train.online_prompts={folder / 'prompts.txt'}",
-            "train.online_scorer=rewards:ink", "train.online_per_prompt=2", "train.online_sample_steps=2"]  # fmt: skip
+    args = ["data.path=", "online.enabled=true", "online.every=2", f"online.prompts={folder / 'prompts.txt'}",
+            "online.scorer=rewards:ink", "online.per_prompt=2", "online.sample_steps=2"]  # fmt: skip
     return args, {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
 
 

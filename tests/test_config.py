@@ -199,3 +199,161 @@ def test_undecodable_image_names_row_and_column(tmp_path, capsys, tiny_pipeline_
         "train.max_steps=1",
     )
     assert rc == 2 and "row 0" in err and "jpg_" in err and "cannot decode" in err
+
+
+# ---- the config package: registries, declared sections, old names, YAML booleans, the README table ----
+
+
+def test_importing_the_config_imports_no_torch():
+    code = "import sys, xdpo.config; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _choices(key):
+    import typing
+
+    from xdpo.config import iter_fields
+
+    return next(typing.get_args(tp) for k, _, tp in iter_fields() if k == key)
+
+
+def test_choices_are_the_registries():
+    from xdpo.models.families import families
+    from xdpo.objectives import DIVERGENCES, OBJECTIVES, OUTER_LOSSES
+    from xdpo.train.reference import STRATEGIES
+
+    assert _choices("loss.objective") == tuple(OBJECTIVES)
+    assert _choices("loss.divergence") == tuple(DIVERGENCES)
+    assert _choices("loss.outer") == tuple(OUTER_LOSSES)
+    assert _choices("reference.strategy") == tuple(STRATEGIES)
+    assert _choices("model.family") == ("auto", *families())
+
+
+def test_rule_owners_are_found_by_name():
+    """The config reaches the rules of components above it by name only (`RULE_OWNERS`)."""
+    from xdpo.config import RULE_OWNERS
+    from xdpo.config.options import resolve
+
+    assert all(callable(resolve(owner)) for owner in RULE_OWNERS)
+
+
+@pytest.fixture
+def throwaway_objective():
+    """An objective with one option, registered for the test (and removed afterwards)."""
+    import dataclasses
+
+    from xdpo.config import Option
+    from xdpo.objectives import OBJECTIVES, get_objective, register_objective
+
+    option = Option(
+        "margin_weight", float, 0.5, "weight of the margin term", check=lambda v: v >= 0, rule="must be >= 0"
+    )
+    obj = dataclasses.replace(get_objective("pair"), name="throwaway", options=(option,))
+    register_objective(obj)
+    yield obj
+    OBJECTIVES.pop("throwaway")
+
+
+BASE = ["model.pretrained=m", "data.path=d"]
+
+
+def test_a_registered_objective_is_a_choice_with_its_own_section(tmp_path, throwaway_objective):
+    import pickle
+
+    from xdpo.config import dump_yaml, help_table, markdown_table
+
+    assert "throwaway" in _choices("loss.objective")
+    assert "throwaway.margin_weight" in all_keys() and "throwaway.margin_weight" in help_table()
+    assert "| `throwaway.margin_weight` | float | 0.5 | weight of the margin term |" in markdown_table()
+    cfg = load_config(None, [*BASE, "loss.objective=throwaway", "throwaway.margin_weight=2"])
+    assert cfg.loss.objective == "throwaway" and cfg.throwaway.margin_weight == 2.0
+    assert isinstance(cfg.throwaway.margin_weight, float)
+    with pytest.raises(ConfigError, match=r"config key `throwaway.margin_weight`: must be >= 0, got -1.0"):
+        load_config(None, [*BASE, "throwaway.margin_weight=-1"])
+    with pytest.raises(ConfigError, match="`throwaway.margin_weight`: expected float, got 'abc'"):
+        load_config(None, [*BASE, "throwaway.margin_weight=abc"])
+    with pytest.raises(ConfigError, match="did you mean `throwaway.margin_weight`"):
+        load_config(None, [*BASE, "throwaway.margin_weigth=1"])
+    dump_yaml(cfg, tmp_path / "config.yaml")  # a run's config.yaml: a top-level section, read back
+    assert "throwaway:\n  margin_weight: 2.0" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # as a spawned worker receives it
+
+
+def test_an_objective_section_cannot_take_a_section_name():
+    import dataclasses
+
+    from xdpo.config import Option
+    from xdpo.objectives import OBJECTIVES, get_objective, register_objective
+
+    register_objective(
+        dataclasses.replace(get_objective("pair"), name="data", options=(Option("x", int, 0, "x"),))
+    )
+    try:
+        with pytest.raises(ConfigError, match="the options of 'data' would make a section named like `data`"):
+            load_config(None, BASE)
+    finally:
+        OBJECTIVES.pop("data")
+
+
+def test_an_unregistered_objective_is_refused():
+    with pytest.raises(ConfigError, match="`loss.objective`: expected pair | sft | kto"):
+        load_config(None, [*BASE, "loss.objective=throwaway"])
+
+
+def test_the_online_keys_have_their_own_section_and_the_old_ones_still_work(tmp_path, capsys):
+    old = ["train.online=true", "train.online_every=5", "train.online_prompts=digits",
+           "train.online_per_prompt=3", "train.online_scorer=r", "train.online_min_gap=0.5",
+           "train.online_sample_steps=7"]  # fmt: skip
+    cfg = load_config(None, ["model.pretrained=m", *old])
+    o = cfg.online
+    assert (o.enabled, o.every, o.prompts, o.per_prompt, o.scorer, o.min_gap, o.sample_steps) == (
+        True, 5, "digits", 3, "r", 0.5, 7
+    )  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "xdpo: config key `train.online` is deprecated; use `online.enabled`"
+    assert err[-1] == "xdpo: config key `train.online_sample_steps` is deprecated; use `online.sample_steps`"
+    assert len(err) == 7
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "model:\n  pretrained: m\ntrain:\n  online: true\n  online_every: 3\nonline:\n  prompts: p\n  scorer: s\n"
+    )
+    assert load_config(f).online.every == 3
+    assert not any(k.startswith("train.online") for k in all_keys())
+    with pytest.raises(ConfigError, match="`online.enabled`: needs online.prompts and online.scorer"):
+        load_config(None, ["model.pretrained=m", "online.enabled=true"])
+    with pytest.raises(ConfigError, match="`online.per_prompt`: must be >= 2 \\(a pair\\), got 1"):
+        load_config(None, [*BASE, "online.per_prompt=1"])
+
+
+def test_yaml_booleans_keep_their_text_for_string_keys(tmp_path):
+    """YAML 1.1 reads no/off/yes/on as booleans: a string-typed key gets the word as written (issue 25)."""
+    cfg = load_config(
+        None, [*BASE, "train.mixed_precision=no", "data.split=on", "model.lora_targets=on,to_q"]
+    )
+    assert (cfg.train.mixed_precision, cfg.data.split, cfg.model.lora_targets) == ("no", "on", ["on", "to_q"])
+    assert load_config(None, [*BASE, "model.lora_targets=[off, to_q]"]).model.lora_targets == ["off", "to_q"]
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {pretrained: m, revision: yes}\ndata: {path: d, columns: {caption: on}}\n"
+                 "train: {mixed_precision: no, scale_lr: off}\n")  # fmt: skip
+    cfg = load_config(f)
+    assert (cfg.train.mixed_precision, cfg.train.scale_lr, cfg.model.revision) == ("no", False, "yes")
+    assert cfg.data.columns == {"caption": "on"}
+    assert load_config(None, [*BASE, "train.scale_lr=no"]).train.scale_lr is False  # a bool key: the boolean
+    with pytest.raises(ConfigError, match="`train.max_steps`: expected int, got 'no'"):
+        load_config(None, [*BASE, "train.max_steps=no"])
+    with pytest.raises(ConfigError, match="`train.mixed_precision`: expected no | fp16 | bf16, got 'yes'"):
+        load_config(None, [*BASE, "train.mixed_precision=yes"])
+
+
+def test_the_readme_table_is_the_schema():
+    from xdpo.config import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| key | type | default | meaning |")
+    table = readme[start : readme.index("\n\n", start)]
+    assert table == markdown_table(), (
+        "README's key table differs from the schema; regenerate it with "
+        "`python -c 'from xdpo.config import markdown_table; print(markdown_table())'`"
+    )

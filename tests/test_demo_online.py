@@ -26,11 +26,11 @@ def test_arms_differ_only_in_round_length(tmp_path):
     assert (s.max_steps, s.rounds, s.every, len(s.train_seeds)) == (120, 3, 40, 3)
     assert 120 // s.curve_points == 20  # checkpoints every 20 steps fall on the round boundaries 40 and 80
     off, on = (to_dict(run_config(s, m, 0, s.prompts_file)) for m in s.methods)
-    assert (off["train"]["online_every"], on["train"]["online_every"]) == (120, 40)
-    assert off["train"]["online"] and off["train"]["online_scorer"] == "digits-reward"
+    assert (off["online"]["every"], on["online"]["every"]) == (120, 40)
+    assert off["online"]["enabled"] and off["online"]["scorer"] == "digits-reward"
     assert off["reference"]["strategy"] == "frozen"
     for d in (off, on):
-        d["train"]["online_every"] = 0
+        d["online"]["every"] = 0
         d["output_dir"] = ""
     assert off == on  # the same config, steps, scorer, prompts and reference otherwise
     with pytest.raises(ConfigError, match="rounds"):

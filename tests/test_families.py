@@ -483,6 +483,7 @@ def test_resolution_off_the_patch_grid_is_one_clear_line(tmp_path, tiny_flux_pip
     of failing inside the packing's `view`."""
     from xdpo.models.tiny import tiny_vae
     from xdpo.models.tiny_families import FLUX_VAE
+
     from xdpo.train.cache_cli import build_cache
 
     variant = _relabelled(tmp_path, tiny_flux_pipeline_dir, "FluxPipeline")

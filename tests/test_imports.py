@@ -191,7 +191,7 @@ def fresh_group(monkeypatch, group: str, eps: list[EntryPoint]) -> None:
     import xdpo.plugins as xp
 
     monkeypatch.setattr(xp, "_done", xp._done - {group})
-    monkeypatch.setattr(xp, "_loaded", {**xp._loaded, group: list(xp._loaded.get(group, []))})
+    monkeypatch.setattr(xp, "_loaded", {**xp._loaded, group: []})
     monkeypatch.setattr(xp, "entry_points", lambda **kw: eps if kw["group"] == group else [])
 
 
@@ -256,10 +256,9 @@ def test_no_file_cites_design_md(folder):
 
 
 LAYERS = (
-    ("xdpo.errors", "xdpo.plugins"),
+    ("xdpo.errors", "xdpo.plugins", "xdpo.config.options"),  # `Option`: the keys components declare
     ("xdpo.objectives", "xdpo.models"),  # pure losses and registries; model families, loading, noise
-    ("xdpo.family_config",),
-    ("xdpo.config",),  # typed config; its choices read the registries below
+    ("xdpo.config",),  # typed config; its sections and choices read the registries (by name above it)
     ("xdpo.data",),
     ("xdpo.train", "xdpo.evaluate"),  # the training recipe never imports scorers or samplers (rollout)
     ("xdpo.pairs",),

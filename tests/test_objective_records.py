@@ -86,9 +86,6 @@ def test_per_image_noise_and_state_are_traits():
     assert out.loss.shape == (2,)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="loss.objective's choices come from the registry with the config package"
-)
 def test_a_new_objective_is_one_record_and_one_registry_line(tiny_pipeline_dir, pairs_parquet, tmp_path):
     """A throwaway reference-free objective (the winner's error minus the loser's) registered at run time
     trains through the recipe without any other edit."""

@@ -1,4 +1,4 @@
-"""Online DPO (`train.online`): rounds of on-policy pairs, exact resume across rounds, and as many sampling
+"""Online DPO (`online.enabled`): rounds of on-policy pairs, exact resume across rounds, and as many sampling
 calls on every process where forwards are collectives."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from test_train import read_metrics, run
 from xdpo.config import load_config
 
 ONLINE = {
-    "train.online": True,
-    "train.online_every": 2,
-    "train.online_per_prompt": 2,
-    "train.online_scorer": "rewards:ink",
-    "train.online_sample_steps": 3,
+    "online.enabled": True,
+    "online.every": 2,
+    "online.per_prompt": 2,
+    "online.scorer": "rewards:ink",
+    "online.sample_steps": 3,
     "train.checkpoint_every": 1,
     "data.path": "",
 }
@@ -55,7 +55,7 @@ def test_online_rounds_resume_exactly(request, tmp_path, monkeypatch, any_precis
     pipe = pipe if pipe == "digits" else request.getfixturevalue(pipe)
     prompts = "digits" if pipe == "digits" else tmp_path / "prompts.txt"
     (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green dot\n")
-    kw = {**ONLINE, "train.online_prompts": prompts, **extra}
+    kw = {**ONLINE, "online.prompts": prompts, **extra}
     fresh = run(tmp_path, pipe, "", name="fresh", **{**kw, "train.max_steps": 5})
     any_precision()
     run(tmp_path, pipe, "", name="part", **{**kw, "train.max_steps": 3})
@@ -93,9 +93,9 @@ def test_online_round_samples_without_inference_mode_where_parameters_are_partit
     from xdpo.rollout.rounds import PairRounds
 
     (tmp_path / "prompts.txt").write_text("a\n")
-    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "train.online=true",
-                             f"train.online_prompts={tmp_path / 'prompts.txt'}", "train.online_scorer=x",
-                             "train.online_per_prompt=2", "train.online_sample_steps=1"])  # fmt: skip
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "online.enabled=true",
+                             f"online.prompts={tmp_path / 'prompts.txt'}", "online.scorer=x",
+                             "online.per_prompt=2", "online.sample_steps=1"])  # fmt: skip
     comps = load_components(cfg.model, cfg.family)
     seen = []
     comps.denoiser.register_forward_pre_hook(
@@ -137,8 +137,8 @@ def test_online_round_pads_sampling_calls_when_forwards_are_collectives(
     monkeypatch.setattr(generate, "sample_and_pair", fake_sample)
     monkeypatch.setattr(generate, "write_columns", lambda path, cols: made.append(("wrote", cols)))
     (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
-    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "train.online=true",
-                             f"train.online_prompts={tmp_path / 'prompts.txt'}", "train.online_scorer=x"])  # fmt: skip
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "online.enabled=true",
+                             f"online.prompts={tmp_path / 'prompts.txt'}", "online.scorer=x"])  # fmt: skip
     comps = load_components(cfg.model, cfg.family)
     plugin = type("Plugin", (), {"zero_stage": 3})()
     accelerator = type("Acc", (), {

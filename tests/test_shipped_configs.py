@@ -26,6 +26,8 @@ PAPER_LR = {
     # Flow-DPO (Liu et al. 2025): lr 5e-6 at batch 64, not scaled
     "sd35-flowdpo-lora.yaml": (8, 5e-6),
     "flux-dev-dpo-lora.yaml": (8, 5e-6),
+    # MaPO's released code (mapo-t2i/mapo README): 1e-5 constant at batch 8 x 2 per GPU, not scaled
+    "sdxl-pickapic-mapo.yaml": (8, 1e-5),
 }
 # the digits world's own: chosen by benchmarks/digits_sweep.py at batch 16 on one process, unscaled
 DIGITS_LR = 3e-5

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
+from xdpo.config import renamed_keys
 from xdpo.errors import ConfigError, DataError
-from xdpo.family_config import renamed_keys
 
 FORMAT = 1
 MANIFEST = "manifest.json"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xdpo.config.options import Option
 from xdpo.objectives.output import LossOutput, loss_output, no_clamps
 from xdpo.objectives.record import LossInput, Objective
 
@@ -62,10 +63,23 @@ def _loss(inp: LossInput, *, link_scale: float, margin_weight: float, logit_scal
     )  # fmt: skip
 
 
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+OPTIONS = (
+    Option("link_scale", float, 0.5, "s: the link's temperature, g(s e) (the code's snr_value 0.5; paper: beta, 8 "
+           "for Pick-a-Pic on SDXL)", check=_positive, rule="must be > 0"),
+    Option("margin_weight", float, 0.1, "lambda: weight of the margin term (the code's beta_mapo 0.1; paper: "
+           "1 / beta)", check=lambda v: v >= 0, rule="must be >= 0"),
+    Option("logit_scale", float, 1000.0, "kappa: scale of the link difference in the log-sigmoid (the code's "
+           "num_train_timesteps 1000; paper: 1)", check=_positive, rule="must be > 0"),
+)  # fmt: skip
+
 MAPO = Objective(
     name="mapo",
     about="MaPO (Hong et al. 2024): reference-free, denoising loss on w plus a bounded margin over (w, l)",
     loss=_loss,
-    params=("link_scale", "margin_weight", "logit_scale"),
     needs_reference=False,
+    options=OPTIONS,
 )

@@ -10,7 +10,8 @@ The recipe reads only these traits (docs/design.md §2):
 - `needs_t`: it reads the noise level of each image (`LossInput.sigma`; step-aware objectives);
 - `state`: a factory of its running state (e.g. Diffusion-KTO's reference-point window), saved with
   checkpoints, or None;
-- `check(cfg)`: its cross-field config rules (one `ConfigError` line), or None.
+- `check(cfg)`: its cross-field config rules (one `ConfigError` line), or None;
+- `options`: its own config keys, the section `<name>.*` (`xdpo.config.options.Option`).
 A new objective is one module defining such a record plus one line in `registry.OBJECTIVES`.
 """
 
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from xdpo.config.options import Option
 from xdpo.objectives.output import LossOutput
 
 
@@ -75,3 +77,4 @@ class Objective:
     needs_t: bool = False
     state: Callable[[int], ObjectiveState] | None = None  # factory(images per optimizer step, all processes)
     check: Callable[[Any], None] | None = None
+    options: tuple[Option, ...] = ()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from xdpo.errors import ConfigError
 from xdpo.objectives.kto import KTO
+from xdpo.objectives.mapo import MAPO
 from xdpo.objectives.preference import PAIR
 from xdpo.objectives.record import Objective
 from xdpo.objectives.sft import SFT
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (PAIR, SFT, KTO)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (PAIR, SFT, KTO, MAPO)}
 
 
 def objective_names() -> tuple[str, ...]:

@@ -1,9 +1,9 @@
-"""Online DPO's rounds: every `train.online_every` optimizer steps, new pairs from the current policy.
+"""Online DPO's rounds: every `online.every` optimizer steps, new pairs from the current policy.
 
-Round r covers steps [r * E, (r + 1) * E). At its start every process samples K = `train.online_per_prompt`
-images for its share of `train.online_prompts` with the current policy (seed = f(seed, r), recorded per
-image), scores them with `train.online_scorer` (any `xdpo pairs` reward), keeps best-vs-worst pairs (or
-every pair whose gap exceeds `train.online_min_gap`), and the run trains on them for E steps. This is
+Round r covers steps [r * E, (r + 1) * E). At its start every process samples K = `online.per_prompt`
+images for its share of `online.prompts` with the current policy (seed = f(seed, r), recorded per
+image), scores them with `online.scorer` (any `xdpo pairs` reward), keeps best-vs-worst pairs (or
+every pair whose gap exceeds `online.min_gap`), and the run trains on them for E steps. This is
 Diffusion-DPO's AI-feedback setting (§5.4) made on-policy, as flow_grpo's online DPO; the reference
 strategy decides what the reference is. Round files `output_dir/online/round-NNNN.parquet` are kept, so a
 resumed run trains on exactly the pairs it had (resume is exact across rounds).
@@ -32,11 +32,11 @@ class PairRounds:
     """The round maker of online DPO (`xdpo.train.sources.RoundMaker`)."""
 
     def __init__(self, cfg: Any, comps: Any, accelerator: Any, out: Path, reward: Any = None) -> None:
-        """`reward`: the scorer (default: `train.online_scorer`, loaded as `xdpo pairs --scorer` loads it)."""
+        """`reward`: the scorer (default: `online.scorer`, loaded as `xdpo pairs --scorer` loads it)."""
         from xdpo.pairs.scoring import load_reward
 
         self.cfg, self.comps, self.accelerator, self.out = cfg, comps, accelerator, Path(out)
-        self.reward = reward or load_reward(cfg.train.online_scorer, device=str(accelerator.device))
+        self.reward = reward or load_reward(cfg.online.scorer, device=str(accelerator.device))
 
     def __call__(self, r: int, model: Any) -> Path:
         """Round r's pairs from the current policy (`model`, unwrapped); reused when the file exists."""
@@ -59,7 +59,7 @@ class PairRounds:
             try:
                 merge_parts(parts, path)
             except ConfigError as e:
-                raise ConfigError(f"train.online: round {r}: {e}") from None
+                raise ConfigError(f"online.enabled: round {r}: {e}") from None
             for p in parts:
                 p.unlink()
         acc.wait_for_everyone()
@@ -70,9 +70,9 @@ class PairRounds:
         from xdpo.evaluate.sample import sampling_defaults
         from xdpo.pairs.generate import sample_and_pair
 
-        cfg, comps, acc, t = self.cfg, self.comps, self.accelerator, self.cfg.train
+        cfg, comps, acc, o = self.cfg, self.comps, self.accelerator, self.cfg.online
         rank, world = acc.process_index, acc.num_processes
-        records = resolve_prompt_records(t.online_prompts)
+        records = resolve_prompt_records(o.prompts)
         mine: list[int | None] = list(range(rank, len(records), world))
         partitioned = is_partitioned(acc)
         if partitioned:  # forwards are collectives: as many sampling calls on every process
@@ -92,10 +92,10 @@ class PairRounds:
             seed = mix_seed(cfg.seed, r, 0x0DE) % (2**31)
             for i in mine:  # one prompt at a time: global prompt index i, seeds seed + i * K + k
                 got = sample_and_pair(
-                    pipe, [records[i or 0]], per_prompt=t.online_per_prompt, reward=self.reward, seed=seed,
-                    first_index=i or 0, min_gap=t.online_min_gap,
-                    steps=t.online_sample_steps or defaults["steps"], guidance=defaults["guidance"],
-                    batch_size=t.online_per_prompt, sampling=lambda: _sampling(acc, partitioned),
+                    pipe, [records[i or 0]], per_prompt=o.per_prompt, reward=self.reward, seed=seed,
+                    first_index=i or 0, min_gap=o.min_gap,
+                    steps=o.sample_steps or defaults["steps"], guidance=defaults["guidance"],
+                    batch_size=o.per_prompt, sampling=lambda: _sampling(acc, partitioned),
                 )  # fmt: skip
                 for k, v in got.items() if i is not None else ():  # (None: a padding call, discarded)
                     cols.setdefault(k, []).extend(v)

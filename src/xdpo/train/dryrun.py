@@ -24,8 +24,8 @@ def dry_run(cfg: Config) -> int:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nModel: {fam.name} ({fam.pipeline_class}, {fam.process}); {fam.about}")
     d = cfg.data
-    if cfg.train.online:
-        print(f"Data: online rounds of {cfg.train.online_every} steps from {cfg.train.online_prompts}")
+    if cfg.online.enabled:
+        print(f"Data: online rounds of {cfg.online.every} steps from {cfg.online.prompts}")
     else:
         skip = copy.deepcopy(cfg)
         skip.data.on_bad_row = "skip"  # report every bad row instead of stopping at the first

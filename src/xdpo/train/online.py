@@ -1,5 +1,5 @@
 """Online rounds as training data: where round r's pairs file lives, how the run reads it, and the stream of
-micro-batches across rounds. Round r covers optimizer steps [r * E, (r + 1) * E), E = `train.online_every`;
+micro-batches across rounds. Round r covers optimizer steps [r * E, (r + 1) * E), E = `online.every`;
 the round maker (`xdpo.rollout.rounds`) writes `output_dir/online/round-NNNN.parquet` from the policy at the
 round's first step; the files are kept, so a resumed run trains on exactly the pairs it had."""
 
@@ -30,7 +30,7 @@ def stream(cfg: Any, first: tuple[int, Any], make: Any, loader: Any, start_step:
     order `loader(pairs, seed, start, stop)` gives (a pure function of the round's seed and local step)."""
     from xdpo.train.batches import mix_seed
 
-    every, total = cfg.train.online_every, cfg.train.max_steps
+    every, total = cfg.online.every, cfg.train.max_steps
     r, pairs = first
     step = start_step
     while step < total:

@@ -67,7 +67,7 @@ class Recipe:
             self.state.check_setup(setup, self.resume, acc.print)
         self.state.setup = setup
         self.data: TrainData | None = None
-        if not t.online:  # offline data fails fast, before any weights load
+        if not cfg.online.enabled:  # offline data fails fast, before any weights load
             self.data = open_train_data(cfg, self.family, acc, self.state.step, None)
         set_seed(cfg.seed)  # LoRA initialisation and anything else drawing from the global RNGs
         self.models, self.policy, self.optimizer, self.lr_scheduler = prepare_models(cfg, acc, self.objective)
@@ -86,7 +86,7 @@ class Recipe:
         if self.resume is not None:
             self.restore(self.resume)
         self.start_output()
-        if t.online:
+        if cfg.online.enabled:
             maker = (self.rounds or default_rounds())(cfg, self.models.comps, acc, self.out)
             self.data = open_train_data(
                 cfg, self.family, acc, self.state.step, lambda r: maker(r, acc.unwrap_model(self.policy))

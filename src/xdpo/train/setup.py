@@ -106,6 +106,15 @@ def lambda_table(cfg: Config, process: Any) -> torch.Tensor | None:
     return minmax_lambda_table(process.weighting_basis()) if cfg.timesteps.weighting == "snr" else None
 
 
+def objective_params(cfg: Config, objective: Objective) -> dict[str, Any]:
+    """The objective's keyword arguments: the `loss.*` keys it reads, and its own section's options."""
+    params = {k: getattr(cfg.loss, k) for k in objective.params}
+    if objective.options:
+        section = getattr(cfg, objective.name)
+        params |= {o.name: getattr(section, o.name) for o in objective.options}
+    return params
+
+
 def step_context(cfg: Config, models: Models, objective: Objective, **run: Any) -> StepContext:
     """The step's view of the run; `run` holds the accelerator-side parts (policy as prepared, autocast,
     gather, rank, frozen, the objective's state)."""
@@ -116,7 +125,7 @@ def step_context(cfg: Config, models: Models, objective: Objective, **run: Any) 
         policy=run.pop("policy", models.policy),
         reference=models.reference,
         objective=objective,
-        params={k: getattr(lc, k) for k in objective.params},
+        params=objective_params(cfg, objective),
         timesteps=cfg.timesteps,
         error_space=lc.error_space,
         error_reduction=lc.error_reduction,

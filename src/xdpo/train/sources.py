@@ -2,7 +2,7 @@
 
 Every source yields `Batch`es (one form, `xdpo.data.batch`) in the order `StepBatches` gives: a pure
 function of (seed, step), so a resumed run reads exactly what an uninterrupted run would have read.
-Online rounds (`train.online`) come from a round maker, the sampler protocol below: the recipe hands
+Online rounds (`online.enabled`) come from a round maker, the sampler protocol below: the recipe hands
 it the current policy at each round's first step and reads the pairs file it returns; the maker itself
 (sampling and scoring) lives above the training layer (`xdpo.rollout`), resolved by name.
 """
@@ -69,25 +69,23 @@ def open_train_data(
     from xdpo.data import open_data
     from xdpo.data.cache_reader import open_cache
 
-    rank, world, t = accelerator.process_index, accelerator.num_processes, cfg.train
-    if t.online:
+    rank, world, o = accelerator.process_index, accelerator.num_processes, cfg.online
+    if o.enabled:
         if rounds is None:
-            raise XdpoError("train.online: this run was started without a round maker (see xdpo.rollout)")
+            raise XdpoError("online.enabled: this run was started without a round maker (see xdpo.rollout)")
 
         def new_round(r: int) -> Any:
             data = round_pairs(cfg, rounds(r))
-            accelerator.print(
-                f"Online round {r}: {len(data)} pairs from the policy at step {r * t.online_every}"
-            )
+            accelerator.print(f"Online round {r}: {len(data)} pairs from the policy at step {r * o.every}")
             return data
 
-        first = start_step // t.online_every
+        first = start_step // o.every
         data = new_round(first)
         probe = data if first == 0 else round_pairs(cfg, rounds(0))  # round files are kept: round 0 exists
         batches = stream(cfg, (first, data), new_round, lambda *a: loader(cfg, *a, rank, world), start_step)
         about = (
-            f"online DPO: rounds of {t.online_every} steps, {t.online_per_prompt} images per prompt of "
-            f"{t.online_prompts}, scored by {t.online_scorer}"
+            f"online DPO: rounds of {o.every} steps, {o.per_prompt} images per prompt of "
+            f"{o.prompts}, scored by {o.scorer}"
         )
         return TrainData(batches, len(data), about, probe)
     if cfg.data.cache:  # posteriors and conditions written by `xdpo cache`, checked against this config
@@ -100,5 +98,5 @@ def open_train_data(
         raise XdpoError(f"data.path: {cfg.data.path} has no usable pairs ({data.n_ties} ties dropped)")
     about = f"{len(data)} pairs from {cfg.data.path} ({data.n_ties} ties, {data.n_dropped} dropped)"
     return TrainData(
-        loader(cfg, data, cfg.seed, start_step, t.max_steps, rank, world), len(data), about, data
+        loader(cfg, data, cfg.seed, start_step, cfg.train.max_steps, rank, world), len(data), about, data
     )

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--online",
         action="store_true",
-        help="on-policy rounds (train.online) against one offline round at equal optimizer steps, same scorer "
+        help="on-policy rounds (online.enabled) against one offline round at equal optimizer steps, same scorer "
         "and seeds (default out: outputs/digits-online; --family flow: outputs/digits-flow-online)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")

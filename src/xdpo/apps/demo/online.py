@@ -1,9 +1,9 @@
 """`xdpo demo --online`: on-policy rounds (online DPO) against one offline round, at equal optimizer steps.
 
-Both arms are `train.online` runs of the same config (digits-dpo.yaml, or digits-flow-dpo.yaml), the same
+Both arms are `online.enabled` runs of the same config (digits-dpo.yaml, or digits-flow-dpo.yaml), the same
 prompts, images per prompt, sampling steps and scorer (`digits-reward`, the hidden reward: best vs worst
 of K images, no label noise), the same frozen reference and the same number of optimizer steps:
-- offline: one round (`online_every = max_steps`): N pairs sampled once from the base, trained on to the end;
+- offline: one round (`online.every = max_steps`): N pairs sampled once from the base, trained on to the end;
 - online: `rounds` rounds of `max_steps / rounds` steps, each on N new pairs from the current policy.
 Round 0 of the two arms is the same sampling of the same base at the same seed: the online arm starts from
 a copy of the offline arm's file, so they differ only after round 0. Checkpoints fall on round boundaries;
@@ -72,19 +72,19 @@ class OnlineSettings(DemoSettings):
         config = CONFIG[self.family]
         common = (
             "data.path=",
-            "train.online=true",
-            f"train.online_prompts={self.prompts_file}",
-            f"train.online_per_prompt={self.per_prompt}",
-            f"train.online_scorer={self.scorer}",
-            f"train.online_sample_steps={self.sample_steps}",
+            "online.enabled=true",
+            f"online.prompts={self.prompts_file}",
+            f"online.per_prompt={self.per_prompt}",
+            f"online.scorer={self.scorer}",
+            f"online.sample_steps={self.sample_steps}",
         )
         return (
-            Method("one offline round", "offline", config, (*common, f"train.online_every={self.max_steps}")),
+            Method("one offline round", "offline", config, (*common, f"online.every={self.max_steps}")),
             Method(
                 f"{self.rounds} on-policy rounds",
                 "online",
                 config,
-                (*common, f"train.online_every={self.every}"),
+                (*common, f"online.every={self.every}"),
             ),
         )
 
@@ -126,14 +126,14 @@ def share_round0(s: OnlineSettings) -> Callable[[Method, int, Any], None]:
     sampling settings: the same pairs by construction), so it is copied, not sampled again."""
     from xdpo.train.online import round_file
 
-    keys = ("online_prompts", "online_per_prompt", "online_scorer", "online_min_gap", "online_sample_steps")
+    keys = ("prompts", "per_prompt", "scorer", "min_gap", "sample_steps")
 
     def prepare(m: Method, seed: int, cfg: Any) -> None:
         if m.slug != "online":
             return
         off = run_config(s, s.methods[0], seed, s.prompts_file)
         same = off.seed == cfg.seed and off.model.pretrained == cfg.model.pretrained
-        if not same or any(getattr(off.train, k) != getattr(cfg.train, k) for k in keys):
+        if not same or any(getattr(off.online, k) != getattr(cfg.online, k) for k in keys):
             return
         src, dst = round_file(Path(off.output_dir), 0), round_file(Path(cfg.output_dir), 0)
         if src.is_file() and not dst.is_file():

@@ -5,7 +5,8 @@ A `Family` (spec.py) says how a diffusers pipeline of that family is trained:
   or `package.module.Class`); `class_names`: the `_class_name`s of model_index.json it trains;
 - `denoiser`: the pipeline component that is trained (`unet` or `transformer`);
 - `process`: the noise process (`ddpm` or `flow`, see `xdpo.models.noise`);
-- `options`: its knobs, the config's `family.<name>` keys (`Option`: type, default, help, check);
+- `options`: its knobs, the config's `family.<name>` keys (`Option`, `xdpo.config.options`: type, default,
+  help, check);
 - `load_kwargs(options)`: component overrides when loading (and saving) the pipeline;
 - `encode_text(comps, captions, device)`: the prompt conditions, a dict of batch-first tensors [B, ...];
 - `image_conditions(comps, n, pixel_size, sizes)`: per-image conditions of n images (SDXL's time ids), or {};
@@ -37,6 +38,7 @@ from xdpo.models.families.spec import Family, Option
 __all__ = [
     "Family",
     "Option",
+    "check_config",
     "denoiser_names",
     "families",
     "family_names",
@@ -120,6 +122,17 @@ def family_options() -> tuple[Option, ...]:
     """The config's `family` section: every family's options, one per name (help prefixed by the families
     that declare it)."""
     return _merge_options(list(families().values()))
+
+
+def check_config(cfg: Any) -> None:
+    """The families' rules on a run config (a rule owner of `xdpo.config.rules`): each family's checks of
+    its `family.*` keys (`data.resolution` is checked against the family and its VAE once the model is
+    found: `Family.check_resolution`)."""
+    for fam in families().values():
+        for o in fam.options:
+            value = getattr(cfg.family, o.name)
+            if o.check is not None and not o.check(value):
+                raise ConfigError(f"config key `family.{o.name}`: {o.rule}, got {value!r}")
 
 
 def _merge_options(fams: list[Family]) -> tuple[Option, ...]:

@@ -1,5 +1,5 @@
-"""The `Family` record: how a diffusers pipeline of one family is trained (see `families/__init__.py`),
-and `Option`, a key of the config's `family` section that a family declares and reads.
+"""The `Family` record: how a diffusers pipeline of one family is trained (see `families/__init__.py`).
+Its options are `Option`s (`xdpo.config.options`), keys of the config's `family` section.
 
 Light on purpose (no torch): the registry and the config read these records before any model loads.
 """
@@ -10,26 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from xdpo.config.options import Option
 from xdpo.errors import ConfigError
 
-
-@dataclass(frozen=True)
-class Option:
-    """A knob of one family, the config key `family.<name>` (one key however many families declare it).
-
-    `type`: what the config coerces the value to (bool, int, float, str, a Literal); `check(value)` False
-    stops the run with "config key `family.<name>`: <rule>"; `formerly`: the key's old name, still
-    accepted with a one-line deprecation message; `cached`: the text conditions depend on it, so a
-    latent/text cache records it (`Family.cache_keys`)."""
-
-    name: str
-    type: Any
-    default: Any
-    help: str
-    check: Callable[[Any], bool] | None = None
-    rule: str = ""
-    formerly: str = ""
-    cached: bool = False
+__all__ = ["Family", "Option", "diffusers_lora_state", "no_preparation", "same_state"]
 
 
 def same_state(state_dict: dict[str, Any]) -> dict[str, Any]:

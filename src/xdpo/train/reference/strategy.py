@@ -26,6 +26,10 @@ class Strategy:
         self.last_divergence: float | None = None
         self.last_se: float | None = None
 
+    @staticmethod
+    def check(cfg: Any) -> None:
+        """The strategy's rules on the run config (one `ConfigError` line), checked before the run."""
+
     def due(self, step: int) -> bool:
         return self.frozen_step is None and step % self.cfg.update_every == 0
 
@@ -85,6 +89,18 @@ class EMA(Strategy):
     """ref <- decay ref + (1 - decay) policy every tau steps (Diffusion-KTO's reference EMA)."""
 
     saves = full_precision = True
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        from xdpo.config import require
+
+        require(
+            cfg.model.lora_rank <= 0,
+            "reference.strategy",
+            "ema with LoRA would average the factors A and B separately, which is not an average of the "
+            "weights B A; use periodic, or a full fine-tune (model.lora_rank=0)",
+            cfg.reference.strategy,
+        )
 
     def update(self, step: int, storage: Any, check: Callable[[], tuple[float, float]]) -> float | None:
         storage.blend(1.0 - self.cfg.ema_decay)
