@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from xdpo.models.tiny import tiny_resolution
+from xdpo.models.small.pipelines import resolution as tiny_resolution
 
 from conftest import reset_accelerate_state, run_training
 from xdpo.config import load_config
