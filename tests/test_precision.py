@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
-from xdpo.models.small.pipelines import resolution as tiny_resolution
 
 from conftest import reset_accelerate_state, run_training
 from xdpo.config import load_config
+from xdpo.models.small.pipelines import resolution as tiny_resolution
 
 SIDE = tiny_resolution(8)  # the tiny pipelines' latents 8 x 8 (the SD one at half its native size)
 CPU = torch.device("cpu")
