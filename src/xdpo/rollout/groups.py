@@ -17,6 +17,7 @@ import numpy as np
 
 from xdpo.rollout.advantages import score_and_advantage
 from xdpo.rollout.engine import Job, RolloutEngine, Samples, pipeline_calls
+from xdpo.rollout.rewards import as_reward
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def sample_and_score(
 ) -> Scored:  # fmt: skip
     """Sample this process's groups, score them with `reward` (`rewards.Reward`), gather every group's raw
     scores, and compute scores and advantages over the round (module docstring)."""
+    reward = as_reward(reward)
     mine = my_groups(plan.n_groups, rank, world)
     jobs = plan.jobs(mine)
     calls = (
@@ -105,7 +107,7 @@ def sample_and_score(
     mine_rows = [(j.index, rank, raw_local[i].tolist()) for i, j in enumerate(jobs)]
     everyone = (gather or (lambda x: x))([(mine_rows, samples.seconds)])
     n = plan.n_groups * plan.per_prompt
-    raw = np.zeros((n, raw_local.shape[1] if raw_local.ndim == 2 else len(reward.parts)))
+    raw = np.zeros((n, len(reward.parts)))
     process = np.full(n, -1, dtype=np.int64)
     for rows, _ in everyone:
         for index, proc, values in rows:

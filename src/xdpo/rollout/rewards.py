@@ -65,6 +65,13 @@ class Reward:
         return " + ".join(f"{w:g} x {name}" for w, _, name in self.parts)
 
 
+def as_reward(reward: Any) -> Reward:
+    """`reward` as a `Reward`: itself, or a plain function f(images, prompts) -> scores as its one part."""
+    if isinstance(reward, Reward):
+        return reward
+    return Reward(getattr(reward, "__name__", "reward"), [(1.0, reward, getattr(reward, "__name__", "reward"))])
+
+
 def combine(raw: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """sum_j w_j raw[:, j], part by part from zero (float64)."""
     total = np.zeros(raw.shape[0], dtype=np.float64)

@@ -52,11 +52,11 @@ class Rounds:
         `xdpo pairs --scorer` loads them); `reference`: the run's reference, when the objective samples
         with it."""
         from xdpo.objectives import get_objective
-        from xdpo.rollout.rewards import load_reward
+        from xdpo.rollout.rewards import as_reward, load_reward
 
         o = cfg.online
         self.cfg, self.comps, self.accelerator, self.out = cfg, comps, accelerator, Path(out)
-        self.reward = reward or load_reward(o.scorer, device=str(accelerator.device))
+        self.reward = as_reward(reward or load_reward(o.scorer, device=str(accelerator.device)))
         if heldout is None and o.heldout_scorer:
             heldout = load_reward(o.heldout_scorer, device=str(accelerator.device))
         self.heldout, self.reference = heldout, reference
