@@ -69,7 +69,9 @@ def as_reward(reward: Any) -> Reward:
     """`reward` as a `Reward`: itself, or a plain function f(images, prompts) -> scores as its one part."""
     if isinstance(reward, Reward):
         return reward
-    return Reward(getattr(reward, "__name__", "reward"), [(1.0, reward, getattr(reward, "__name__", "reward"))])
+    return Reward(
+        getattr(reward, "__name__", "reward"), [(1.0, reward, getattr(reward, "__name__", "reward"))]
+    )
 
 
 def combine(raw: np.ndarray, weights: np.ndarray) -> np.ndarray:
