@@ -24,11 +24,6 @@ def round_dir(out: Path, r: int) -> Path:
     return Path(out) / ROUNDS / f"round-{r:04d}"
 
 
-def round_file(out: Path, r: int) -> Path:
-    """Online DPO's pairs of round r."""
-    return round_dir(out, r) / PAIRS
-
-
 def read_record(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / RECORD).read_text())
 

@@ -119,9 +119,7 @@ def arm_costs(s: OnlineRLSettings, runs: dict[tuple[str, int], Path]) -> dict[st
     for m in s.methods:
         out = runs[(m.slug, s.train_seeds[0])]
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rounds = [
-            json.loads((f / "round.json").read_text()) for f in sorted((out / "online").glob("round-*"))
-        ]
+        rounds = [json.loads(f.read_text()) for f in sorted((out / "online").glob("round-*/round.json"))]
         points = []
         for st in range(0, s.max_steps + 1, s.every):
             made = [r for r in rounds if r["step"] < st]  # the rounds trained on before this checkpoint
