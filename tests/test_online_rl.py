@@ -176,3 +176,27 @@ def test_two_processes_deal_whole_groups_and_gather_their_scores(tmp_path, tiny_
     means = np.array([s[g == k].mean() for k in g])
     np.testing.assert_allclose(t["advantage"].numpy(), (s - means) / (s.std() + 1e-4), rtol=1e-12)
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_fsdp_nft_lora_samples_with_the_sharded_old_policy_and_resumes(tmp_path, tiny_pipeline_dir):
+    """FSDP2 on 2 processes, LoRA: DiffusionNFT's rounds are sampled by the soft reference written into the
+    sharded adapters (every process as many pipeline calls), the reference blended once a round, and a resume
+    mid-round continues."""
+    from test_fsdp import FSDP_ENV
+
+    (tmp_path / "rewards.py").write_text(INK_REWARD)
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green dot\n")
+    out = tmp_path / "fsdp"
+    kw = {**ROLLOUTS, "online.prompts": tmp_path / "prompts.txt", "model.pretrained": tiny_pipeline_dir,
+          "output_dir": out, "data.resolution": 32, "loss.objective": "nft", "model.lora_rank": 4,
+          "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.scale_lr": False}  # fmt: skip
+    env = {**FSDP_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 3}.items()], env=env)
+    log = torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 5, "train.resume_from": "latest"}.items()],
+                   env=env)  # fmt: skip
+    assert "Resuming from" in log
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["ref_updates"] == 2
+    assert sorted(p.name for p in (out / "online").iterdir()) == ["round-0000", "round-0001", "round-0002"]
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -92,6 +92,9 @@ def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) ->
                 f"{rep._fmt(q['drift'])} |"
             )
     best = max(rows, key=lambda r: r["reward"]["mean"])
+    from xdpo.apps.demo.run import run_config
+
+    lr = run_config(s, s.methods[0], seed, s.prompts_file).train.learning_rate
     lines += [
         "",
         "## What this run says",
@@ -101,6 +104,9 @@ def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) ->
         "- Equal images sampled is not equal compute: the DPO arms train on one pair per group, the rollout arms on "
         "every image (NFT and AWM at several grid steps, with extra reference / initial forwards); the compute column "
         "and curves.png (right) show the cost.",
+        f"- Every arm trains at its world's DPO config's learning rate ({lr:g}, full fine-tune), not the rollout "
+        "papers' (3e-4 with LoRA); their losses have other scales than DPO's, so equal lr is not an equal step: a "
+        "slower arm here is not shown to be a worse method.",
         "- The papers' speed-ups are measured against likelihood-based RL (Flow-GRPO), which xdpo does not have yet "
         "(part 2): this run cannot confirm or refute them.",
         "",
