@@ -102,7 +102,7 @@ def test_rollout_training_resumes_exactly_mid_round_and_between_rounds(
     record = json.loads((fresh / "online" / "round-0001" / "round.json").read_text())
     assert record["samples_with"] == ("reference" if objective == "nft" else "policy")
     m = record["monitors"]
-    assert m["heldout"] == pytest.approx(-record["score_mean"]) and m["drift"] > 0 and m["diversity"] > 0
+    assert m["heldout"] == pytest.approx(-record["raw_mean"][0]) and m["drift"] > 0 and m["diversity"] > 0
 
 
 def test_the_rounds_train_on_the_gathered_advantages_and_the_reference_samples_nft(
