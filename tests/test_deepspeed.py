@@ -106,7 +106,7 @@ def test_zero3_lora_online_rounds_and_reference_update_survive_resume(
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["ref_updates"] == 1
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) != rows[1]["loss"]
     assert rows[2]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert sorted(p.name for p in (out / "online").iterdir()) == ["round-0000.parquet", "round-0001.parquet"]
+    assert sorted(p.name for p in (out / "online").iterdir()) == ["round-0000", "round-0001"]
     straight = tmp_path / "straight"
     args = train_overrides(straight, tiny_pipeline_dir, pairs_parquet, **kw, **{"train.max_steps": 3})
     launch(3, [*args, *extra], env)

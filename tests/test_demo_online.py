@@ -69,11 +69,14 @@ def test_online_demo_writes_the_report_and_resumes(tmp_path, capsys):
     assert [p[0] for p in curves["online-s0"]] == [p[0] for p in curves["offline-s0"]] == [0, 2, 4, 6]
 
     runs = s.out / "runs"
-    r0 = [pq.read_table(runs / arm / "online" / "round-0000.parquet") for arm in ("offline-s0", "online-s0")]
+    r0 = [
+        pq.read_table(runs / arm / "online" / "round-0000" / "pairs.parquet")
+        for arm in ("offline-s0", "online-s0")
+    ]
     assert r0[0].equals(r0[1])  # round 0: the same pairs from the base in both arms
-    r1 = pq.read_table(runs / "online-s0" / "online" / "round-0001.parquet")
+    r1 = pq.read_table(runs / "online-s0" / "online" / "round-0001" / "pairs.parquet")
     assert r1.column("jpg_0").to_pylist() != r0[0].column("jpg_0").to_pylist()  # round 1: the policy's own
-    assert not (runs / "offline-s0" / "online" / "round-0001.parquet").exists()
+    assert not (runs / "offline-s0" / "online" / "round-0001").exists()
 
     finals = {p: p.stat().st_mtime_ns for p in runs.glob("*/final/train_summary.json")}
     capsys.readouterr()

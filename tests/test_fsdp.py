@@ -56,10 +56,7 @@ def test_fsdp_two_processes_shard_train_resume_and_save(tmp_path, tiny_pipeline_
                  "train.resume_from=latest", *extra, env=env)  # fmt: skip
     assert "Resuming from" in log and steps(out) == [1, 2, 3]
     if lora:
-        assert sorted(p.name for p in (out / "online").iterdir()) == [
-            "round-0000.parquet",
-            "round-0001.parquet",
-        ]
+        assert sorted(p.name for p in (out / "online").iterdir()) == ["round-0000", "round-0001"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["ref_updates"] == 1 and rows[1]["ref_divergence"] is not None
     if lora:

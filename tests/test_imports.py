@@ -261,8 +261,8 @@ LAYERS = (
     ("xdpo.config",),  # typed config; its sections and choices read the registries (by name above it)
     ("xdpo.data",),
     ("xdpo.train", "xdpo.evaluate"),  # the training recipe never imports scorers or samplers (rollout)
-    ("xdpo.pairs",),
-    ("xdpo.rollout",),  # on-policy rounds: sampling and scoring, handed to the recipe as a round maker
+    ("xdpo.rollout",),  # the rollout engine, rewards and rounds (handed to the recipe as a round maker)
+    ("xdpo.pairs",),  # `xdpo pairs` / `xdpo relabel`: users of the rollout engine and its rewards
     ("xdpo", "xdpo.cli", "xdpo.__main__", "xdpo.apps"),  # composition and the users of the library
 )
 """The library's layers, bottom first: a module imports only modules of its own package or of lower layers."""
@@ -291,8 +291,8 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_the_layer_rule_finds_an_upward_import():
-    graph = {"xdpo.train.recipe": {"xdpo.pairs.scoring", "xdpo.data.batch"}, "xdpo.data.batch": set()}
-    assert upward_imports(graph) == ["xdpo.train.recipe -> xdpo.pairs.scoring"]
+    graph = {"xdpo.train.recipe": {"xdpo.rollout.rewards", "xdpo.data.batch"}, "xdpo.data.batch": set()}
+    assert upward_imports(graph) == ["xdpo.train.recipe -> xdpo.rollout.rewards"]
     assert upward_imports({"xdpo.models.load": {"xdpo.apps.digits"}}) == [
         "xdpo.models.load -> xdpo.apps.digits"
     ]

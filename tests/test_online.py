@@ -62,9 +62,9 @@ def test_online_rounds_resume_exactly(request, tmp_path, monkeypatch, any_precis
     any_precision()
     part = run(tmp_path, pipe, "", name="part", **{**kw, "train.max_steps": 5, "train.resume_from": "latest"})
     rounds = sorted(p.name for p in (fresh / "online").iterdir())
-    assert rounds == ["round-0000.parquet", "round-0001.parquet", "round-0002.parquet"]
+    assert rounds == ["round-0000", "round-0001", "round-0002"]
     for name in rounds:
-        a, b = pq.read_table(fresh / "online" / name), pq.read_table(part / "online" / name)
+        a, b = (pq.read_table(d / "online" / name / "pairs.parquet") for d in (fresh, part))
         assert a.equals(b), name  # the same policy at each round start: the same images and scores
     untimed = [
         {k: v for k, v in r.items() if k != "step_time"} for r in read_metrics(fresh) + read_metrics(part)
@@ -106,46 +106,46 @@ def test_online_round_samples_without_inference_mode_where_parameters_are_partit
         "process_index": 0, "num_processes": 1, "is_main_process": True, "wait_for_everyone": lambda self: None,
         "distributed_type": type("T", (), {"name": mode})(), "state": type("S", (), {"deepspeed_plugin": plugin})(),
         "device": torch.device("cpu"), "autocast": lambda self: contextlib.nullcontext(),
+        "print": lambda self, *a, **k: None,
     })()  # fmt: skip
 
     def reward(images, prompts):
         return np.arange(len(images), dtype=np.float64)
 
     path = PairRounds(cfg, comps, accelerator, tmp_path, reward=reward)(0, comps.denoiser)
-    assert path.is_file() and seen
+    assert (path / "pairs.parquet").is_file() and seen
     assert set(seen) == {(mode == "MULTI_CPU", False)}
 
 
-@pytest.mark.parametrize(
-    ("mode", "calls"), [("MULTI_CPU", [1]), ("FSDP", [1, None]), ("DEEPSPEED", [1, None])]
-)
-def test_online_round_pads_sampling_calls_when_forwards_are_collectives(
-    tmp_path, tiny_pipeline_dir, monkeypatch, mode, calls
-):
-    """3 prompts on 2 processes: process 1 samples prompt 1; under FSDP or ZeRO-3 (forwards gather the
-    parameters from every process) it makes a second, discarded call so both make 2 and none waits forever."""
-    import xdpo.pairs.generate as generate
-    from xdpo.models.load import load_components
-    from xdpo.rollout.rounds import PairRounds
+@pytest.mark.parametrize("partitioned", [False, True])
+def test_a_process_pads_its_pipeline_calls_when_forwards_are_collectives(partitioned):
+    """3 groups of 2 images on 2 processes, 2 images a call: process 1 samples group 1 (one call); where forwards
+    are collectives (FSDP2, ZeRO-3) it makes a second, discarded call, as many as process 0's two."""
+    from types import SimpleNamespace
 
-    made: list = []
+    import numpy as np
+    from PIL import Image
 
-    def fake_sample(pipe, records, *, first_index, **kw):
-        made.append(first_index)
-        return {"caption": [records[0]["prompt"]], "first_index": [first_index]}
+    from xdpo.rollout.engine import RolloutEngine
+    from xdpo.rollout.groups import RoundPlan, sample_and_score
 
-    monkeypatch.setattr(generate, "sample_and_pair", fake_sample)
-    monkeypatch.setattr(generate, "write_columns", lambda path, cols: made.append(("wrote", cols)))
-    (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
-    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=", "online.enabled=true",
-                             f"online.prompts={tmp_path / 'prompts.txt'}", "online.scorer=x"])  # fmt: skip
-    comps = load_components(cfg.model, cfg.family)
-    plugin = type("Plugin", (), {"zero_stage": 3})()
-    accelerator = type("Acc", (), {
-        "process_index": 1, "num_processes": 2, "is_main_process": False, "wait_for_everyone": lambda self: None,
-        "distributed_type": type("T", (), {"name": mode})(), "state": type("S", (), {"deepspeed_plugin": plugin})(),
-        "device": torch.device("cpu"), "autocast": lambda self: contextlib.nullcontext(),
-    })()  # fmt: skip
-    PairRounds(cfg, comps, accelerator, tmp_path, reward=lambda *a: None)(0, comps.denoiser)
-    assert [c for c in made if not isinstance(c, tuple)] == [1 if c == 1 else 0 for c in calls]
-    assert made[-1] == ("wrote", {"caption": ["b"], "first_index": [1]})  # the padding call is discarded
+    calls = []
+
+    class Pipe:
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, prompt, generator, **kw):
+            calls.append(list(prompt))
+            return SimpleNamespace(images=[Image.new("RGB", (4, 4), (10 * len(p),) * 3) for p in prompt])
+
+    def gather(objects):  # what process 0 contributes: groups 0 and 2
+        return [([(i, 0, [0.0]) for i in (0, 1, 4, 5)], 1.0), *objects]
+
+    plan = RoundPlan(("a", "bb", "c"), (0, 1, 2), per_prompt=2, seed=0)
+    engine = RolloutEngine(Pipe(), steps=1, guidance=1.0, batch_images=2, keep_latents=False)
+    got = sample_and_score(engine, plan, lambda ims, ps: np.full(len(ims), 5.0), rank=1, world=2, gather=gather,
+                           pad_calls=partitioned)  # fmt: skip
+    assert calls == ([["bb", "bb"], [""]] if partitioned else [["bb", "bb"]])  # the padding call discarded
+    assert [j.index for j in got.jobs] == [2, 3] and len(got.samples.images) == 2
+    assert got.process.tolist() == [0, 0, 1, 1, 0, 0] and got.raw[2:4, 0].tolist() == [5.0, 5.0]

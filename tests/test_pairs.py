@@ -11,8 +11,9 @@ from PIL import Image
 
 from xdpo.cli import main
 from xdpo.errors import ConfigError
-from xdpo.pairs.generate import make_pairs, pair_up
-from xdpo.pairs.scoring import load_reward
+from xdpo.pairs.generate import make_pairs
+from xdpo.rollout.pairing import pair_up
+from xdpo.rollout.rewards import load_reward
 
 PLUGIN = """
 import numpy as np

@@ -28,6 +28,8 @@ PAPER_LR = {
     "flux-dev-dpo-lora.yaml": (8, 5e-6),
     # MaPO's released code (mapo-t2i/mapo README): 1e-5 constant at batch 8 x 2 per GPU, not scaled
     "sdxl-pickapic-mapo.yaml": (8, 1e-5),
+    # DiffusionNFT (App. C), AWM and DGPO (their codes' config/base.py): AdamW 3e-4, not scaled; FLUX: the same
+    **{f"{m}-{o}-lora.yaml": (8, 3e-4) for m in ("sd35", "flux-dev") for o in ("nft", "awm", "dgpo")},
 }
 # the digits world's own: chosen by benchmarks/digits_sweep.py at batch 16 on one process, unscaled
 DIGITS_LR = 3e-5
@@ -76,3 +78,20 @@ def test_digits_flow_config(name):
 def test_xdpo_is_not_trained_256x_slower_than_its_baseline():
     xdpo = effective_lr(CONFIGS / "sd15-pickapic-xdpo.yaml", 2)
     assert xdpo == pytest.approx(2.56e-6) and xdpo > 100 * 1e-8
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm", "dgpo"])
+def test_online_configs_make_one_optimizer_step_a_round(objective):
+    """The three codes take one optimizer step per epoch over every (image or group, grid step) item."""
+    for model in ("sd35", "flux-dev"):
+        cfg = load_config(CONFIGS / f"{model}-{objective}-lora.yaml")
+        o, t = cfg.online, cfg.train
+        steps = {"nft": int(o.sample_steps * cfg.nft.train_fraction), "awm": 6, "dgpo": 4}[objective]
+        units = o.prompts_per_round * (1 if objective == "dgpo" else o.per_prompt)
+        assert (
+            o.enabled
+            and o.every == 1
+            and cfg.reference.strategy == "soft"
+            and cfg.reference.update_every == 1
+        )
+        assert t.batch_size * t.grad_accum * 8 == units * steps

@@ -159,7 +159,8 @@ class LossConfig:
 class ReferenceConfig:
     strategy: str = _f(
         "frozen",
-        "frozen = the initial model; periodic = Kang et al. 2025 stable update; ema",
+        "frozen = the initial model; periodic = Kang et al. 2025 stable update; ema; soft = the online methods' "
+        "old policy (DiffusionNFT, AWM, DGPO: eta ramped in optimizer steps)",
         choices=names("xdpo.train.reference:STRATEGIES"),
     )
     update_every: int = _f(
@@ -190,6 +191,13 @@ class ReferenceConfig:
         False,
         "full fine-tune with reference.strategy=periodic: keep the initial-model copy on the CPU (ema has none)",
     )
+    soft_rate: float = _f(
+        0.001,
+        "soft: ref <- eta ref + (1 - eta) policy every update_every steps, eta = min(soft_rate * step, soft_max) "
+        "(DiffusionNFT's old policy: 0.001, 0.5; AWM's and DGPO's EMA: 0.001, 0.3)",
+        **at_least(0),
+    )
+    soft_max: float = _f(0.5, "soft: the largest eta (DiffusionNFT 0.5; AWM, DGPO 0.3)", **within(0, 1, "[)"))
 
 
 @dataclass
@@ -253,34 +261,79 @@ class TrainConfig:
 class OnlineConfig:
     enabled: bool = _f(
         False,
-        "online DPO: every online.every steps, new pairs sampled from the policy and scored",
+        "online training: every online.every steps a round of groups (online.per_prompt images per prompt) sampled "
+        "from the policy and scored: best-vs-worst pairs for the pair objectives (online DPO), the groups with "
+        "their advantages for the rollout objectives (nft, awm, dgpo)",
         formerly="train.online",
     )
     every: int = _f(
         40,
-        "optimizer steps per round (flow_grpo's online DPO regenerates every ~40)",
+        "optimizer steps per round (flow_grpo's online DPO regenerates every ~40; NFT, AWM, DGPO: 1)",
         formerly="train.online_every",
         **at_least(1),
     )
     prompts: str = _f(
         "",
-        "prompt set or file the pairs are sampled for (as `xdpo pairs --prompts`)",
+        "prompt set or file the rounds are sampled for (as `xdpo pairs --prompts`)",
         formerly="train.online_prompts",
+    )
+    prompts_per_round: int = _f(
+        0, "prompts drawn (seeded, without replacement) for each round; 0 = all of them", **at_least(0)
     )
     per_prompt: int = _f(
         4,
-        "images sampled per prompt each round",
+        "images sampled per prompt each round (the group size K)",
         formerly="train.online_per_prompt",
         **rule(lambda v: v >= 2, "must be >= 2 (a pair)"),
     )
-    scorer: str = _f("", "reward that labels them (as `xdpo pairs --scorer`)", formerly="train.online_scorer")
+    scorer: str = _f(
+        "",
+        "reward the rounds are scored with: a scorer, a weighted sum (pickscore:1,aesthetic:0.5) or a "
+        "module:function plugin (as `xdpo pairs --scorer`)",
+        formerly="train.online_scorer",
+    )
+    reward_norm: Literal["sum", "gdpo"] = _f(
+        "sum",
+        "several rewards: sum = the weighted sum, then group advantages; gdpo = each reward normalised in its "
+        "group before the weighted sum, then over the round (GDPO)",
+    )
+    advantage_std: Literal["global", "group"] = _f(
+        "global", "advantages (s - group mean) / std: std over the round (NFT, AWM codes) or the group"
+    )
     min_gap: float | None = _f(
         None,
-        "keep every pair with a score gap above this; empty = best vs worst",
+        "online DPO: keep every pair with a score gap above this; empty = best vs worst",
         formerly="train.online_min_gap",
     )
     sample_steps: int = _f(
         0, "sampling steps; 0 = the model's sampling defaults", formerly="train.online_sample_steps"
+    )
+    guidance: float | None = _f(
+        None,
+        "classifier-free guidance scale; <= 1 samples without CFG (NFT, AWM); empty = the model's default",
+    )
+    scheduler: str = _f(
+        "default",
+        "sampling scheduler (as `xdpo sample --scheduler`); flow models: default (Euler) or dpm++ (flow "
+        "DPM-Solver)",
+    )
+    batch_images: int = _f(16, "images per pipeline call (the sampling memory budget)", **at_least(1))
+    keep_images: bool = _f(
+        False, "rollout rounds: also write every sampled image as PNG into the round folder"
+    )
+    heldout_scorer: str = _f(
+        "", "monitor only, never trained on: a reward whose mean over each round's images is logged"
+    )
+    monitor_images: int = _f(
+        8,
+        "fixed (prompt, seed) images sampled each round to measure drift from round 0 (the initial model)",
+        **at_least(0),
+    )
+    stop_on: int = _f(
+        0,
+        "stop before a round when the held-out reward fell in each of the last N rounds (online.heldout_scorer; "
+        "the best round's model is kept in output_dir/best); 0 = never",
+        **at_least(0),
     )
 
 

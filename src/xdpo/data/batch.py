@@ -2,8 +2,10 @@
 
 Images are laid out as pairs [w_1..w_B; l_1..l_B] (`pairs=True`, N = 2B images, B groups) or as
 independent images (`pairs=False`, N = B). Each batch holds its images either as pixels (decoded and
-transformed rows) or as cached VAE posterior parameters, and its text either as captions to encode or
-as cached conditions; `xdpo.data.encode.encode` turns any of them into latents and conditions.
+transformed rows), as cached VAE posterior parameters, or as latents already in the denoiser's space (a
+rollout's clean samples), and its text either as captions to encode or as cached conditions;
+`xdpo.data.encode.encode` turns any of them into latents and conditions. Rollout batches carry their
+per-image values (advantage, group, training timestep) in `extras`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class Batch:
     pixels: Tensor | None = None  # [N, 3, H, W] in [-1, 1]
     posterior: tuple[Tensor, Tensor] | None = None  # cached (mean, logvar) [N, C, h, w], unscaled
     cond: dict[str, Tensor] | None = None  # cached text conditions [B, ...]
+    latents: Tensor | None = None  # [N, C, h, w] scaled latents (rollouts: the sampler's clean latents)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # rollouts: per image advantage, group, timestep
     sizes: dict[str, Tensor] = field(default_factory=dict)  # SDXL: original_size, crop_top_left [N, 2]
     rows: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [B] table rows
     skipped_rows: list[int] = field(default_factory=list)  # rows passed over (undecodable, on_bad_row=skip)

@@ -2,7 +2,8 @@
 set of the reference's divergence check, and the cache writer (`xdpo cache` stores `posterior_params`
 and `text_conditions`, what `encode` would compute from the same rows).
 
-- Images: pixels through the VAE (a sample of its posterior, as Diffusion-DPO, or its mean), or cached
+- Images: latents as they are (a rollout's clean samples), pixels through the VAE (a sample of its
+  posterior, as Diffusion-DPO, or its mean), or cached
   posterior parameters: z = mean + exp(logvar / 2) eps with eps drawn from the step's generator in the
   cache's dtype, the draw diffusers' posterior `sample` makes, so a cached fp32 run equals an uncached
   one and resume stays exact. Latents are scaled into the denoiser's space and float32.
@@ -52,7 +53,9 @@ def text_conditions(comps: Any, captions: list[str], device: torch.device) -> di
 def encode(comps: Any, batch: Batch, gen: torch.Generator, sample: bool = True) -> Encoded:
     """Latents and conditions of `batch` on `gen`'s device. `sample`: a posterior sample, else its mean."""
     device = gen.device
-    if batch.posterior is not None:
+    if batch.latents is not None:  # already in the denoiser's space (a rollout's samples)
+        latents = batch.latents.to(device).float()
+    elif batch.posterior is not None:
         z = batch.posterior[0].to(device)
         if sample:
             eps = torch.randn(z.shape, generator=gen, device=device, dtype=z.dtype)

@@ -9,6 +9,7 @@ accuracy show progress).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,3 +59,20 @@ def loss_output(
 def no_clamps(rows: int, device: torch.device) -> Tensor:
     """The `clamped` mask of an objective without clamped exponents: [2R] all False."""
     return torch.zeros(2 * rows, dtype=torch.bool, device=device)
+
+
+def rollout_output(loss: Tensor, inp: Any) -> LossOutput:
+    """A rollout objective's logged quantities, rows = images: reward_w = A (e_ref - e_theta) (the policy's
+    improvement on the reference, signed by the advantage), reward_l = 0, so `implicit_acc` is the share of
+    images the policy moved the advantage's way; delta = e_theta - e_ref."""
+    ref = inp.err.detach() if inp.ref is None else inp.ref
+    delta = inp.err.float() - ref.float()
+    a = inp.advantage.to(delta.device).float()
+    zero = torch.zeros_like(delta)
+    return loss_output(loss, -a * delta, zero, no_clamps(delta.shape[0], delta.device), delta, zero)
+
+
+def mean_square(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """mean over all but the first dim of (a - b)^2 in `dtype`; b detached (a reference's prediction or a target)."""
+    d = a.to(dtype) - b.detach().to(a.device, dtype)
+    return d.pow(2).mean(dim=list(range(1, d.ndim)))

@@ -4,20 +4,30 @@ The recipe reads only these traits (docs/design.md §2):
 - `loss(inp, **params)`: a pure function of per-image errors (`LossInput`) -> `LossOutput`;
 - `params`: the `loss.*` config keys passed to it as keyword arguments;
 - `needs_reference`: whether a reference forward runs (and whether a reference copy is made at all);
-- `noise`: "pair" (one (t, eps) per pair, shared by w and l) or "image" (one per image);
-- `data`: the `data.format` values it trains on ("pairs", "images");
+- `noise`: "pair" (one (t, eps) per pair, shared by w and l), "image" (one per image) or "group" (one per
+  rollout group, shared by its K images; the micro-batches then hold whole groups);
+- `data`: the kinds of data it trains on: `data.format` values ("pairs", "images"), or "rollouts" (online
+  rounds of groups of K images per prompt with rewards and advantages, `online.enabled`);
 - `uses_labels`: it reads soft labels (ties kept as 0.5), so `data.ties=keep` is meaningful;
 - `needs_t`: it reads the noise level of each image (`LossInput.sigma`; step-aware objectives);
 - `state`: a factory of its running state (e.g. Diffusion-KTO's reference-point window), saved with
   checkpoints, or None;
 - `check(cfg)`: its cross-field config rules (one `ConfigError` line), or None;
-- `options`: its own config keys, the section `<name>.*` (`xdpo.config.options.Option`).
+- `options`: its own config keys, the section `<name>.*` (`xdpo.config.options.Option`);
+- `predictions`: it reads the predictions themselves (`LossInput.pred`, `target`, `ref_pred`,
+  `init_pred`, `x0_scale`), not only the errors (DiffusionNFT's implicit policies mix them);
+- `initial(params)`: whether it needs the initial model's prediction (`LossInput.init_pred`; KL-to-base
+  terms), given its parameters;
+- `timesteps(n, params, rng)`: rollouts: the positions on the rollout sampler's grid of n steps that one
+  draw unit (an image, or a group for `noise="group"`) is trained at in its round, or None (the run's
+  timestep sampler, one draw per unit);
+- `samples_with`: the model that samples its rollouts: "policy" or "reference" (DiffusionNFT's old policy).
 A new objective is one module defining such a record plus one line in `registry.OBJECTIVES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +49,10 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _never(params: dict[str, Any]) -> bool:
+    return False
+
+
 @dataclass
 class LossInput:
     """Per-image errors of one micro-batch and what an objective may need besides them.
@@ -58,6 +72,16 @@ class LossInput:
     sigma: Tensor | None = None  # [N] noise level in [0, 1] (flow sigma, or sqrt(1 - abar) for DDPM)
     state: Any = None  # the objective's running state (`Objective.state`), if any
     gather: Callable[[Tensor], Tensor] = field(default=_identity)  # across processes
+    # rollouts (`Objective.data` "rollouts"): per image
+    advantage: Tensor | None = None  # [N] group advantage of the image's reward (xdpo.rollout.advantages)
+    group: Tensor | None = None  # [N] its group within the micro-batch (0..G-1; groups are whole)
+    # `Objective.predictions`: the predictions themselves [N, C, h, w] and the x0 scale
+    pred: Tensor | None = None  # the policy's (with autograd)
+    target: Tensor | None = None  # the regression target (eps, v, x0 or flow velocity)
+    ref_pred: Tensor | None = None  # the reference's (no autograd), when it needs one
+    init_pred: Tensor | None = None  # the initial model's (no autograd), when `Objective.initial` says so
+    init_err: Tensor | None = None  # [N] its errors e_initial
+    x0_scale: Tensor | None = None  # [N] c with x0_hat - x0 = -c (pred - target) (flow: sigma)
 
     @property
     def rows(self) -> int:
@@ -78,3 +102,7 @@ class Objective:
     state: Callable[[int], ObjectiveState] | None = None  # factory(images per optimizer step, all processes)
     check: Callable[[Any], None] | None = None
     options: tuple[Option, ...] = ()
+    predictions: bool = False
+    initial: Callable[[dict[str, Any]], bool] = _never
+    timesteps: Callable[[int, dict[str, Any], Any], Sequence[int]] | None = None
+    samples_with: str = "policy"

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_pairs(args: argparse.Namespace) -> int:
     from xdpo.pairs.generate import make_pairs
-    from xdpo.pairs.scoring import load_reward
+    from xdpo.rollout.rewards import load_reward
 
     reward = load_reward(args.scorer, device=args.device, options=_options(args))
     summary = make_pairs(
@@ -87,7 +87,7 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 def run_relabel(args: argparse.Namespace) -> int:
     from xdpo.pairs.relabel import relabel
-    from xdpo.pairs.scoring import load_reward
+    from xdpo.rollout.rewards import load_reward
 
     reward = load_reward(args.scorer, device=args.device, options=_options(args))
     s = relabel(args.data, out=args.out, reward=reward, reward_spec=args.scorer, split=args.split)

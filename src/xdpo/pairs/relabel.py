@@ -1,6 +1,6 @@
 """`xdpo relabel`: replace a preference table's labels with a reward model's (AI feedback).
 
-Each row's two images are scored with the reward (see `scoring.py`); `label_0` becomes 1 when jpg_0
+Each row's two images are scored with the reward (see `xdpo.rollout.rewards`); `label_0` becomes 1 when jpg_0
 scores higher, 0 when jpg_1 does, 0.5 when they are equal. The original label is kept as
 `label_0_original`, the scores as `score_0` and `score_1`; other columns pass through.
 """

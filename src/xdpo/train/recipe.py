@@ -87,7 +87,9 @@ class Recipe:
             self.restore(self.resume)
         self.start_output()
         if cfg.online.enabled:
-            maker = (self.rounds or default_rounds())(cfg, self.models.comps, acc, self.out)
+            maker = (self.rounds or default_rounds(self.objective))(
+                cfg, self.models.comps, acc, self.out, reference=self.models.reference
+            )
             self.data = open_train_data(
                 cfg, self.family, acc, self.state.step, lambda r: maker(r, acc.unwrap_model(self.policy))
             )
@@ -215,6 +217,9 @@ class Recipe:
         with StopRequest() as stop:
             try:
                 while st.step < t.max_steps and not stop.requested:
+                    if (why := self.data.stop_before(st.step)) is not None:  # online.stop_on
+                        acc.print(f"xdpo train: stopping at step {st.step}: {why}", flush=True)
+                        break
                     row = self.train_step(stop)
                     if acc.is_main_process and t.report_to != "none":
                         acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=st.step)
@@ -268,7 +273,7 @@ class Recipe:
 
 def train(cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None) -> Path:
     """Run (or resume) a training run; return `output_dir`. `rounds`: the online round maker's factory
-    (default: online DPO's, `xdpo.rollout.rounds.PairRounds`). A run stopped by SIGINT / SIGTERM has saved a
+    (default: the built-in one for the objective's data kind, `xdpo.rollout.rounds`). A run stopped by SIGINT / SIGTERM has saved a
     checkpoint; `train` then raises `KeyboardInterrupt`, so that a caller running several stages (the demo,
     the study, a script) stops with it (`Recipe.run` itself just returns with `stopped` set)."""
     recipe = Recipe(cfg, accelerator, rounds)

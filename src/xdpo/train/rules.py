@@ -53,11 +53,22 @@ def check_objective(cfg: Any) -> None:
     reference to update; then its own cross-field rules."""
     from xdpo.objectives import OBJECTIVES, get_objective
 
-    lo, d = cfg.loss, cfg.data
+    lo, d, o = cfg.loss, cfg.data, cfg.online
     obj = get_objective(lo.objective)
-    accepting = [o.name for o in OBJECTIVES.values() if d.format in o.data]
+    rollouts = "rollouts" in obj.data
     require(
-        d.format in obj.data,
+        not rollouts or o.enabled,
+        "loss.objective",
+        f"{obj.name} trains on rollouts sampled from the policy: set online.enabled=true with online.prompts "
+        "and online.scorer",
+        lo.objective,
+    )
+    require(
+        not o.stop_on or bool(o.heldout_scorer), "online.stop_on", "needs online.heldout_scorer", o.stop_on
+    )
+    accepting = [x.name for x in OBJECTIVES.values() if d.format in x.data]
+    require(
+        rollouts or d.format in obj.data,
         "data.format",
         f"{d.format} needs loss.objective={' or '.join(accepting)}, not {obj.name}",
         d.format,

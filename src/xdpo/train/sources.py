@@ -3,8 +3,11 @@
 Every source yields `Batch`es (one form, `xdpo.data.batch`) in the order `StepBatches` gives: a pure
 function of (seed, step), so a resumed run reads exactly what an uninterrupted run would have read.
 Online rounds (`online.enabled`) come from a round maker, the sampler protocol below: the recipe hands
-it the current policy at each round's first step and reads the pairs file it returns; the maker itself
-(sampling and scoring) lives above the training layer (`xdpo.rollout`), resolved by name.
+it the current policy at each round's first step and reads the round folder it returns (pairs for
+online DPO, rollouts for objectives that train on them: `xdpo.train.online`); the maker itself
+(sampling and scoring) lives above the training layer (`xdpo.rollout`), resolved by the data kind the
+objective record trains on. `TrainData.stop_before(step)` makes a round due at `step` before the step
+runs and returns why the run should stop there (`online.stop_on`), else None.
 """
 
 from __future__ import annotations
@@ -20,24 +23,35 @@ import torch
 from xdpo.data.batch import Batch
 from xdpo.errors import XdpoError
 from xdpo.train.batches import StepBatches
-from xdpo.train.online import round_pairs, stream
+from xdpo.train.online import read_record, round_data, stream
 
-ROUND_MAKERS = {"pairs": "xdpo.rollout.rounds:PairRounds"}
-"""Built-in round makers by kind, imported when a run needs one (the registry imports none of them)."""
+ROUND_MAKERS = {"pairs": "xdpo.rollout.rounds:PairRounds", "rollouts": "xdpo.rollout.rounds:RolloutRounds"}
+"""Built-in round makers by the data kind they make, imported when a run needs one (the registry imports
+none of them)."""
 
 
 class RoundMaker(Protocol):
-    """Makes online round `r` from the current (unwrapped) policy; returns its pairs file."""
+    """Makes online round `r` from the current (unwrapped) policy; returns its folder."""
 
     def __call__(self, r: int, policy: Any) -> Path: ...
 
 
-RoundFactory = Callable[[Any, Any, Any, Path], RoundMaker]  # (cfg, comps, accelerator, output_dir)
+RoundFactory = Callable[..., RoundMaker]  # (cfg, comps, accelerator, output_dir, reference=...)
 
 
-def default_rounds(kind: str = "pairs") -> RoundFactory:
-    module, _, name = ROUND_MAKERS[kind].partition(":")
+def round_kind(objective: Any) -> str:
+    """The data an objective's online rounds make: rollouts if it trains on them, else pairs."""
+    return "rollouts" if "rollouts" in objective.data else "pairs"
+
+
+def default_rounds(objective: Any = None) -> RoundFactory:
+    """The built-in round maker for `objective`'s data kind (online DPO's pairs without one)."""
+    module, _, name = ROUND_MAKERS["pairs" if objective is None else round_kind(objective)].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _never(step: int) -> str | None:
+    return None
 
 
 @dataclass
@@ -46,6 +60,7 @@ class TrainData:
     n_items: int  # usable pairs (or images) of the data, or of the current round
     about: str  # one line for the run's summary
     probe: Any  # the dataset the periodic reference's probe set is drawn from (online: round 0)
+    stop_before: Callable[[int], str | None] = _never  # why to stop before a step (online.stop_on), or None
 
 
 def loader(cfg: Any, data: Any, seed: int, start: int, stop: int, rank: int, world: int) -> Iterator[Batch]:
@@ -73,21 +88,35 @@ def open_train_data(
     if o.enabled:
         if rounds is None:
             raise XdpoError("online.enabled: this run was started without a round maker (see xdpo.rollout)")
+        made: dict[int, Any] = {}
 
-        def new_round(r: int) -> Any:
-            data = round_pairs(cfg, rounds(r))
-            accelerator.print(f"Online round {r}: {len(data)} pairs from the policy at step {r * o.every}")
-            return data
+        def get(r: int) -> Any:
+            """Round r's items, made (or reused) once; only the newest round is kept in memory."""
+            if r not in made:
+                made.clear()
+                made[r] = round_data(cfg, rounds(r), r)
+                accelerator.print(
+                    f"Online round {r}: {len(made[r])} {made[r].fmt} items from the policy at step {r * o.every}"
+                )
+            return made[r]
+
+        def stop_before(step: int) -> str | None:
+            if step % o.every or step >= cfg.train.max_steps:
+                return None
+            get(step // o.every)
+            return read_record(rounds(step // o.every)).get("stop")
 
         first = start_step // o.every
-        data = new_round(first)
-        probe = data if first == 0 else round_pairs(cfg, rounds(0))  # round files are kept: round 0 exists
-        batches = stream(cfg, (first, data), new_round, lambda *a: loader(cfg, *a, rank, world), start_step)
+        data = get(first)
+        probe = (
+            data if first == 0 else round_data(cfg, rounds(0), 0)
+        )  # round folders are kept: round 0 exists
+        batches = stream(cfg, (first, data), get, lambda *a: loader(cfg, *a, rank, world), start_step)
         about = (
-            f"online DPO: rounds of {o.every} steps, {o.per_prompt} images per prompt of "
-            f"{o.prompts}, scored by {o.scorer}"
+            f"online: rounds of {o.every} steps, {o.per_prompt} images per prompt of {o.prompts}, scored by "
+            f"{o.scorer}"
         )
-        return TrainData(batches, len(data), about, probe)
+        return TrainData(batches, len(data), about, probe, stop_before)
     if cfg.data.cache:  # posteriors and conditions written by `xdpo cache`, checked against this config
         data = open_cache(cfg, family)
         accelerator.print(f"Latents and text conditions from the cache {cfg.data.cache}")

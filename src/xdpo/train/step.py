@@ -68,6 +68,10 @@ def step_weight(m: StepContext, t: Tensor) -> Tensor | None:
 
 def train_step(m: StepContext, batch: Batch, gen: torch.Generator) -> StepOutput:
     """Latents and conditions -> (t, eps) -> reference and policy errors -> the objective's loss."""
+    if batch.extras:  # a rollout batch (online groups with advantages): its own step
+        from xdpo.train.rollout_step import rollout_step
+
+        return rollout_step(m, batch, gen)
     ts, proc, obj = m.timesteps, m.process, m.objective
     enc = encode(m.comps, batch, gen, m.sample_posterior)
     latents, n = enc.latents, enc.latents.shape[0]

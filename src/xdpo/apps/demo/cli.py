@@ -45,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="on-policy rounds (online.enabled) against one offline round at equal optimizer steps, same scorer "
         "and seeds (default out: outputs/digits-online; --family flow: outputs/digits-flow-online)",
     )
+    p.add_argument(
+        "--online-rl",
+        action="store_true",
+        help="offline Diffusion-DPO, online DPO, DiffusionNFT, AWM and DGPO at equal images sampled, trained on a "
+        "noisy labeller, evaluated on the hidden reward (a smoke-scale run; default out: outputs/digits-online-rl, "
+        "--family flow: outputs/digits-flow-online-rl)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.set_defaults(func=run)
 
@@ -56,6 +63,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "online_rl", False):
+        from xdpo.apps.demo.online_rl import DEFAULT_OUT as RL_OUT
+        from xdpo.apps.demo.online_rl import run_online_rl
+        from xdpo.errors import ConfigError
+
+        if args.ablation or args.online:
+            raise ConfigError("--online-rl is its own demo: not with --online or --ablation")
+        run_online_rl(args.out or RL_OUT[args.family], quick=args.quick, family=args.family)
+        return 0
     if getattr(args, "online", False):
         from xdpo.apps.demo.online import DEFAULT_OUT as ONLINE_OUT
         from xdpo.apps.demo.online import run_online

@@ -124,7 +124,7 @@ def write_prompts(s: OnlineSettings) -> Path:
 def share_round0(s: OnlineSettings) -> Callable[[Method, int, Any], None]:
     """`prepare` for train_all: the online arm's round 0 is the offline arm's file (same seed, base and
     sampling settings: the same pairs by construction), so it is copied, not sampled again."""
-    from xdpo.train.online import round_file
+    from xdpo.train.online import round_dir
 
     keys = ("prompts", "per_prompt", "scorer", "min_gap", "sample_steps")
 
@@ -135,10 +135,10 @@ def share_round0(s: OnlineSettings) -> Callable[[Method, int, Any], None]:
         same = off.seed == cfg.seed and off.model.pretrained == cfg.model.pretrained
         if not same or any(getattr(off.online, k) != getattr(cfg.online, k) for k in keys):
             return
-        src, dst = round_file(Path(off.output_dir), 0), round_file(Path(cfg.output_dir), 0)
-        if src.is_file() and not dst.is_file():
+        src, dst = round_dir(Path(off.output_dir), 0), round_dir(Path(cfg.output_dir), 0)
+        if src.is_dir() and not dst.is_dir():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+            shutil.copytree(src, dst)
             print(f"   round 0 of the online arm: the offline arm's pairs ({src})", flush=True)
 
     return prepare
@@ -179,7 +179,7 @@ def arm_facts(s: OnlineSettings, runs: dict[tuple[str, int], Path]) -> dict[str,
                 sum(1 for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip())
             )
             rounds = []
-            for f in sorted((out / "online").glob("round-*.parquet")):
+            for f in sorted((out / "online").glob("round-*/pairs.parquet")):
                 t = pq.read_table(f, columns=["score_0", "score_1"])
                 w, lo = np.asarray(t["score_0"].to_pylist()), np.asarray(t["score_1"].to_pylist())
                 rounds.append({"pairs": len(w), "winner": float(w.mean()), "loser": float(lo.mean())})

@@ -1,8 +1,9 @@
 """The reference model of a run: a storage (LoRA adapters or weight copies, `storage.py`) and an update
 strategy (frozen, periodic, ema: `strategy.py`) kept apart; built only when the objective needs one.
 
-`periodic` (Kang et al. 2025's update, with a divergence guard on a probe set: `probe.py`) and `ema`
-update every tau = `reference.update_every` optimizer steps; docs/math.md §6 has the formulas.
+`periodic` (Kang et al. 2025's update, with a divergence guard on a probe set: `probe.py`), `ema` and
+`soft` (the online methods' old policy, `soft.py`) update every tau = `reference.update_every` optimizer
+steps; docs/math.md §6 and §11.5 have the formulas.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from torch import Tensor
 
 from xdpo.errors import ConfigError
 from xdpo.train.reference.probe import Probe
+from xdpo.train.reference.soft import Soft
 from xdpo.train.reference.storage import AdapterStorage, CopyStorage
 from xdpo.train.reference.strategy import EMA, Frozen, Periodic, Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"frozen": Frozen, "periodic": Periodic, "ema": EMA}
+STRATEGIES: dict[str, type[Strategy]] = {"frozen": Frozen, "periodic": Periodic, "ema": EMA, "soft": Soft}
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -55,6 +57,12 @@ class Reference:
     def predict(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """The reference prediction (call under inference mode / no_grad)."""
         return self.storage.reference(noisy, t, cond)
+
+    def sampling(self) -> Any:
+        """A context holding the denoiser that samples as the reference (DiffusionNFT's old policy samples
+        its rollouts): LoRA, the policy's own module with the reference's adapter weights in it (restored
+        on exit); full fine-tune, the reference copy."""
+        return self.storage.sampling()
 
     def initial_predict(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return self.storage.initial(noisy, t, cond)

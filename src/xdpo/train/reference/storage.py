@@ -105,6 +105,12 @@ class AdapterStorage:
             return self.family.predict(self.base, noisy, t, cond)
 
     @contextmanager
+    def sampling(self):
+        """The denoiser with the reference's adapters (the initial model's while the snapshot is empty)."""
+        with adapters_disabled(self.base) if self.snapshot is None else self._swapped():
+            yield self.base
+
+    @contextmanager
     def _swapped(self):
         """The adapter snapshot in place of the policy's adapters, restored on exit. Safe for autograd: the
         reference runs before the policy's forward, and the swap happens outside any graph."""
@@ -182,6 +188,11 @@ class CopyStorage:
     def policy(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         with eval_mode(self.base):
             return self.family.predict(self.base, noisy, t, cond)
+
+    @contextmanager
+    def sampling(self):
+        """The reference copy (whole on every process)."""
+        yield self.ref_model
 
     @torch.no_grad()
     def blend(self, weight: float) -> None:

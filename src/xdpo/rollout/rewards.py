@@ -1,10 +1,12 @@
-"""Reward specs for `xdpo pairs` / `xdpo relabel`: a scorer name, a weighted sum, or a plugin function.
+"""Reward specs (`xdpo pairs --scorer`, `online.scorer`): a scorer name, a weighted sum, or a plugin function.
 
 - `pickscore` — any registered scorer (`xdpo evaluate`'s: pickscore, hpsv2, imagereward, clip, aesthetic,
   digits-reward, ... and plugins);
 - `pickscore:1,aesthetic:0.5` — the weighted sum of several (a bare name has weight 1);
 - `mymodule:myfunction` (or `mymodule:myfunction:0.5` in a sum) — a Python function `f(images: list[PIL.Image], prompts: list[str]) -> list[float]`
   importable from the current directory or PYTHONPATH (a `module:name` whose name is not a number).
+`Reward.parts_scores` gives each part's raw scores (one column per part), which the rollout engine
+normalises per reward before combining (`xdpo.rollout.advantages`); `Reward.__call__` is their weighted sum.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ class Reward:
     parts: list[tuple[float, Callable[[list, list[str]], Any], str]]
     batch_size: int = 32
 
-    def __call__(self, images: list, prompts: list[str]) -> np.ndarray:
-        total = np.zeros(len(images), dtype=np.float64)
-        for weight, fn, name in self.parts:
+    def parts_scores(self, images: list, prompts: list[str]) -> np.ndarray:
+        """[n images, n parts] raw scores (float64), unweighted; one clear line for a bad scorer."""
+        cols = []
+        for _, fn, name in self.parts:
             got = []
             for i in range(0, len(images), self.batch_size):
                 got.append(
@@ -43,12 +46,40 @@ class Reward:
                     f"scorer {name}: expected one finite score per image ({len(images)}), got {scores.shape[0]}"
                     + ("" if np.isfinite(scores).all() else " with non-finite values")
                 )
-            total += weight * scores
-        return total
+            cols.append(scores)
+        return np.stack(cols, axis=1) if cols else np.zeros((len(images), 0))
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.array([w for w, _, _ in self.parts], dtype=np.float64)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for _, _, name in self.parts]
+
+    def __call__(self, images: list, prompts: list[str]) -> np.ndarray:
+        return combine(self.parts_scores(images, prompts), self.weights)
 
     @property
     def details(self) -> str:
         return " + ".join(f"{w:g} x {name}" for w, _, name in self.parts)
+
+
+def as_reward(reward: Any) -> Reward:
+    """`reward` as a `Reward`: itself, or a plain function f(images, prompts) -> scores as its one part."""
+    if isinstance(reward, Reward):
+        return reward
+    return Reward(
+        getattr(reward, "__name__", "reward"), [(1.0, reward, getattr(reward, "__name__", "reward"))]
+    )
+
+
+def combine(raw: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_j w_j raw[:, j], part by part from zero (float64)."""
+    total = np.zeros(raw.shape[0], dtype=np.float64)
+    for j, w in enumerate(weights):
+        total += w * raw[:, j]
+    return total
 
 
 def _plugin(module: str, function: str) -> Callable[[list, list[str]], Any]:

@@ -1,0 +1,158 @@
+"""`xdpo demo --online-rl`: offline Diffusion-DPO, online DPO, DiffusionNFT, AWM and DGPO at equal numbers of
+sampled images and equal optimizer steps, trained on a noisy labeller, evaluated on the hidden reward.
+
+Every arm is an `online.enabled` run of the digits config of its world (digits-dpo.yaml / digits-flow-dpo.yaml:
+model, lr, batch, steps), with the same prompt pool (the 60 training captions, twice), K images per prompt at
+the same sampling steps and the same training reward, `noisy_reward`: the hidden reward plus Gumbel noise of
+scale 0.5, drawn from a hash of the image and prompt (a labeller that errs, reproducibly; comparing two such
+noisy rewards is exactly the hidden labeller's Bradley-Terry choice at temperature 0.5, without its ties and
+flips). Arms:
+- offline Diffusion-DPO: one round of R x P prompts sampled from the base, best-vs-worst pairs, trained on for
+  all R x E steps;
+- online DPO: R rounds of P prompts (E steps each) from the current policy;
+- nft, awm, dgpo: R rounds of P groups, the rollout objectives with their papers' defaults except the run's
+  lr, batch and steps, the soft reference updated once a round.
+Each arm samples R x P x K images. Evaluation (run.py's stages): the hidden reward of the checkpoints at every
+round boundary (reward vs images sampled and vs compute seconds: the training steps' and the rounds'
+sampling wall time on one thread) and of the final models, with prompt alignment (the legibility
+classifier's reading of the prompted digit), at held-out prompts and seeds. A smoke-scale measurement: one
+training seed, few rounds, hyperparameters not tuned per method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xdpo.apps.demo.online_rl_report import write_report
+from xdpo.apps.demo.run import DemoSettings, Method, reward_curves, sample_and_score, stage, train_all
+from xdpo.errors import ConfigError
+
+DEFAULT_OUT = {"sd": "outputs/digits-online-rl", "flow": "outputs/digits-flow-online-rl"}
+CONFIG = {"sd": "digits-dpo.yaml", "flow": "digits-flow-dpo.yaml"}
+NOISY = "xdpo.apps.demo.online_rl:noisy_reward"
+NOISE_SCALE = 0.5  # the hidden labeller's Bradley-Terry temperature (xdpo.apps.digits.labeller)
+
+
+def noisy_reward(images: list, prompts: list[str]) -> np.ndarray:
+    """The hidden reward + Gumbel(0, 0.5) noise seeded by (image bytes, prompt): the same image always
+    gets the same noisy score (resume and reruns stay exact)."""
+    from xdpo.apps.digits.labeller import hidden_reward
+
+    noise = []
+    for im, p in zip(images, prompts, strict=True):
+        digest = hashlib.sha1(np.asarray(im.convert("L")).tobytes() + p.encode()).digest()
+        u = np.random.default_rng(int.from_bytes(digest[:8], "little")).random()
+        noise.append(-NOISE_SCALE * np.log(-np.log(max(u, 1e-12))))
+    return hidden_reward(images, prompts) + np.asarray(noise)
+
+
+@dataclass
+class OnlineRLSettings(DemoSettings):
+    rounds: int = 4  # R
+    prompts_per_round: int = 20  # P (drawn from the pool each round)
+    per_prompt: int = 4  # K
+    every: int = 10  # E optimizer steps per round
+    sample_steps: int = 10
+
+    @property
+    def images(self) -> int:
+        return self.rounds * self.prompts_per_round * self.per_prompt
+
+    @property
+    def prompts_file(self) -> Path:
+        return self.out / "prompt-pool.txt"
+
+    def arm_methods(self) -> tuple[Method, ...]:
+        config, R, P, E = CONFIG[self.family], self.rounds, self.prompts_per_round, self.every
+        common = ("data.path=", "online.enabled=true", f"online.prompts={self.prompts_file}",
+                  f"online.per_prompt={self.per_prompt}", f"online.scorer={NOISY}", "online.heldout_scorer=digits-reward",
+                  f"online.sample_steps={self.sample_steps}", "online.monitor_images=8", "online.batch_images=16")  # fmt: skip
+        rl = (*common, f"online.prompts_per_round={P}", f"online.every={E}", "reference.strategy=soft",
+              f"reference.update_every={E}")  # fmt: skip
+        return (
+            Method("offline Diffusion-DPO", "offline", config,
+                   (*common, f"online.prompts_per_round={R * P}", f"online.every={R * E}")),
+            Method("online DPO", "online-dpo", config, (*common, f"online.prompts_per_round={P}", f"online.every={E}")),
+            Method("DiffusionNFT", "nft", config, (*rl, "loss.objective=nft", "reference.soft_max=0.5")),
+            Method("AWM", "awm", config, (*rl, "loss.objective=awm", "reference.soft_max=0.3")),
+            Method("DGPO", "dgpo", config, (*rl, "loss.objective=dgpo", "reference.soft_max=0.3",
+                                            f"train.batch_size={max(1, 16 // self.per_prompt)}")),
+        )  # fmt: skip
+
+    @classmethod
+    def make_rl(
+        cls, out: str | Path, *, quick: bool = False, family: str = "flow", **kw: Any
+    ) -> OnlineRLSettings:
+        """Full: 4 rounds of 20 prompts x 4 images, 10 steps a round (40 steps, 320 images an arm). Quick: 2 rounds
+        of 8 prompts, 4 steps a round."""
+        if family not in CONFIG:
+            raise ConfigError(f"--family: {family!r} is not one of {', '.join(CONFIG)}")
+        base: dict[str, Any] = dict(train_seeds=(0,), eval_seeds=4, curve_seeds=2)
+        if quick:
+            base |= dict(quick=True, rounds=2, prompts_per_round=8, every=4, eval_seeds=1, curve_seeds=1)
+        s = cls(Path(out), family=family, **{**base, **kw})
+        s.max_steps, s.curve_points = s.rounds * s.every, s.rounds  # checkpoints at round boundaries
+        s.methods = s.arm_methods()
+        return s
+
+
+def write_pool(s: OnlineRLSettings) -> Path:
+    from xdpo.apps.digits.data import train_prompts
+
+    text = "\n".join(train_prompts() * 2) + "\n"
+    if not s.prompts_file.is_file() or s.prompts_file.read_text() != text:
+        s.prompts_file.write_text(text)
+    return s.prompts_file
+
+
+def arm_costs(s: OnlineRLSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
+    """Per arm: images sampled and compute seconds (steps' + rounds' sampling wall time) up to each checkpoint."""
+    costs: dict[str, Any] = {}
+    for m in s.methods:
+        out = runs[(m.slug, s.train_seeds[0])]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rounds = [json.loads(f.read_text()) for f in sorted((out / "online").glob("round-*/round.json"))]
+        points = []
+        for st in range(0, s.max_steps + 1, s.every):
+            made = [r for r in rounds if r["step"] < st]  # the rounds trained on before this checkpoint
+            seconds = sum(r["step_time"] for r in rows if r["step"] <= st) + sum(
+                max(r["seconds"]) for r in made
+            )
+            points.append(
+                {"step": st, "images": sum(r["images"] for r in made), "seconds": round(seconds, 2)}
+            )
+        costs[m.slug] = {"name": m.name, "points": points, "rounds": [
+            {k: r[k] for k in ("round", "step", "images", "score_mean", "images_per_second")} | r["monitors"]
+            for r in rounds]}  # fmt: skip
+    return costs
+
+
+def run_online_rl(
+    out: str | Path, *, quick: bool = False, family: str = "flow", settings: OnlineRLSettings | None = None
+) -> Path:
+    """Run (or continue) the comparison into `out`; return the report path."""
+    s = settings or OnlineRLSettings.make_rl(out, quick=quick, family=family)
+    s.out.mkdir(parents=True, exist_ok=True)
+    t0, load0 = time.time(), os.getloadavg()[0]
+    with stage("1/4 training: offline DPO, online DPO, DiffusionNFT, AWM, DGPO (rounds sampled in each)", s):
+        write_pool(s)
+        runs = train_all(s, s.prompts_file)
+        costs = arm_costs(s, runs)
+    with stage("2/4 hidden reward at every round boundary", s):
+        curves = reward_curves(s, runs)
+    with stage("3/4 sampling and scoring the final models", s):
+        tables = sample_and_score(s, runs)
+    with stage("4/4 report", s):
+        s.timings["total"] = round(time.time() - t0, 1)
+        load = {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+        report = write_report(s, costs, curves, tables, load)
+    print(f"Online RL demo finished in {time.time() - t0:.0f} s. Report: {report}", flush=True)
+    return report

@@ -1,0 +1,174 @@
+"""The rollout engine: images from a family's own pipeline, batched across prompts, at recorded seeds.
+
+A job is one image: a prompt and a seed. `RolloutEngine.sample(jobs)` runs the pipeline on chunks of up
+to `batch_images` jobs (any mix of prompts: the memory budget is in images per call), each image with its
+own CPU generator seeded with its seed, so an image is the same whatever the batching, the process or the
+device it is drawn on (the pipeline draws each image's initial noise from its own generator). It returns
+the decoded images (what the scorers see), the clean latents the pipeline decoded them from (captured at
+the last step with the pipeline's step-end callback, in the denoiser's [N, C, h, w] layout: packed latents
+are unpacked with the pipeline's own helper), and the sampler's timestep grid (the model timesteps of the
+steps, which the decoupled objectives train on). Guidance <= 1 runs the pipeline without classifier-free
+guidance (diffusers' rule). `calls` pads the number of pipeline calls (a sharded model's forwards are
+collectives: every process makes as many). Images per second are measured around the pipeline calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to sample: `prompt` at `seed`, member of group `group` (its prompt's K images)."""
+
+    prompt: str
+    seed: int
+    group: int = 0
+    index: int = 0  # the image's index in the round (group * K + k)
+
+
+@dataclass
+class Samples:
+    images: list = field(default_factory=list)  # PIL images, in job order
+    latents: Tensor | None = None  # [n, C, h, w] float32 on the CPU, the clean latents decoded into `images`
+    grid: list[float] = field(default_factory=list)  # the sampler's model timesteps, first step first
+    seconds: float = 0.0  # wall time of the pipeline calls
+    calls: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.images) / self.seconds if self.seconds > 0 else 0.0
+
+
+def pipeline_calls(n_images: int, batch_images: int) -> int:
+    return -(-n_images // batch_images)
+
+
+class RolloutEngine:
+    """Samples jobs with `pipe` (module docstring). `sampling`: the context the pipeline runs in (default
+    inference mode; training rounds pass no_grad for partitioned models and the accelerator's autocast)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        steps: int,
+        guidance: float,
+        batch_images: int = 16,
+        size: int | None = None,
+        sampling: Callable[[], AbstractContextManager] | None = None,
+        keep_latents: bool = True,
+        progress: bool = False,
+        desc: str = "rollout",
+    ) -> None:
+        from xdpo.models.families import family_of_pipeline
+
+        if batch_images < 1:
+            raise ValueError(f"batch_images must be >= 1, got {batch_images}")
+        self.pipe, self.steps, self.guidance, self.batch_images = pipe, steps, guidance, batch_images
+        self.size, self.sampling, self.keep_latents = size, sampling or torch.inference_mode, keep_latents
+        self.progress, self.desc = progress, desc
+        self.family = family_of_pipeline(pipe)
+        pipe.set_progress_bar_config(disable=True)
+
+    def _call(self, jobs: Sequence[Job]) -> tuple[list, Tensor | None, list[float]]:
+        captured: dict[str, Any] = {"grid": []}
+
+        def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+            captured["latents"] = kwargs["latents"]
+            captured["grid"].append(float(t))
+            return kwargs
+
+        size = {} if self.size is None else {"height": self.size, "width": self.size}
+        with self.sampling():
+            out = self.pipe(
+                prompt=[j.prompt for j in jobs],
+                generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance,
+                output_type="pil",
+                callback_on_step_end=on_step_end if self.keep_latents else None,
+                callback_on_step_end_tensor_inputs=["latents"],
+                **size,
+            )
+        images = out.images
+        latents = captured.get("latents")
+        if latents is not None:
+            if self.family is not None and self.family.packed_latents:  # [n, tokens, 4C] -> [n, C, h, w]
+                w, h = images[0].size
+                latents = type(self.pipe)._unpack_latents(latents, h, w, self.pipe.vae_scale_factor)
+            latents = latents.detach().float().cpu()
+        return images, latents, captured["grid"]
+
+    def sample(self, jobs: Sequence[Job], calls: int | None = None) -> Samples:
+        """Images (and latents) of `jobs` in order; `calls`: make this many pipeline calls (>= the chunks
+        of `jobs`), the extra ones on a one-image dummy job whose result is discarded."""
+        from tqdm.auto import tqdm
+
+        chunks = [list(jobs[i : i + self.batch_images]) for i in range(0, len(jobs), self.batch_images)]
+        pad = max(0, (calls or 0) - len(chunks))
+        out, latents = Samples(), []
+        bar = tqdm(total=len(jobs), desc=self.desc, unit="img", disable=not self.progress, dynamic_ncols=True)
+        for chunk in chunks + [None] * pad:
+            t0 = time.perf_counter()
+            images, lat, grid = self._call(chunk or [Job(prompt="", seed=0)])
+            out.seconds += time.perf_counter() - t0
+            out.calls += 1
+            if chunk is None:
+                continue  # a padding call (collectives): discarded
+            out.images += images
+            out.grid = out.grid or grid
+            if lat is not None:
+                latents.append(lat)
+            bar.update(len(chunk))
+            bar.set_postfix(img_per_s=f"{out.images_per_second:.2f}", refresh=False)
+        bar.close()
+        out.latents = torch.cat(latents) if latents else None
+        return out
+
+
+def pipeline_with(comps: Any, model: Any, scheduler: str = "default") -> Any:
+    """The family's pipeline on the run's components with `model` (the policy, unwrapped) as its denoiser,
+    prepared for sampling (`Family.prepare_sampling`), with `scheduler` (`set_scheduler`)."""
+    fam = comps.family
+    pipe = fam.pipeline_cls()(**{**comps.pipe.components, fam.denoiser: model})
+    set_scheduler(pipe, scheduler)
+    fam.prepare_sampling(pipe)
+    return pipe
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """A `xdpo sample --scheduler` name on `pipe` (`default` keeps its own). Flow-matching pipelines take
+    `dpm++`: diffusers' DPMSolverMultistepScheduler on flow sigmas with the pipeline's shift (the
+    Flow-DPM-Solver the online papers sample with), besides their own Euler."""
+    import diffusers
+
+    from xdpo.errors import ConfigError
+    from xdpo.evaluate.sample import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise ConfigError(f"online.scheduler: {name!r} is not one of {', '.join(SCHEDULERS)}")
+    if SCHEDULERS[name] is None:
+        return
+    config = pipe.scheduler.config
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        if name != "dpm++":
+            raise ConfigError(
+                f"online.scheduler: {type(pipe).__name__} samples on flow sigmas: use default or dpm++, not {name!r}"
+            )
+        flow = {
+            "use_flow_sigmas": True,
+            "prediction_type": "flow_prediction",
+            "flow_shift": config.get("shift", 1.0),
+        }
+        pipe.scheduler = cls.from_config(config, **flow)
+        return
+    pipe.scheduler = cls.from_config(config)

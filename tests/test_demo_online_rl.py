@@ -1,0 +1,54 @@
+"""`xdpo demo --online-rl`: the arms sample equal numbers of images, the noisy labeller is reproducible and noisy,
+and a tiny run writes the report with reward against images sampled and compute seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xdpo.apps.demo.online_rl import OnlineRLSettings, noisy_reward, run_online_rl
+from xdpo.cli import main
+from xdpo.config import load_config
+
+
+def test_every_arm_samples_the_same_number_of_images(tmp_path):
+    s = OnlineRLSettings.make_rl(tmp_path)
+    cfgs = {m.slug: load_config(None, [f"model.pretrained={s.base}", *m.overrides]) for m in s.methods}
+    images = {k: c.online.prompts_per_round * c.online.per_prompt * (s.max_steps // c.online.every)
+              for k, c in cfgs.items()}  # fmt: skip
+    assert set(images.values()) == {s.images} == {320}
+    assert cfgs["offline"].online.every == s.max_steps and cfgs["nft"].loss.objective == "nft"
+    assert {c.online.scorer for c in cfgs.values()} == {"xdpo.apps.demo.online_rl:noisy_reward"}
+
+
+def test_the_noisy_labeller_is_reproducible_and_noisy():
+    ims = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (0, 40, 80, 120)] * 20
+    prompts = ["a handwritten digit one"] * 80
+    a, b = noisy_reward(ims, prompts), noisy_reward(ims, prompts)
+    from xdpo.apps.digits.labeller import hidden_reward
+
+    noise = a - hidden_reward(ims, prompts)
+    assert np.array_equal(a, b) and len(set(np.round(noise[:4], 9))) == 4
+    assert np.allclose(noise[:4], noise[4:8])  # the same image and prompt: the same draw
+
+
+def test_online_rl_is_its_own_demo(capsys):
+    assert main(["demo", "--online-rl", "--online", "--out", "unused"]) == 2
+    assert "--online-rl is its own demo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_tiny_online_rl_demo_writes_its_report(tmp_path):
+    s = OnlineRLSettings.make_rl(tmp_path / "rl", quick=True, family="flow", prompts_per_round=2, every=2)
+    report = run_online_rl(s.out, settings=s)
+    res = json.loads((s.out / "results.json").read_text())
+    assert [a["slug"] for a in res["arms"]] == ["offline", "online-dpo", "nft", "awm", "dgpo"]
+    for arm in res["arms"]:
+        assert [p["images"] for p in arm["points"]] == (
+            [0, 16, 16] if arm["slug"] == "offline" else [0, 8, 16]
+        )
+        assert arm["points"][-1]["seconds"] > 0 and np.isfinite(arm["reward"]["mean"])
+    assert "smoke-scale" in report.read_text() and (s.out / "curves.png").is_file()
