@@ -247,6 +247,16 @@ class TrainConfig:
     log_deltas: bool = _f(
         False, "also log every image's delta (policy minus reference error) per step in metrics.jsonl"
     )
+    timestep_buckets: int = _f(
+        4,
+        "implicit accuracy and reward margin per bucket of timesteps (t<lo>-<hi> in metrics.jsonl); 0 = off",
+        **at_least(0),
+    )
+    chance_warning_steps: int = _f(
+        300,
+        "warn once if the implicit accuracy is still at chance after this many steps (beta, lr); 0 = never",
+        **at_least(0),
+    )
 
 
 @dataclass

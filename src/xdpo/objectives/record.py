@@ -11,7 +11,10 @@ The recipe reads only these traits (docs/design.md §2):
 - `state`: a factory of its running state (e.g. Diffusion-KTO's reference-point window), saved with
   checkpoints, or None;
 - `check(cfg)`: its cross-field config rules (one `ConfigError` line), or None;
-- `options`: its own config keys, the section `<name>.*` (`xdpo.config.options.Option`).
+- `options`: its own config keys, the section `<name>.*` (`xdpo.config.options.Option`);
+- `scale(cfg)`: (the key, its value) of the factor that turns its reward difference into logits
+  (default `loss.beta`; MaPO's kappa), logged as the effective beta = scale x mean lambda(t); None
+  when its loss has none (SFT).
 A new objective is one module defining such a record plus one line in `registry.OBJECTIVES`.
 """
 
@@ -64,6 +67,11 @@ class LossInput:
         return self.err.shape[0] // 2 if self.pairs else self.err.shape[0]
 
 
+def beta_scale(cfg: Any) -> tuple[str, float]:
+    """The logits' scale of most objectives: `loss.beta`."""
+    return "loss.beta", float(cfg.loss.beta)
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -78,3 +86,4 @@ class Objective:
     state: Callable[[int], ObjectiveState] | None = None  # factory(images per optimizer step, all processes)
     check: Callable[[Any], None] | None = None
     options: tuple[Option, ...] = ()
+    scale: Callable[[Any], tuple[str, float]] | None = beta_scale

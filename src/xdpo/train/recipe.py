@@ -34,7 +34,7 @@ from xdpo.train.distributed import (
     optimizer_step,
     policy_autocast,
 )  # fmt: skip
-from xdpo.train.metrics import MetricsLog, summarize
+from xdpo.train.metrics import Diagnostics, MetricsLog
 from xdpo.train.optim import learning_rate
 from xdpo.train.setup import describe, make_probe, prepare_models, step_context
 from xdpo.train.sources import RoundFactory, TrainData, default_rounds, open_train_data
@@ -78,6 +78,8 @@ class Recipe:
             (2 if cfg.data.format == "pairs" else 1) * t.batch_size * t.grad_accum * acc.num_processes
         )
         self.obj_state = self.objective.state(images_per_step) if self.objective.state else None
+        rows = t.batch_size * t.grad_accum * acc.num_processes
+        self.diag = Diagnostics(cfg, self.objective, self.models.process.num_steps, rows, self.lr)
         self.ctx = step_context(
             cfg, self.models, self.objective, policy=self.policy, autocast=policy_autocast(self.acc, self.policy), gather=acc.gather,
             rank=acc.process_index, frozen=torch.no_grad if is_partitioned(acc) else torch.inference_mode,
@@ -95,6 +97,7 @@ class Recipe:
         if ref is not None and ref.needs_probe:
             ref.probe = make_probe(cfg, self.data.probe, self.ctx, acc.process_index, acc.num_processes)
         acc.print(describe(self))
+        acc.print(self.diag.about())
 
     def restore(self, path: Path) -> None:
         """Weights, optimizer, schedule and RNGs (accelerate), then the reference and the objective's state."""
@@ -153,15 +156,18 @@ class Recipe:
         st.reference = {} if ref is None else ref.state()
         st.objective_state = None if self.obj_state is None else self.obj_state.state()
         st.nonfinite_total += 0 if all_finite else 1
-        row = {"step": st.step, **summarize(acc, records, keep_deltas=t.log_deltas), "lr": lr_now,
+        row = {"step": st.step, **self.diag.row(acc, records, keep_deltas=t.log_deltas), "lr": lr_now,
                "grad_norm": None if grad_norm is None else float(grad_norm), "pairs_seen": st.pairs_seen,
-               "step_time": time.perf_counter() - t0, **(ref.metrics(divergence) if ref else {})}  # fmt: skip
+               "epoch": st.pairs_seen / self.data.n_items, "step_time": time.perf_counter() - t0,
+               **(ref.metrics(divergence) if ref else {})}  # fmt: skip
         if not all_finite:
             row["nonfinite_skipped"] = st.nonfinite_total
         if acc.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
             row["skipped"] = True
         self.log.write(row)
         self.in_update = False
+        if warning := self.diag.chance_warning(st.step, row):
+            acc.print(warning)
         return row
 
     def apply_update(self, all_finite: bool) -> torch.Tensor | None:
@@ -221,7 +227,10 @@ class Recipe:
                     bar.update(1)
                     if st.step % t.log_every == 0 or st.step == t.max_steps:
                         bar.set_postfix(
-                            loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}", refresh=False
+                            loss=f"{row['loss']:.4f}",
+                            acc=f"{row['implicit_acc']:.2f}",
+                            epoch=f"{row['epoch']:.2f}",
+                            refresh=False,
                         )
                     due = t.checkpoint_every and st.step % t.checkpoint_every == 0 and st.step < t.max_steps
                     if due or stop.requested:
