@@ -5,6 +5,8 @@
   step     one optimizer step: grad_accum micro-steps (`step.train_step`), one agreement across processes
            (all finite? a stop requested?), clip, optimizer step, schedule, the reference's update
   save     a resumable checkpoint (accelerate state + trainer_state.json + the reference's weights)
+  validate images, scores and reward-hacking monitors at step 0, every validation.every steps and at the
+           end, through a validator built above this layer (`xdpo.train.validation`); may stop the run
   run      step until train.max_steps or a stop request, logging every step, checkpointing on schedule;
            then final/ (docs/design.md §2).
 SIGINT and SIGTERM (preemption) finish the step, save a checkpoint on every process and return with
@@ -41,13 +43,17 @@ from xdpo.train.sources import RoundFactory, TrainData, default_rounds, open_tra
 from xdpo.train.state import TrainerState
 from xdpo.train.step import train_step
 from xdpo.train.stop import StopRequest
+from xdpo.train.validation import ValidationRun, ValidatorFactory
 
 
 class Recipe:
     """One training run of `cfg`; `run()` trains (or resumes) it and returns the output folder."""
 
-    def __init__(self, cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None) -> None:
-        self.cfg, self.out, self.rounds = cfg, Path(cfg.output_dir), rounds
+    def __init__(
+        self, cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None,
+        validators: ValidatorFactory | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.out, self.rounds, self.validators = cfg, Path(cfg.output_dir), rounds, validators
         self.objective = get_objective(cfg.loss.objective)
         self.acc = accelerator or make_accelerator(cfg, self.out)  # DDP, FSDP2, DeepSpeed (forced on CPU)
         self.acc.gradient_accumulation_steps = cfg.train.grad_accum  # also when an accelerator is passed in
@@ -98,6 +104,11 @@ class Recipe:
             ref.probe = make_probe(cfg, self.data.probe, self.ctx, acc.process_index, acc.num_processes)
         acc.print(describe(self))
         acc.print(self.diag.about())
+        self.validation = None  # validation.prompts: images, scores and monitors (xdpo.rollout.validation)
+        if cfg.validation.prompts:
+            self.validation = ValidationRun(
+                cfg, self.models.comps, acc, self.out, self.state.step, self.keep_weights, self.validators
+            )
 
     def restore(self, path: Path) -> None:
         """Weights, optimizer, schedule and RNGs (accelerate), then the reference and the objective's state."""
@@ -211,6 +222,15 @@ class Recipe:
         self.last_saved = self.state.step
         return path
 
+    def keep_weights(self, folder: Path, step: int) -> None:
+        """The policy's weights in final/'s format in `folder` (validation's best/); DeepSpeed's from a checkpoint."""
+        last = self.save() if deepspeed_stage(self.acc) is not None else None
+        ckpt.save_final(self.acc, self.policy, self.cfg, self.models.comps, folder, step, checkpoint=last)
+
+    def validate(self) -> bool:
+        """Validation when due (step 0, validation.every, the last step); True: validation.stop_on stops."""
+        return self.validation is not None and self.validation(self.state.step, self.policy)
+
     # ---- run ---------------------------------------------------------------------------------------
     def run(self) -> Path:
         self.setup()
@@ -220,6 +240,8 @@ class Recipe:
                    dynamic_ncols=True)  # fmt: skip
         with StopRequest() as stop:
             try:
+                if st.step == 0:
+                    self.validate()  # the base model's images
                 while st.step < t.max_steps and not stop.requested:
                     row = self.train_step(stop)
                     if acc.is_main_process and t.report_to != "none":
@@ -232,6 +254,8 @@ class Recipe:
                             epoch=f"{row['epoch']:.2f}",
                             refresh=False,
                         )
+                    if not stop.requested and self.validate():
+                        break  # validation.stop_on: finish() saves the last checkpoint and final/
                     due = t.checkpoint_every and st.step % t.checkpoint_every == 0 and st.step < t.max_steps
                     if due or stop.requested:
                         self.save()
@@ -275,12 +299,16 @@ class Recipe:
         )
 
 
-def train(cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None) -> Path:
+def train(
+    cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None,
+    validators: ValidatorFactory | None = None,
+) -> Path:  # fmt: skip
     """Run (or resume) a training run; return `output_dir`. `rounds`: the online round maker's factory
-    (default: online DPO's, `xdpo.rollout.rounds.PairRounds`). A run stopped by SIGINT / SIGTERM has saved a
+    (default: online DPO's, `xdpo.rollout.rounds.PairRounds`); `validators`: the validator's factory
+    (default `xdpo.rollout.validation.ImageValidation`). A run stopped by SIGINT / SIGTERM has saved a
     checkpoint; `train` then raises `KeyboardInterrupt`, so that a caller running several stages (the demo,
     the study, a script) stops with it (`Recipe.run` itself just returns with `stopped` set)."""
-    recipe = Recipe(cfg, accelerator, rounds)
+    recipe = Recipe(cfg, accelerator, rounds, validators)
     out = recipe.run()
     if recipe.stopped:
         raise KeyboardInterrupt
