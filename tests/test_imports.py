@@ -261,7 +261,7 @@ LAYERS = (
     ("xdpo.config",),  # typed config; its sections and choices read the registries (by name above it)
     ("xdpo.data",),
     ("xdpo.train", "xdpo.evaluate"),  # the training recipe never imports scorers or samplers (rollout)
-    ("xdpo.pairs",),
+    ("xdpo.pairs", "xdpo.export"),  # pairs from samples; a run's model in other formats (export)
     ("xdpo.rollout",),  # on-policy rounds: sampling and scoring, handed to the recipe as a round maker
     ("xdpo", "xdpo.cli", "xdpo.__main__", "xdpo.apps"),  # composition and the users of the library
 )

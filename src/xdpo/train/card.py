@@ -131,9 +131,9 @@ def usage(base: str, pipeline_class: str, lora: bool) -> str:
 
 
 def write_model_card(final: Path, cfg: Any, info: dict[str, Any], run: Path | None = None,
-                     license: str | None = None) -> Path:  # fmt: skip
+                     license: str | None = None, files: dict[str, str] | None = None) -> Path:  # fmt: skip
     """README.md in `final` for the model described by `info` (final's xdpo.json) trained with `cfg`;
-    `run`: the run's output folder (default: final's parent)."""
+    `run`: the run's output folder (default: final's parent); `files`: {file: what it is} to list."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from xdpo.objectives import get_objective
@@ -172,6 +172,7 @@ def write_model_card(final: Path, cfg: Any, info: dict[str, Any], run: Path | No
         "",
         *validation_lines(run, final),
         "",
+        *(["## Files", "", *[f"- `{k}`: {v}" for k, v in files.items()], ""] if files else []),
         "## Usage",
         "",
         usage(base if is_hub_id(base) else "BASE_MODEL", str(info.get("pipeline_class")), lora),
