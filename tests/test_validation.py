@@ -194,3 +194,19 @@ def test_validation_rules():
         load_config(None, [*base, "validation.held_out=pickscore"])
     with pytest.raises(ConfigError, match="validation.prompts.*data.cache"):
         load_config(None, [*base, "validation.prompts=digits", "data.cache=/c"])
+
+
+@pytest.mark.slow
+def test_two_processes_validate_once_and_agree(tmp_path, tiny_pipeline_dir, pairs_parquet, prompts):
+    """Sampling and scoring on the main process, the outcome broadcast: both processes keep best/ and finish."""
+    import os
+
+    from conftest import torchrun, train_overrides
+
+    over = validated(prompts, **{"validation.held_out": "rewards:ink", "validation.stop_on": 5})
+    env = {"PYTHONPATH": os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])}
+    torchrun("train", *train_overrides(tmp_path / "run", tiny_pipeline_dir, pairs_parquet, **over), env=env)
+    out = tmp_path / "run"
+    assert [r["step"] for r in history(out)] == [0, 2]
+    assert len(list((out / "validation" / "step-000002").glob("*.png"))) == 4
+    assert (out / "best" / "xdpo.json").is_file() and (out / "final" / "README.md").is_file()
