@@ -1,7 +1,7 @@
 """`xdpo export RUN`: a run's final model (or best/) as LoRA files for UIs and diffusers, merged whole
 weights, a model card, and optionally the hub.
 
-Into `--out` (default RUN/export): README.md (the model card, `xdpo.train.card`), and for a LoRA run
+Into `--out` (default RUN/export, RUN/export-best for best/): README.md (the model card, `xdpo.train.card`), and for a LoRA run
 `pytorch_lora_weights.safetensors` (diffusers/peft), `<run>_kohya.safetensors` (kohya/ComfyUI naming with
 alpha; SD, SDXL, Flux) and `merged/` (the LoRA fused into the base pipeline); for a full fine-tune
 `merged/` is final/'s pipeline itself. `--push-to-hub REPO` uploads the folder.
@@ -46,7 +46,7 @@ def export(source: Path, out: Path | None = None, formats: tuple[str, ...] = FOR
     info = json.loads((model / "xdpo.json").read_text())
     cfg = load_config(run / "config.yaml")
     fam = get_family(info["family"])
-    out = Path(out or run / "export")
+    out = Path(out or run / ("export" if model.name == "final" else f"export-{model.name}"))
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     if info.get("lora"):

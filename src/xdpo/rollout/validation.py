@@ -5,7 +5,8 @@ validation it samples every prompt of `validation.prompts` at every seed of `val
 generator per image, as `xdpo sample` draws them: at step 0 the images are the base pipeline's), and on
 the main process writes `validation/step-NNNNNN/PPP-sS.png` and the grid `validation/grid-step-NNNNNN.png`
 (a row per prompt, a column per seed), scores them, logs the grid to the trackers (tensorboard, wandb),
-appends a row to `validation/history.jsonl` and rewrites `report.html`. The monitors of reward hacking:
+appends a row to `validation/history.jsonl` (with the seconds it took: sampling, scoring, files) and
+rewrites `report.html`. The monitors of reward hacking:
 - the held-out scorer's mean (`validation.held_out`, a reward the run does not train on);
 - diversity: the mean pixel RMS distance between the images of one prompt across seeds (0..1; a collapse
   to one image per prompt drives it to 0);
@@ -17,6 +18,7 @@ forked, so that validating changes nothing in training; the outcome is broadcast
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,7 @@ class ImageValidation:
             scorers = {spec: load_reward(spec, device=str(accelerator.device)) for spec in specs}
         self.scorers = scorers or {}
         self.held_out = v.held_out
+        self._pipe: Any = None  # built on first use, reused while the policy is the same object
         self.log = MetricsLog(self.folder / HISTORY, resume_step=start_step, enabled=self.main)
         self.rows = read_metrics(self.folder / HISTORY) if self.main else []
         self.base = self._load(0) if start_step > 0 and self.main else None  # step 0's images, for drift
@@ -89,11 +92,17 @@ class ImageValidation:
         from xdpo.evaluate.sample import SCHEDULERS
 
         comps, fam = self.comps, self.comps.family
-        pipe = fam.pipeline_cls()(**{**comps.pipe.components, fam.denoiser: policy})
+        if self._pipe is not None and getattr(self._pipe, fam.denoiser) is policy:
+            return self._pipe
+        parts = {**comps.pipe.components, fam.denoiser: policy}
+        if "safety_checker" in parts:  # as `load_pipeline`: none, and no warning about it
+            parts["requires_safety_checker"] = False
+        pipe = fam.pipeline_cls()(**parts)
         name = SCHEDULERS.get(self.scheduler)
         if name and not type(pipe.scheduler).__name__.startswith("FlowMatch"):
             pipe.scheduler = getattr(diffusers, name).from_config(comps.pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        self._pipe = pipe
         return pipe
 
     def sample(self, policy: Any) -> list[Any]:
@@ -121,15 +130,16 @@ class ImageValidation:
 
     # ---- the protocol -------------------------------------------------------------------------------------
     def validate(self, step: int, policy: Any) -> Validation:
+        start = time.perf_counter()
         images = self.sample(policy) if self.samples else None
-        result = self.record(step, images) if self.main else None
+        result = self.record(step, images, start) if self.main else None
         if self.acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             result = broadcast_object_list([result], from_process=0)[0]
         return result
 
-    def record(self, step: int, images: list[Any]) -> Validation:
+    def record(self, step: int, images: list[Any], start: float) -> Validation:
         """Files, scores, monitors, trackers and the report of one validation (main process)."""
         from diffusers.utils import make_image_grid
 
@@ -152,7 +162,8 @@ class ImageValidation:
         )
         held_out = scores.get(self.held_out) if self.held_out else None
         row = {"step": step, "grid": grid_file, "scores": scores, "held_out": held_out,
-               "diversity": diversity(arrays, len(self.seeds)), "drift": drift}  # fmt: skip
+               "diversity": diversity(arrays, len(self.seeds)), "drift": drift,
+               "seconds": time.perf_counter() - start}  # fmt: skip
         self.rows = [r for r in self.rows if r["step"] != step] + [row]
         self.log.write(row)
         metrics = {f"validation/{k}": v for k, v in scores.items()}
