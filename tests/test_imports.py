@@ -261,8 +261,8 @@ LAYERS = (
     ("xdpo.config",),  # typed config; its sections and choices read the registries (by name above it)
     ("xdpo.data",),
     ("xdpo.train", "xdpo.evaluate"),  # the training recipe never imports scorers or samplers (rollout)
-    ("xdpo.rollout",),  # the rollout engine, rewards and rounds (handed to the recipe as a round maker)
-    ("xdpo.pairs",),  # `xdpo pairs` / `xdpo relabel`: users of the rollout engine and its rewards
+    ("xdpo.rollout",),  # the rollout engine, rewards, rounds and validation (handed to the recipe by name)
+    ("xdpo.pairs", "xdpo.export"),  # `xdpo pairs` / `relabel` (users of the rollout engine); `xdpo export`
     ("xdpo", "xdpo.cli", "xdpo.__main__", "xdpo.apps"),  # composition and the users of the library
 )
 """The library's layers, bottom first: a module imports only modules of its own package or of lower layers."""

@@ -94,3 +94,88 @@ def test_summarize_equals_the_per_row_computation(micro, world, dtype, b):
         else:
             assert got[k] == v or (v != v and got[k] != got[k]), k  # bit for bit (NaN stays NaN)
     assert "deltas" not in summarize(Gather(world), records)
+
+
+# ---- diagnostics: accuracy and margin per timestep bucket, the effective beta, the chance warning ----
+
+
+def fixed_pairs(beta: float = 2.0):
+    """Eight pairs with chosen deltas and timesteps (T = 1000, 4 buckets: t0-249, t250-499, t500-749,
+    t750-999). Diffusion-DPO's margin is -(beta / 2) (delta_w - delta_l) (reverse_kl: f'(z) = log z)."""
+    d_w = torch.tensor([-1.0, -3.0, 2.0, 0.5, -2.0, 1.0, 0.0, 4.0])
+    d_l = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0, -1.0, 0.0, 0.0])
+    t = torch.tensor([10, 249, 250, 499, 600, 749, 260, 100])
+    zero = torch.zeros(8)
+    out = preference_loss(zero + d_w, zero + d_l, zero, zero, beta=beta)  # e_ref = 0: delta = e
+    return out, t, d_w, d_l
+
+
+def test_accuracy_and_margin_per_bucket_equal_their_closed_forms():
+    out, t, d_w, d_l = fixed_pairs(beta=2.0)
+    row = summarize(Gather(1), [(out, t, None)], buckets=4, num_steps=1000)
+    # bucket t0-249: pairs 0, 1, 7: margins -(d_w - d_l) = 2, 4, -4 -> accuracy 2/3, margin 2/3
+    assert row["implicit_acc_t0-249"] == pytest.approx(2 / 3)
+    assert row["reward_margin_t0-249"] == pytest.approx(2 / 3)
+    # t250-499: pairs 2, 3, 6: margins -2, 0 (a tie: 0.5), 0 (a tie) -> accuracy 1/3, margin -2/3
+    assert row["implicit_acc_t250-499"] == pytest.approx(1 / 3)
+    assert row["reward_margin_t250-499"] == pytest.approx(-2 / 3)
+    # t500-749: pairs 4, 5: margins 2, -2 -> 0.5, 0
+    assert row["implicit_acc_t500-749"] == pytest.approx(0.5)
+    assert row["reward_margin_t500-749"] == pytest.approx(0.0)
+    assert row["implicit_acc_t750-999"] is None and row["reward_margin_t750-999"] is None  # no pairs
+    margin = -(d_w - d_l)
+    assert row["implicit_acc"] == pytest.approx(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+    assert row["reward_margin"] == pytest.approx(margin.mean())
+    # the same step across 2 processes and 2 micro-batches: the means do not move
+    two = summarize(Gather(2), [(out, t, None), (out, t, None)], buckets=4, num_steps=1000)
+    assert {k: v for k, v in two.items() if "_t" in k} == {k: v for k, v in row.items() if "_t" in k}
+
+
+def test_bucket_names_cover_every_timestep_once():
+    from xdpo.train.metrics import bucket_names
+
+    assert bucket_names(4, 1000) == ["t0-249", "t250-499", "t500-749", "t750-999"]
+    assert bucket_names(3, 10) == ["t0-2", "t3-5", "t6-9"]
+    assert "implicit_acc_t0-249" not in summarize(Gather(1), [fixed_pairs()[:2] + (None,)])  # buckets=0: off
+
+
+def diag_config(**overrides):
+    from xdpo.config import load_config
+
+    values = {"model.pretrained": "x", "data.path": "x", "train.chance_warning_steps": 4, **overrides}
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+def test_effective_beta_is_the_objectives_scale_times_mean_lambda():
+    from xdpo.objectives import get_objective
+    from xdpo.train.metrics import Diagnostics
+
+    out, t, _, _ = fixed_pairs()
+    lam = torch.linspace(1, 2, 8)
+    pair = Diagnostics(diag_config(**{"loss.beta": 300}), get_objective("pair"), 1000, 8, 1e-5)
+    assert pair.row(Gather(1), [(out, t, lam)])["beta_eff"] == pytest.approx(300 * 1.5)
+    assert "loss.beta (300)" in pair.about()
+    mapo = Diagnostics(diag_config(**{"mapo.logit_scale": 7}), get_objective("mapo"), 1000, 8, 1e-5)
+    assert mapo.row(Gather(1), [(out, t, None)])["beta_eff"] == pytest.approx(7.0)  # kappa, not loss.beta
+    assert "mapo.logit_scale (7)" in mapo.about()
+    sft = Diagnostics(diag_config(), get_objective("sft"), 1000, 8, 1e-5)
+    assert "beta_eff" not in sft.row(Gather(1), [(out, t, None)]) and "none" in sft.about()
+
+
+def test_the_chance_warning_comes_once_when_accuracy_stays_at_chance():
+    from xdpo.objectives import get_objective
+    from xdpo.train.metrics import Diagnostics
+
+    def lines(accs, **kw):
+        cfg = diag_config(**kw)
+        d = Diagnostics(cfg, get_objective(cfg.loss.objective), 1000, 100, 1e-5)
+        got = [d.chance_warning(s, {"implicit_acc": a, "reward_margin": 0.01, "beta_eff": 5.0})
+               for s, a in enumerate(accs, start=1)]  # fmt: skip
+        return [g for g in got if g]
+
+    at_chance = lines([0.9, 0.9, 0.52, 0.47, 0.5, 0.5, 0.5])  # steps 3-4 (200 pairs): 0.495, band 0.071
+    assert len(at_chance) == 1
+    assert "after 4 steps" in at_chance[0] and "loss.beta" in at_chance[0] and "learning rate" in at_chance[0]
+    assert lines([0.5, 0.5, 0.7, 0.7, 0.5, 0.5]) == []  # learning: above the band at the check
+    assert lines([0.5] * 6, **{"train.chance_warning_steps": 0}) == []  # off
+    assert lines([0.5] * 6, **{"loss.objective": "sft"}) == []  # no preference scale, rewards 0 by design

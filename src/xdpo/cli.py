@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "xdpo.train.cache_cli",
     "xdpo.evaluate.cli",
     "xdpo.pairs.cli",
+    "xdpo.export.cli",
     "xdpo.apps.digits.cli",
     "xdpo.apps.demo.cli",
     "xdpo.apps.study.cli",

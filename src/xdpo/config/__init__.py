@@ -35,6 +35,7 @@ from xdpo.config.schema import (
     ReferenceConfig,
     TimestepConfig,
     TrainConfig,
+    ValidationConfig,
 )
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "ReferenceConfig",
     "TimestepConfig",
     "TrainConfig",
+    "ValidationConfig",
     "all_keys",
     "dump_yaml",
     "from_flat",

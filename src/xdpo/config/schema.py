@@ -255,6 +255,16 @@ class TrainConfig:
     log_deltas: bool = _f(
         False, "also log every image's delta (policy minus reference error) per step in metrics.jsonl"
     )
+    timestep_buckets: int = _f(
+        4,
+        "implicit accuracy and reward margin per bucket of timesteps (t<lo>-<hi> in metrics.jsonl); 0 = off",
+        **at_least(0),
+    )
+    chance_warning_steps: int = _f(
+        300,
+        "warn once if the implicit accuracy is still at chance after this many steps (beta, lr); 0 = never",
+        **at_least(0),
+    )
 
 
 @dataclass
@@ -338,6 +348,38 @@ class OnlineConfig:
 
 
 @dataclass
+class ValidationConfig:
+    prompts: str = _f(
+        "",
+        "validation images during training: a prompt file or named set (as `xdpo sample --prompts`); "
+        "empty = no validation",
+    )
+    seeds: str = _f("0,1", "seeds of every prompt (as `xdpo sample --seeds`), the same at every validation")
+    every: int = _f(
+        250,
+        "validate every N optimizer steps, at step 0 (the base model) and at the last step",
+        **at_least(1),
+    )
+    scorers: list[str] = _f(
+        [],
+        "rewards of the validation images, each as `xdpo pairs --scorer` takes it (a scorer name, "
+        "module:function, a weighted sum in a YAML list item)",
+    )
+    held_out: str = _f(
+        "",
+        "a reward the run does not train on (as `xdpo pairs --scorer`), watched for reward hacking; empty = none",
+    )
+    stop_on: int = _f(
+        0,
+        "stop the run when the held-out reward has stayed below its best for N validations in a row, keeping "
+        "the best weights in best/; 0 = never",
+        **at_least(0),
+    )
+    steps: int = _f(0, "sampling steps; 0 = the model's sampling defaults", **at_least(0))
+    guidance: float | None = _f(None, "guidance scale; empty = the model's sampling default")
+
+
+@dataclass
 class Config:
     output_dir: str = _f(
         "outputs/xdpo-run", "where config.yaml, metrics.jsonl, checkpoints/ and final/ go", **required()
@@ -354,6 +396,7 @@ class Config:
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     sections: dict[str, Any] = field(
         default_factory=lambda: {name: cls() for name, cls in objective_sections().items()},
         metadata={"sections": objective_sections, "help": "the objectives' own keys"},

@@ -76,10 +76,17 @@ OPTIONS = (
            "num_train_timesteps 1000; paper: 1)", check=_positive, rule="must be > 0"),
 )  # fmt: skip
 
+
+def _scale(cfg: object) -> tuple[str, float]:
+    """kappa scales the link difference into the log-sigmoid's logits (loss.beta is not read)."""
+    return "mapo.logit_scale", float(cfg.mapo.logit_scale)  # type: ignore[attr-defined]
+
+
 MAPO = Objective(
     name="mapo",
     about="MaPO (Hong et al. 2024): reference-free, denoising loss on w plus a bounded margin over (w, l)",
     loss=_loss,
     needs_reference=False,
     options=OPTIONS,
+    scale=_scale,
 )

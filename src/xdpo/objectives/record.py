@@ -22,6 +22,9 @@ The recipe reads only these traits (docs/design.md §2):
   draw unit (an image, or a group for `noise="group"`) is trained at in its round, or None (the run's
   timestep sampler, one draw per unit);
 - `samples_with`: the model that samples its rollouts: "policy" or "reference" (DiffusionNFT's old policy).
+- `scale(cfg)`: (the key, its value) of the factor that turns its reward difference into logits
+  (default `loss.beta`; MaPO's kappa), logged as the effective beta = scale x mean lambda(t); None
+  when its loss has none (SFT).
 A new objective is one module defining such a record plus one line in `registry.OBJECTIVES`.
 """
 
@@ -88,6 +91,11 @@ class LossInput:
         return self.err.shape[0] // 2 if self.pairs else self.err.shape[0]
 
 
+def beta_scale(cfg: Any) -> tuple[str, float]:
+    """The logits' scale of most objectives: `loss.beta`."""
+    return "loss.beta", float(cfg.loss.beta)
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -106,3 +114,4 @@ class Objective:
     initial: Callable[[dict[str, Any]], bool] = _never
     timesteps: Callable[[int, dict[str, Any], Any], Sequence[int]] | None = None
     samples_with: str = "policy"
+    scale: Callable[[Any], tuple[str, float]] | None = beta_scale

@@ -46,4 +46,5 @@ SFT = Objective(
     loss=_loss,
     params=("beta",),
     needs_reference=False,
+    scale=None,  # its loss has no beta (loss.beta scales only the logged rewards)
 )

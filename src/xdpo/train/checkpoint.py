@@ -26,6 +26,7 @@ import torch
 
 from xdpo.errors import ConfigError, XdpoError
 from xdpo.models.load import pipeline_kwargs
+from xdpo.train.card import write_model_card
 from xdpo.train.state import STATE_FILE
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -216,7 +217,8 @@ def save_final(
     """LoRA: final/pytorch_lora_weights.safetensors (the family pipeline's `load_lora_weights(final)`).
     Full: a complete pipeline folder with the trained denoiser (`<FamilyPipeline>.from_pretrained(final)`,
     or `DiffusionPipeline.from_pretrained(final)`), with the components the run trained with.
-    DeepSpeed: the weights come from `checkpoint` (this step's, just saved), in fp32."""
+    DeepSpeed: the weights come from `checkpoint` (this step's, just saved), in fp32. Then xdpo.json and the
+    model card (README.md)."""
     # FSDP: the whole weights, gathered by every process (a collective), saved by the main one
     whole = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "FSDP" else None
     if not accelerator.is_main_process:
@@ -255,3 +257,4 @@ def save_final(
         "vae": cfg.model.vae or None,
     }
     (out / "xdpo.json").write_text(json.dumps(info, indent=2))
+    write_model_card(out, cfg, info)  # README.md: the run's real values (xdpo.train.card)

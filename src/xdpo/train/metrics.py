@@ -1,10 +1,13 @@
-"""Per-step metrics: aggregation over micro-batches and processes, and `metrics.jsonl` that survives resume."""
+"""Per-step metrics: aggregation over micro-batches and processes, the run's diagnostics (accuracy and margin
+per timestep bucket, the effective beta, a warning when the implicit accuracy stays at chance), and
+`metrics.jsonl` that survives resume."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +55,27 @@ def _columns(r: LossOutput, ts: torch.Tensor, w: torch.Tensor | None) -> torch.T
     return torch.stack(cols, dim=1).float()
 
 
+def bucket_names(buckets: int, num_steps: int) -> list[str]:
+    """`t<lo>-<hi>` per bucket: bucket k holds the timesteps floor(k T / K) .. floor((k + 1) T / K) - 1
+    (T = num_steps, K = buckets; k = 0 the least noisy)."""
+    edges = [k * num_steps // buckets for k in range(buckets + 1)]
+    return [f"t{edges[k]}-{edges[k + 1] - 1}" for k in range(buckets)]
+
+
+def _per_bucket(t: torch.Tensor, correct: torch.Tensor, margin: torch.Tensor, buckets: int, num_steps: int):
+    """[count, accuracy, mean margin] per bucket ([3K]); NaN where a bucket is empty."""
+    k = (t.long() * buckets).div(num_steps, rounding_mode="floor").clamp(0, buckets - 1)
+    onehot = torch.nn.functional.one_hot(k, buckets).to(margin.dtype)  # [pairs, K]
+    count = onehot.sum(0)
+    return torch.cat([count, (correct @ onehot) / count, (margin @ onehot) / count])
+
+
 def summarize(
     accelerator: Any,
     records: list[tuple[LossOutput, torch.Tensor, torch.Tensor | None]],
     keep_deltas: bool = False,
+    buckets: int = 0,
+    num_steps: int = 1000,
 ) -> dict:
     """Means over all pairs of the optimizer step (all micro-batches, all processes): one gather, one sync.
 
@@ -63,6 +83,9 @@ def summarize(
     adds `deltas`: every image's delta = e_theta - e_ref (winners, then losers; 5 significant digits).
     A handful of small ops (a step's fixed cost): the per-row means in one reduction over the gathered
     [pairs, rows] block, whose values equal per-row `.mean()` calls bit for bit (tests/test_metrics.py).
+    `buckets` > 0 adds `implicit_acc_<bucket>` and `reward_margin_<bucket>` per timestep bucket
+    (`bucket_names`), in the same sync: the share of the bucket's pairs with reward_w > reward_l (ties
+    count 0.5) and their mean reward_w - reward_l; None for a bucket without pairs this step.
     """
     blocks = [_columns(*rec) for rec in records]
     local = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
@@ -73,23 +96,83 @@ def summarize(
     q = _quantiles.get(deltas.device)
     if q is None:
         q = _quantiles[deltas.device] = torch.tensor(QUANTILES, device=deltas.device)
-    extra = torch.stack(
-        [
-            ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
-            margin.mean(),
-            torch.cat([g[7], g[8]]).mean(),
-            deltas.abs().max(),
-        ]
-    )
-    values = torch.cat([means[:7], extra, torch.quantile(deltas, q)]).tolist()  # the one sync
+    correct = (margin > 0).float() + 0.5 * (margin == 0).float()
+    extra = torch.stack([correct.mean(), margin.mean(), torch.cat([g[7], g[8]]).mean(), deltas.abs().max()])
+    parts = [means[:7], extra, torch.quantile(deltas, q)]
+    if buckets > 0:
+        parts.append(_per_bucket(g[5], correct, margin, buckets, num_steps))
+    values = torch.cat(parts).tolist()  # the one sync
     loss, reward_w, reward_l, delta_w, delta_l, t_mean, lam_mean = values[:7]
     acc, margin_mean, clamp, abs_max = values[7:11]
     stats = [loss, acc, margin_mean, reward_w, reward_l, clamp, delta_w, delta_l, abs_max, t_mean, lam_mean]
-    stats += values[11:]
+    stats += values[11:14]
     row = dict(zip(KEYS, stats, strict=True))
+    if buckets > 0:
+        count, acc_k, margin_k = (values[14 + i * buckets : 14 + (i + 1) * buckets] for i in range(3))
+        for name, n, a, m in zip(bucket_names(buckets, num_steps), count, acc_k, margin_k, strict=True):
+            row[f"implicit_acc_{name}"], row[f"reward_margin_{name}"] = (a, m) if n > 0 else (None, None)
     if keep_deltas:
         row["deltas"] = [float(f"{d:.5g}") for d in deltas.tolist()]
     return row
+
+
+class Diagnostics:
+    """What explains a run beyond the loss, added to every step's row by `row()`:
+    - `implicit_acc` / `reward_margin` per timestep bucket (`train.timestep_buckets`, `summarize`);
+    - `beta_eff` = the objective's scale (`Objective.scale`: loss.beta, or e.g. MaPO's mapo.logit_scale)
+      x mean lambda(t) of the step (the factor between the implicit reward difference and the logits);
+    - once, at step `train.chance_warning_steps`, one warning line when the implicit accuracy of steps
+      (N/2, N] is within two standard errors (0.5 / sqrt(pairs)) of chance, naming what to check.
+    Objectives without a scale (SFT: no reference, rewards 0) get neither `beta_eff` nor the warning.
+    """
+
+    def __init__(self, cfg: Any, objective: Any, num_steps: int, rows_per_step: int, lr: float) -> None:
+        t = cfg.train
+        self.cfg, self.num_steps, self.rows, self.lr = cfg, num_steps, rows_per_step, lr
+        self.buckets, self.at = t.timestep_buckets, t.chance_warning_steps
+        self.scale = objective.scale(cfg) if objective.scale is not None else None
+        self.window: deque[float] = deque(maxlen=max(self.at - self.at // 2, 1))
+        self.checked = self.at == 0 or self.scale is None
+
+    def about(self) -> str:
+        """One line for the run's start: what the effective beta is made of."""
+        if self.scale is None:
+            return "effective beta: none (the objective's loss has no preference scale)"
+        key, value = self.scale
+        return f"effective beta (beta_eff in metrics.jsonl) = {key} ({value:g}) x mean lambda(t)"
+
+    def row(self, accelerator: Any, records: list, keep_deltas: bool = False) -> dict[str, Any]:
+        """`summarize` of the step, with the buckets and `beta_eff`."""
+        row = summarize(accelerator, records, keep_deltas, self.buckets, self.num_steps)
+        if self.scale is not None:
+            row["beta_eff"] = self.scale[1] * row["lambda_mean"]
+        return row
+
+    def chance_warning(self, step: int, row: dict[str, Any]) -> str | None:
+        """The warning line, once, at the first step >= `train.chance_warning_steps` (None otherwise)."""
+        if self.checked:
+            return None
+        if step > self.at // 2:
+            self.window.append(row["implicit_acc"])
+        if step < self.at:
+            return None
+        self.checked = True
+        if len(self.window) < self.window.maxlen:  # resumed past the window's start: not enough to judge
+            return None
+        n = self.rows * len(self.window)
+        acc, band = sum(self.window) / len(self.window), 2 * 0.5 / math.sqrt(n)
+        if abs(acc - 0.5) > band:
+            return None
+        lc, t = self.cfg.loss, self.cfg.train
+        return (
+            f"Warning: the implicit accuracy is still at chance after {step} steps ({acc:.3f} over the last "
+            f"{len(self.window)} steps, {n} pairs; chance is 0.5 +- {band:.3f}): the policy does not rank the "
+            f"preferred images first yet. Check the effective beta ({row.get('beta_eff', 0):.3g} = "
+            f"{self.scale[0]} x mean lambda(t)) against the size of the error differences "
+            f"(loss.error_reduction={lc.error_reduction}; reward_margin {row['reward_margin']:.3g} is the "
+            f"logits: near 0, beta is too small for these errors), and the learning rate ({self.lr:.3g} "
+            f"after train.warmup_steps={t.warmup_steps})"
+        )
 
 
 class MetricsLog:

@@ -5,6 +5,8 @@
   step     one optimizer step: grad_accum micro-steps (`step.train_step`), one agreement across processes
            (all finite? a stop requested?), clip, optimizer step, schedule, the reference's update
   save     a resumable checkpoint (accelerate state + trainer_state.json + the reference's weights)
+  validate images, scores and reward-hacking monitors at step 0, every validation.every steps and at the
+           end, through a validator built above this layer (`xdpo.train.validation`); may stop the run
   run      step until train.max_steps or a stop request, logging every step, checkpointing on schedule;
            then final/ (docs/design.md §2).
 SIGINT and SIGTERM (preemption) finish the step, save a checkpoint on every process and return with
@@ -34,20 +36,24 @@ from xdpo.train.distributed import (
     optimizer_step,
     policy_autocast,
 )  # fmt: skip
-from xdpo.train.metrics import MetricsLog, summarize
+from xdpo.train.metrics import Diagnostics, MetricsLog
 from xdpo.train.optim import learning_rate
 from xdpo.train.setup import describe, make_probe, prepare_models, step_context
 from xdpo.train.sources import RoundFactory, TrainData, default_rounds, open_train_data
 from xdpo.train.state import TrainerState
 from xdpo.train.step import train_step
 from xdpo.train.stop import StopRequest
+from xdpo.train.validation import ValidationRun, ValidatorFactory
 
 
 class Recipe:
     """One training run of `cfg`; `run()` trains (or resumes) it and returns the output folder."""
 
-    def __init__(self, cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None) -> None:
-        self.cfg, self.out, self.rounds = cfg, Path(cfg.output_dir), rounds
+    def __init__(
+        self, cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None,
+        validators: ValidatorFactory | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.out, self.rounds, self.validators = cfg, Path(cfg.output_dir), rounds, validators
         self.objective = get_objective(cfg.loss.objective)
         self.acc = accelerator or make_accelerator(cfg, self.out)  # DDP, FSDP2, DeepSpeed (forced on CPU)
         self.acc.gradient_accumulation_steps = cfg.train.grad_accum  # also when an accelerator is passed in
@@ -78,6 +84,8 @@ class Recipe:
             (2 if cfg.data.format == "pairs" else 1) * t.batch_size * t.grad_accum * acc.num_processes
         )
         self.obj_state = self.objective.state(images_per_step) if self.objective.state else None
+        rows = t.batch_size * t.grad_accum * acc.num_processes
+        self.diag = Diagnostics(cfg, self.objective, self.models.process.num_steps, rows, self.lr)
         self.ctx = step_context(
             cfg, self.models, self.objective, policy=self.policy, autocast=policy_autocast(self.acc, self.policy), gather=acc.gather,
             rank=acc.process_index, frozen=torch.no_grad if is_partitioned(acc) else torch.inference_mode,
@@ -97,6 +105,12 @@ class Recipe:
         if ref is not None and ref.needs_probe:
             ref.probe = make_probe(cfg, self.data.probe, self.ctx, acc.process_index, acc.num_processes)
         acc.print(describe(self))
+        acc.print(self.diag.about())
+        self.validation = None  # validation.prompts: images, scores and monitors (xdpo.rollout.validation)
+        if cfg.validation.prompts:
+            self.validation = ValidationRun(
+                cfg, self.models.comps, acc, self.out, self.state.step, self.keep_weights, self.validators
+            )
 
     def restore(self, path: Path) -> None:
         """Weights, optimizer, schedule and RNGs (accelerate), then the reference and the objective's state."""
@@ -155,15 +169,18 @@ class Recipe:
         st.reference = {} if ref is None else ref.state()
         st.objective_state = None if self.obj_state is None else self.obj_state.state()
         st.nonfinite_total += 0 if all_finite else 1
-        row = {"step": st.step, **summarize(acc, records, keep_deltas=t.log_deltas), "lr": lr_now,
+        row = {"step": st.step, **self.diag.row(acc, records, keep_deltas=t.log_deltas), "lr": lr_now,
                "grad_norm": None if grad_norm is None else float(grad_norm), "pairs_seen": st.pairs_seen,
-               "step_time": time.perf_counter() - t0, **(ref.metrics(divergence) if ref else {})}  # fmt: skip
+               "epoch": st.pairs_seen / self.data.n_items, "step_time": time.perf_counter() - t0,
+               **(ref.metrics(divergence) if ref else {})}  # fmt: skip
         if not all_finite:
             row["nonfinite_skipped"] = st.nonfinite_total
         if acc.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
             row["skipped"] = True
         self.log.write(row)
         self.in_update = False
+        if warning := self.diag.chance_warning(st.step, row):
+            acc.print(warning)
         return row
 
     def apply_update(self, all_finite: bool) -> torch.Tensor | None:
@@ -207,6 +224,15 @@ class Recipe:
         self.last_saved = self.state.step
         return path
 
+    def keep_weights(self, folder: Path, step: int) -> None:
+        """The policy's weights in final/'s format in `folder` (validation's best/); DeepSpeed's from a checkpoint."""
+        last = self.save() if deepspeed_stage(self.acc) is not None else None
+        ckpt.save_final(self.acc, self.policy, self.cfg, self.models.comps, folder, step, checkpoint=last)
+
+    def validate(self) -> bool:
+        """Validation when due (step 0, validation.every, the last step); True: validation.stop_on stops."""
+        return self.validation is not None and self.validation(self.state.step, self.policy)
+
     # ---- run ---------------------------------------------------------------------------------------
     def run(self) -> Path:
         self.setup()
@@ -216,6 +242,8 @@ class Recipe:
                    dynamic_ncols=True)  # fmt: skip
         with StopRequest() as stop:
             try:
+                if st.step == 0:
+                    self.validate()  # the base model's images
                 while st.step < t.max_steps and not stop.requested:
                     if (why := self.data.stop_before(st.step)) is not None:  # online.stop_on
                         acc.print(f"xdpo train: stopping at step {st.step}: {why}", flush=True)
@@ -226,8 +254,13 @@ class Recipe:
                     bar.update(1)
                     if st.step % t.log_every == 0 or st.step == t.max_steps:
                         bar.set_postfix(
-                            loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}", refresh=False
+                            loss=f"{row['loss']:.4f}",
+                            acc=f"{row['implicit_acc']:.2f}",
+                            epoch=f"{row['epoch']:.2f}",
+                            refresh=False,
                         )
+                    if not stop.requested and self.validate():
+                        break  # validation.stop_on: finish() saves the last checkpoint and final/
                     due = t.checkpoint_every and st.step % t.checkpoint_every == 0 and st.step < t.max_steps
                     if due or stop.requested:
                         self.save()
@@ -271,12 +304,16 @@ class Recipe:
         )
 
 
-def train(cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None) -> Path:
+def train(
+    cfg: Config, accelerator: Any = None, rounds: RoundFactory | None = None,
+    validators: ValidatorFactory | None = None,
+) -> Path:  # fmt: skip
     """Run (or resume) a training run; return `output_dir`. `rounds`: the online round maker's factory
-    (default: the built-in one for the objective's data kind, `xdpo.rollout.rounds`). A run stopped by SIGINT / SIGTERM has saved a
+    (default: the built-in one for the objective's data kind, `xdpo.rollout.rounds`); `validators`: the
+    validator's factory (default `xdpo.rollout.validation.ImageValidation`). A run stopped by SIGINT / SIGTERM has saved a
     checkpoint; `train` then raises `KeyboardInterrupt`, so that a caller running several stages (the demo,
     the study, a script) stops with it (`Recipe.run` itself just returns with `stopped` set)."""
-    recipe = Recipe(cfg, accelerator, rounds)
+    recipe = Recipe(cfg, accelerator, rounds, validators)
     out = recipe.run()
     if recipe.stopped:
         raise KeyboardInterrupt
