@@ -411,3 +411,21 @@ def test_lora_adapters_disabled_is_the_base_model(tiny_pipeline_dir):
         torch.testing.assert_close(policy_out(lora, x, t, c), policy_out(base, x, t, c))
     torch.testing.assert_close(policy_out(lora, x, t, c), with_adapters)
     assert not torch.allclose(with_adapters, policy_out(base, x, t, c))
+
+
+@pytest.mark.slow
+def test_fsdp2_stable_soft_update_and_anchor_closed_form(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """FSDP2, 2 processes (the policy sharded): the staged candidate gathers the policy whole; after the first
+    update (alpha 0.5, kappa 0.1) the reference is 0.55 initial + 0.45 policy, parameter by parameter."""
+    from test_fsdp import FSDP_ENV, launch
+
+    out = tmp_path / "fsdp-stable"
+    launch(out, tiny_pipeline_dir, pairs_parquet, "train.max_steps=2", "reference.strategy=stable",
+           "reference.alpha=0.5", "reference.anchor=0.1", "reference.max_divergence=1e9", env=FSDP_ENV)  # fmt: skip
+    ref = load_file(out / "checkpoints" / "step-2" / "reference.safetensors")
+    policy = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet").state_dict()
+    init = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet").state_dict()
+    assert metrics(out)[1]["ref_updates"] == 1
+    assert any(not torch.equal(policy[k], init[k]) for k in init)
+    for k in init:
+        torch.testing.assert_close(ref[k], 0.55 * init[k] + 0.45 * policy[k], rtol=0, atol=1e-6)

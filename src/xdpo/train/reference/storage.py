@@ -10,6 +10,8 @@ Three models take part in a run: the policy (trained), the reference (in the los
 - Full fine-tune (`CopyStorage`): the reference is a frozen copy in reduced precision (fp32 for an EMA,
   whose small steps fall below half precision's resolution); strategies that move the reference keep
   the initial model as a third copy (on the CPU with `reference.offload`, moved in for checks).
+Both move the reference the same ways: `blend` toward the policy, `anchor` toward the initial model
+(exact for LoRA: it scales the snapshot's B factors), `reset`; `backup`/`restore` undo a staged candidate.
 """
 
 from __future__ import annotations
