@@ -1,4 +1,5 @@
-"""Reference strategies (frozen, periodic, ema) for full fine-tuning and LoRA, and resume of a periodic run."""
+"""Reference strategies (frozen, stable, periodic, ema) for full fine-tuning and LoRA, the guard's divergence
+estimators, and exact resume of runs whose reference moves."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def make(unet, lora, **kw):
 
 
 def update(ref, step, d=0.0):
-    """`maybe_update` with the probe-set estimate replaced by a fixed D (the decision logic alone)."""
-    ref.estimate = lambda *args: (d, 0.01)
+    """`maybe_update` with the probe-set estimates replaced by a fixed D (the decision logic alone)."""
+    ref.estimate = lambda *args, **kw: (d, 0.01)
+    ref.distances = lambda *args, **kw: {"initial": 0.25, "policy": 0.5}
     return ref.maybe_update(step, seed=0)
 
 
@@ -170,6 +172,139 @@ def test_divergence_estimate_is_zero_for_the_same_model_and_grows_with_drift(une
     assert d("error_gap").shape == (3,)
 
 
+def trainable(unet):
+    return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("alpha,kappa", [(0.5, 0.0), (1.0, 0.3), (0.25, 0.2)])
+def test_stable_moves_by_alpha_toward_the_policy_then_kappa_toward_the_initial_model(unet, alpha, kappa):
+    """Full fine-tune, two updates: ref <- (1 - alpha) ref + alpha policy, then ref <- ref + kappa (init - ref)."""
+    init = trainable(unet)
+    ref = make(unet, False, strategy="stable", update_every=1, alpha=alpha, anchor=kappa, max_divergence=1.0)
+    assert next(ref.storage.ref_model.parameters()).dtype == torch.float32
+    expected = dict(init)
+    for step in (1, 2):
+        perturb(unet, seed=step)
+        policy = trainable(unet)
+        assert update(ref, step, 0.5) == 0.5
+        for k in init:
+            expected[k] = (1 - kappa) * ((1 - alpha) * expected[k] + alpha * policy[k]) + kappa * init[k]
+    saved = ref.tensors()
+    for k in init:
+        torch.testing.assert_close(saved[k], expected[k], rtol=0, atol=1e-6)
+    assert ref.strategy.updates == 2 and ref.metrics(None)["ref_to_policy"] == 0.5
+    assert ref.metrics(None)["ref_to_policy"] is None  # logged once, at the step that measured it
+
+
+def test_stable_lora_copies_the_adapters_and_the_anchor_scales_b(unet):
+    """LoRA (alpha = 1): the reference is the policy's adapters with B scaled by 1 - kappa, i.e. the weights
+    W + (1 - kappa) s B A: exactly kappa of the way back to the initial model (B A = 0)."""
+    kappa = 0.3
+    ref = make(unet, True, strategy="stable", update_every=1, anchor=kappa, max_divergence=1.0)
+    x, t, c = inputs(unet)
+    for step in (1, 2):
+        perturb(unet, seed=step)
+        policy = trainable(unet)
+        update(ref, step, 0.0)
+        for k, v in ref.tensors().items():
+            torch.testing.assert_close(v, (1 - kappa) * policy[k] if ".lora_B." in k else policy[k])
+    with torch.no_grad():  # the expected reference: the policy's B factors scaled by 1 - kappa
+        for n, p in unet.named_parameters():
+            if ".lora_B." in n:
+                p.mul_(1 - kappa)
+    torch.testing.assert_close(ref_out(ref, unet, x, t, c), policy_out(unet, x, t, c))
+
+
+@pytest.mark.parametrize("on_exceed", ["freeze", "reinit"])
+def test_stable_refused_candidate_keeps_the_last_reference_within_delta(unet, on_exceed):
+    """alpha < 1: the staged candidate is checked; past delta the previous reference is restored and frozen
+    (distances still measured every tau), or the reference resets to the initial model."""
+    init = trainable(unet)
+    ref = make(
+        unet, False, strategy="stable", update_every=1, alpha=0.5, max_divergence=0.1, on_exceed=on_exceed
+    )
+    perturb(unet, seed=1)
+    update(ref, 1, 0.05)
+    kept = ref.tensors()
+    assert any(not torch.equal(kept[k], init[k]) for k in init)
+    perturb(unet, seed=2)
+    assert update(ref, 2, 5.0) == 5.0
+    after = ref.tensors()
+    for k in init:
+        assert torch.equal(after[k], kept[k] if on_exceed == "freeze" else init[k]), k
+    assert ref.strategy.frozen_step == (2 if on_exceed == "freeze" else None)
+    ref.metrics(5.0)
+    if on_exceed == "freeze":
+        assert update(ref, 3, 0.0) is None  # no check once frozen ...
+        assert ref.metrics(None)["ref_to_initial"] == 0.25  # ... but the distances are measured
+
+
+def test_stable_key_rules_are_one_line():
+    from xdpo.errors import ConfigError
+
+    base = ["model.pretrained=x", "data.path=y"]
+    with pytest.raises(ConfigError, match="reference.alpha.*not a blend of the weights B A"):
+        load_config(None, [*base, "model.lora_rank=4", "reference.strategy=stable", "reference.alpha=0.5"])
+    load_config(None, [*base, "model.lora_rank=4", "reference.strategy=stable", "reference.anchor=0.5"])
+    with pytest.raises(ConfigError, match="reference.anchor.*stable only"):
+        load_config(None, [*base, "reference.strategy=periodic", "reference.anchor=0.1"])
+
+
+class FixedProcess:
+    """A noise process whose x_t is x0 and whose target is 0 (the divergence on fixed tensors)."""
+
+    num_steps = 10
+
+    def noise(self, x0, eps, t):
+        return x0, torch.zeros_like(x0)
+
+    def model_timestep(self, t):
+        return t
+
+
+def test_kang_divergence_is_a_hand_computation_on_fixed_tensors():
+    """D = T * mean_x (e_candidate(x) - e_initial(x)) (Kang et al. Eq. 8), errors mean over C,H,W."""
+    lat = torch.zeros(2, 1, 1, 2)
+    cand = torch.tensor([[[[0.3, 0.1]]], [[[0.0, 0.2]]]])  # errors 0.05, 0.02
+    init = torch.full((2, 1, 1, 2), 0.1)  # errors 0.01, 0.01
+    probe = Probe(lat, {}, FixedProcess(), autocast=torch.no_grad)
+
+    def estimate(estimator):
+        return probe.estimate(lambda *a: cand, lambda *a: init, step=1, seed=0, draws=1, chunk=8,
+                              estimator=estimator)  # fmt: skip
+
+    d, se = estimate("kang")
+    assert d == pytest.approx(10 * (0.04 + 0.01) / 2) and se == pytest.approx(0.15)  # std(0.4, 0.1) / sqrt 2
+    assert estimate("error_gap")[0] == pytest.approx(0.025)
+    assert estimate("pred_mse")[0] == pytest.approx((0.02 + 0.01) / 2)
+    assert estimate("kang")[0] == d  # seeded by (seed, step): the same value
+
+
+def test_stable_measures_its_guard_and_distances_on_the_probe(unet, tiny_pipeline_dir):
+    from xdpo.models.load import load_components
+    from xdpo.models.noise import DDPMProcess
+
+    cfg = load_config(None, [f"model.pretrained={tiny_pipeline_dir}", "data.path=y"])
+    process = DDPMProcess(load_components(cfg.model, cfg.family).scheduler)
+    ref = make(unet, False, strategy="stable", update_every=1, max_divergence=1e9, probe_draws=2)
+    assert ref.divergence == "kang" and make(unet, False, strategy="periodic").divergence == "pred_mse"
+    lat = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = {"encoder_hidden_states": torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))}
+    ref.probe = Probe(lat, cond, process, autocast=torch.no_grad)
+    perturb(unet, 0.02)
+
+    def on_probe(estimator):
+        return ref.probe.estimate(ref.policy_predict, ref.initial_predict, step=1, seed=0, draws=2, chunk=2,
+                                  estimator=estimator)[0]  # fmt: skip
+
+    kang, gap, mse = on_probe("kang"), on_probe("error_gap"), on_probe("pred_mse")
+    d = ref.maybe_update(1, seed=0, chunk=2)
+    assert d == kang == pytest.approx(1000 * gap) and d != 0
+    row = ref.metrics(d)
+    assert row["ref_to_policy"] == pytest.approx(0.0, abs=1e-12)  # the reference is now the policy
+    assert row["ref_to_initial"] == pytest.approx(mse, rel=1e-6) and mse > 0
+
+
 PERIODIC = {
     "reference.strategy": "periodic",
     "reference.update_every": 2,
@@ -177,6 +312,11 @@ PERIODIC = {
     "timesteps.sampling": "skewed",
     "timesteps.weighting": "snr",
 }
+STABLE = {  # a soft update and the anchor (LoRA: the copy and the anchor), Kang's guard far away
+    0: {"reference.strategy": "stable", "reference.alpha": 0.5, "reference.anchor": 0.1,
+        "reference.max_divergence": 1e6},
+    4: {"reference.strategy": "stable", "reference.anchor": 0.1, "reference.max_divergence": 1e6},
+}  # fmt: skip
 
 
 def run(tmp_path, pipe, pairs, name, **overrides):
@@ -188,10 +328,12 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("strategy", ["periodic", "stable"])
 @pytest.mark.parametrize("lora", [0, 4])
-def test_periodic_run_resumes_exactly(tmp_path, tiny_pipeline_dir, pairs_parquet, lora):
-    """Resume in the middle of a periodic run (after one reference update) reproduces the uninterrupted run."""
-    kw = {"model.lora_rank": lora}
+def test_moving_reference_run_resumes_exactly(tmp_path, tiny_pipeline_dir, pairs_parquet, lora, strategy):
+    """Resume in the middle of a periodic or stable run (after one reference update) reproduces the
+    uninterrupted run: losses, D, the reference's distances, the final weights and the reference's."""
+    kw = {"model.lora_rank": lora, **(STABLE[lora] if strategy == "stable" else {})}
     fresh = run(tmp_path, tiny_pipeline_dir, pairs_parquet, "fresh", **{"train.max_steps": 5}, **kw)
     run(tmp_path, tiny_pipeline_dir, pairs_parquet, "part", **{"train.max_steps": 3}, **kw)
     resumed = run(
@@ -209,6 +351,11 @@ def test_periodic_run_resumes_exactly(tmp_path, tiny_pipeline_dir, pairs_parquet
     for ra, rb in zip(a, b, strict=True):
         assert ra["loss"] == rb["loss"] and ra["ref_divergence"] == rb["ref_divergence"]
         assert ra["ref_updates"] == rb["ref_updates"]
+        assert ra.get("ref_to_initial") == rb.get("ref_to_initial")
+        assert ra.get("ref_to_policy") == rb.get("ref_to_policy")
+    if strategy == "stable":
+        assert [r["ref_to_initial"] is not None for r in a] == [False, True, False, True, False]
+        assert all(r["ref_to_policy"] > 0 for r in a if r["ref_to_initial"] is not None)  # the anchor lags
     if lora:
         wa = load_file(fresh / "final" / "pytorch_lora_weights.safetensors")
         wb = load_file(resumed / "final" / "pytorch_lora_weights.safetensors")
@@ -220,6 +367,19 @@ def test_periodic_run_resumes_exactly(tmp_path, tiny_pipeline_dir, pairs_parquet
     ra = load_file(fresh / "checkpoints" / "step-5" / "reference.safetensors")
     rb = load_file(resumed / "checkpoints" / "step-5" / "reference.safetensors")
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_stable_as_a_copy_with_pred_mse_is_periodic(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """alpha = 1, kappa = 0 and the pred_mse guard: the same run as `periodic`, bit for bit (the shipped
+    ablations moved to `stable` keep their numbers)."""
+    kw = {"train.max_steps": 4, "reference.max_divergence": 0.1}
+    a = metrics(run(tmp_path, tiny_pipeline_dir, pairs_parquet, "periodic", **kw))
+    b = metrics(run(tmp_path, tiny_pipeline_dir, pairs_parquet, "stable", **kw, **{
+        "reference.strategy": "stable", "reference.divergence": "pred_mse"}))  # fmt: skip
+    assert any(r["ref_divergence"] is not None for r in a)
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "ref_divergence", "ref_updates", "ref_frozen_step", "reward_margin"):
+            assert ra[key] == rb[key], key
 
 
 def test_tiny_delta_freezes_at_first_check_in_a_run(tmp_path, tiny_pipeline_dir, pairs_parquet):
@@ -251,3 +411,21 @@ def test_lora_adapters_disabled_is_the_base_model(tiny_pipeline_dir):
         torch.testing.assert_close(policy_out(lora, x, t, c), policy_out(base, x, t, c))
     torch.testing.assert_close(policy_out(lora, x, t, c), with_adapters)
     assert not torch.allclose(with_adapters, policy_out(base, x, t, c))
+
+
+@pytest.mark.slow
+def test_fsdp2_stable_soft_update_and_anchor_closed_form(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """FSDP2, 2 processes (the policy sharded): the staged candidate gathers the policy whole; after the first
+    update (alpha 0.5, kappa 0.1) the reference is 0.55 initial + 0.45 policy, parameter by parameter."""
+    from test_fsdp import FSDP_ENV, launch
+
+    out = tmp_path / "fsdp-stable"
+    launch(out, tiny_pipeline_dir, pairs_parquet, "train.max_steps=2", "reference.strategy=stable",
+           "reference.alpha=0.5", "reference.anchor=0.1", "reference.max_divergence=1e9", env=FSDP_ENV)  # fmt: skip
+    ref = load_file(out / "checkpoints" / "step-2" / "reference.safetensors")
+    policy = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet").state_dict()
+    init = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet").state_dict()
+    assert metrics(out)[1]["ref_updates"] == 1
+    assert any(not torch.equal(policy[k], init[k]) for k in init)
+    for k in init:
+        torch.testing.assert_close(ref[k], 0.55 * init[k] + 0.45 * policy[k], rtol=0, atol=1e-6)

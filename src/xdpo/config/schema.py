@@ -159,28 +159,43 @@ class LossConfig:
 class ReferenceConfig:
     strategy: str = _f(
         "frozen",
-        "frozen = the initial model; periodic = Kang et al. 2025 stable update; ema; soft = the online methods' "
-        "old policy (DiffusionNFT, AWM, DGPO: eta ramped in optimizer steps)",
+        "frozen = the initial model; stable = Kang et al. 2025's guarded update (hard copy by default; alpha, "
+        "anchor); periodic = its earlier form (pred_mse guard); ema; soft = the online methods' old policy "
+        "(DiffusionNFT, AWM, DGPO: eta ramped in optimizer steps)",
         choices=names("xdpo.train.reference:STRATEGIES"),
     )
     update_every: int = _f(
-        32, "tau: optimizer steps between reference updates (periodic, ema)", **at_least(1)
+        32, "tau: optimizer steps between reference updates (stable, periodic, ema)", **at_least(1)
+    )
+    alpha: float = _f(
+        1.0,
+        "stable: ref <- (1 - alpha) ref + alpha policy every tau steps; 1 = Kang et al.'s copy (< 1: xdpo's "
+        "extension, full fine-tunes only)",
+        **within(0, 1, "(]"),
+    )
+    anchor: float = _f(
+        0.0,
+        "stable: kappa, then ref <- ref + kappa (initial - ref); 0 = Kang et al. (who have none; xdpo's extension)",
+        **within(0, 1, "[)"),
     )
     max_divergence: float = _f(
         0.005,
-        "delta: estimated divergence from the initial model beyond which the reference freezes (periodic)",
+        "delta: estimated divergence D of the candidate from the initial model beyond which the reference "
+        "freezes (stable, periodic; Kang et al.: 0.005 SD1.5, 0.002 SDXL, in `kang` units)",
         **above(0),
     )
     on_exceed: Literal["freeze", "reinit"] = _f(
         "freeze",
-        "periodic, divergence > delta: freeze the reference for good, or reset it to the initial model",
+        "stable/periodic, D > delta: freeze the reference for good, or reset it to the initial model",
     )
     probe_size: int = _f(
         32, "preferred images drawn once from the data on which the divergence is estimated", **at_least(1)
     )
     probe_draws: int = _f(4, "(t, eps) draws per probe image for each divergence estimate", **at_least(1))
-    divergence: Literal["pred_mse", "error_gap"] = _f(
-        "pred_mse", "divergence estimate: mean (pred - pred_initial)^2, or e - e_initial (signed)"
+    divergence: Literal["auto", "kang", "pred_mse", "error_gap"] = _f(
+        "auto",
+        "D: kang = T x mean (e - e_initial) on the preferred images (Kang et al. Eq. 8), pred_mse = mean "
+        "(pred - pred_initial)^2, error_gap = e - e_initial; auto = kang for stable, pred_mse for periodic",
     )
     ema_decay: float = _f(
         0.99,
@@ -189,7 +204,8 @@ class ReferenceConfig:
     )
     offload: bool = _f(
         False,
-        "full fine-tune with reference.strategy=periodic: keep the initial-model copy on the CPU (ema has none)",
+        "full fine-tune with reference.strategy=stable/periodic: keep the initial-model copy on the CPU (ema "
+        "has none)",
     )
     soft_rate: float = _f(
         0.001,
@@ -209,16 +225,29 @@ class TimestepConfig:
     )
     mean: float = _f(0.0, "logit_normal: location m of u = sigmoid(m + s n)")
     std: float = _f(1.0, "logit_normal: scale s", **above(0))
-    bins: int = _f(10, "skewed: number of equal bins over [0, T)", **at_least(1))
+    bins: int = _f(
+        10,
+        "skewed: K equal bins over [0, T) (Kang et al. leave K open; 50 = DenseReward's grid)",
+        **at_least(1),
+    )
     gamma: float = _f(
         0.9,
         "skewed: bin k (k = 0 the noisiest) drawn with probability proportional to gamma^k",
         **within(0, 1, "(]"),
     )
-    weighting: Literal["constant", "snr"] = _f(
+    weighting: Literal["constant", "snr", "dense"] = _f(
         "constant",
-        "lambda(t) multiplying beta: 1, or 1 + minmax(1/sqrt(SNR(t))) in [1, 2] (Kang et al. 2025; flow "
-        "models: 1 + minmax(sigma))",
+        "constant; snr = lambda(t) = 1 + minmax(1/sqrt(SNR(t))) in [1, 2] multiplying beta (Kang et al. 2025; "
+        "flow models: 1 + minmax(sigma)); dense = DenseReward's discount gamma^k over 50 sampler steps as a "
+        "loss weight, mean 1 under uniform t",
+    )
+    normalize: bool = _f(
+        False,
+        "divide the weight by its mean under the configured sampler (the effective beta unchanged); "
+        "false = the papers' weights",
+    )
+    discount: float = _f(
+        0.9, "dense: gamma, the discount per sampler step (DenseReward 0.9)", **within(0, 1, "(]")
     )
 
 

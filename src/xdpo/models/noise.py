@@ -14,7 +14,8 @@ timestep samplers (uniform, skewed bins, logit-normal) and Kang et al.'s SNR wei
 
 `weighting_basis()` is what `timesteps.weighting=snr` min-maxes (`xdpo.objectives.timesteps`):
 1 / sqrt(SNR) for DDPM (Kang et al. 2025), sigma for flow, where 1 / sqrt(SNR) = s / (1 - s) diverges at
-s = 1 (docs/math.md §7).
+s = 1 (docs/math.md §7). `timesteps.weighting=dense` reads the index k itself: uniform in DDPM's t and in
+the flow's unshifted time, the axes their samplers space their steps evenly on.
 
 `to_epsilon` re-expresses a prediction as a noise prediction, for `loss.error_space=epsilon`:
 v-errors are eps-errors times 1 / abar_k-dependent factors (1 at k = 0, ~215 at k = 999 on SD's schedule

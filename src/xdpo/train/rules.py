@@ -16,6 +16,7 @@ def check(cfg: Any) -> None:
     check_errors(cfg)
     STRATEGIES[cfg.reference.strategy].check(cfg)
     check_objective(cfg)
+    check_timesteps(cfg)
 
 
 def check_errors(cfg: Any) -> None:
@@ -87,3 +88,28 @@ def check_objective(cfg: Any) -> None:
     )
     if obj.check is not None:
         obj.check(cfg)
+
+
+def check_timesteps(cfg: Any) -> None:
+    """`timesteps.weighting=dense` is DenseReward's discount as an importance weight over uniform t, one per
+    noise draw on each row's loss: with another sampler the discounts compound, and a row pooling two draws
+    (an objective drawing noise per image, on pairs) has no one weight."""
+    from xdpo.objectives import get_objective
+
+    ts, obj = cfg.timesteps, get_objective(cfg.loss.objective)
+    if ts.weighting != "dense":
+        return
+    require(
+        ts.sampling in ("auto", "uniform"),
+        "timesteps.sampling",
+        "must be uniform (or auto) with timesteps.weighting=dense, an importance weight over uniform t (for "
+        "DenseReward as sampling: sampling=skewed bins=50 gamma=0.9 weighting=constant)",
+        ts.sampling,
+    )
+    require(
+        not (obj.noise == "image" and cfg.data.format == "pairs"),
+        "timesteps.weighting",
+        f"dense weights each row's loss by its noise draw; loss.objective={obj.name} on pairs pools two images "
+        "drawn at different t in one row (use data.format=images, or weighting=snr)",
+        ts.weighting,
+    )

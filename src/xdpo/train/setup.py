@@ -16,7 +16,7 @@ from xdpo.errors import XdpoError
 from xdpo.models.load import DTYPES, Components, add_lora, half_precision, load_components, vae_scale_factor
 from xdpo.models.noise import PROCESSES
 from xdpo.objectives import Objective
-from xdpo.objectives.timesteps import minmax_lambda_table
+from xdpo.objectives.timesteps import minmax_lambda_table, weight_tables
 from xdpo.train.batches import mix_seed
 from xdpo.train.checkpoint import register_model_hooks
 from xdpo.train.distributed import deepspeed_stage, is_partitioned, local_fraction
@@ -37,8 +37,9 @@ class Models:
 
 def resolve_timesteps(cfg: Config, process_kind: str) -> None:
     """`timesteps.sampling=auto` -> uniform (DDPM families, Diffusion-DPO) or logit_normal (flow, SD3)."""
-    if cfg.timesteps.sampling == "auto":
-        cfg.timesteps.sampling = "logit_normal" if process_kind == "flow" else "uniform"
+    if cfg.timesteps.sampling == "auto":  # dense is an importance weight over uniform t (train/rules.py)
+        flow = process_kind == "flow" and cfg.timesteps.weighting != "dense"
+        cfg.timesteps.sampling = "logit_normal" if flow else "uniform"
     if cfg.loss.beta_schedule == "flow" and process_kind != "flow":
         raise XdpoError(
             "loss.beta_schedule: `flow` (beta (1 - sigma)^2, Flow-DPO) applies to flow-matching models "
@@ -103,6 +104,7 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
 
 
 def lambda_table(cfg: Config, process: Any) -> torch.Tensor | None:
+    """Kang et al.'s lambda(t) as the paper defines it (before `timesteps.normalize`), or None."""
     return minmax_lambda_table(process.weighting_basis()) if cfg.timesteps.weighting == "snr" else None
 
 
@@ -118,7 +120,7 @@ def objective_params(cfg: Config, objective: Objective) -> dict[str, Any]:
 def step_context(cfg: Config, models: Models, objective: Objective, **run: Any) -> StepContext:
     """The step's view of the run; `run` holds the accelerator-side parts (policy as prepared, autocast,
     gather, rank, frozen, the objective's state)."""
-    lc = cfg.loss
+    lc, tables = cfg.loss, weight_tables(cfg.timesteps, models.process)
     return StepContext(
         comps=models.comps,
         process=models.process,
@@ -130,7 +132,8 @@ def step_context(cfg: Config, models: Models, objective: Objective, **run: Any) 
         error_space=lc.error_space,
         error_reduction=lc.error_reduction,
         beta_schedule=lc.beta_schedule,
-        lambda_table=lambda_table(cfg, models.process),
+        lambda_table=tables.lam,
+        loss_weight_table=tables.loss,
         sample_posterior=cfg.data.sample_posterior,
         **run,
     )
@@ -203,11 +206,12 @@ def describe(recipe: Any) -> str:
     lora = cfg.model.lora_rank
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.params)
     ref = f"reference {cfg.reference.strategy}" if obj.needs_reference else "no reference"
+    weights = weight_tables(ts, recipe.models.process).describe(ts.weighting, ts.sampling)
     return (
         f"{recipe.data.about}; {fam.name} ({fam.pipeline_class}, {recipe.models.process.kind}); "
         f"{'LoRA r=' + str(lora) if lora else 'full fine-tune'}, {trainable:,} trainable; effective batch "
         f"{t.batch_size * t.grad_accum * world} pairs, lr {recipe.lr:.3g}; {lc.objective}/{lc.divergence}/"
-        f"{lc.outer} beta={lc.beta:g}; {ref}; timesteps {ts.sampling}/{ts.weighting}; errors "
+        f"{lc.outer} beta={lc.beta:g}; {ref}; {weights}; errors "
         f"{lc.error_space}/{lc.error_reduction}, beta schedule {lc.beta_schedule}; distributed: "
         f"{acc.distributed_type.name}{'' if zero is None else f' ZeRO-{zero}'}, {world} process(es)"
     )

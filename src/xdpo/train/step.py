@@ -2,7 +2,7 @@
 
   Batch -> Encoded (latents, conditions) -> (t, eps): one per pair, shared by w and l, or one per image,
   as the objective declares -> reference errors (only if the objective needs them, no autograd) ->
-  policy errors (one batched call) -> lambda(t) -> the objective's loss.
+  policy errors (one batched call) -> lambda(t) -> the objective's loss (times the dense loss weight w(t)).
 e(x) = mean_{C,H,W} (prediction - target)^2 per image (`errors.py`).
 """
 
@@ -40,6 +40,7 @@ class StepContext:
     error_reduction: str = "mean"
     beta_schedule: str = "constant"
     lambda_table: Tensor | None = None
+    loss_weight_table: Tensor | None = None  # timesteps.weighting=dense: w(t) on each row's loss
     state: Any = None  # the objective's running state, if it keeps one
     autocast: Callable = nullcontext
     gather: Callable[[Tensor], Tensor] = lambda x: x  # noqa: E731 - identity on one process
@@ -101,5 +102,7 @@ def train_step(m: StepContext, batch: Batch, gen: torch.Generator) -> StepOutput
         sigma=proc.noise_level(t) if obj.needs_t else None, state=m.state, gather=m.gather,
     )  # fmt: skip
     out = obj.loss(inp, **m.params)
+    if m.loss_weight_table is not None:  # outside the outer loss; rows = noise draws (train/rules.py)
+        out.loss = out.loss * m.loss_weight_table.to(t.device)[t[:draws]]
     rows = out.loss.shape[0]
     return StepOutput(out, t[:rows], None if weight is None else weight[:rows])

@@ -295,7 +295,7 @@ def _plot_training(path: Path, s: Any, runs: dict) -> None:
 
 def _plot_reference(path: Path, s: Any, runs: dict) -> bool:
     """Kang et al. Fig. 1(b): divergence from the initial model and reward margin over steps."""
-    chosen = [m for m in s.methods if "reference.strategy=periodic" in m.overrides]
+    chosen = [m for m in s.methods if any(o.startswith("reference.strategy=") for o in m.overrides)]
     if not chosen:
         return False
     plt = _plt()

@@ -44,7 +44,7 @@ FLOW_METHODS = (  # the same methods on digits-flow; Flow-DPO = Diffusion-DPO's 
 )
 FAMILIES = {"sd": "digits", "flow": "digits-flow"}  # --family -> the named base model
 DEFAULT_OUT = {"sd": "outputs/digits-demo", "flow": "outputs/digits-flow-demo"}
-REF_UPDATE = ("reference.strategy=periodic",)
+REF_UPDATE = ("reference.strategy=stable",)  # Kang et al.'s copy, the configs' pred_mse guard
 TIMESTEP_AWARE = ("timesteps.sampling=skewed", "timesteps.weighting=snr")
 ABLATION = (  # Kang et al. 2025, Tables 3-4
     Method("Diffusion-DPO", "dpo", "digits-dpo.yaml"),
@@ -55,7 +55,7 @@ ABLATION = (  # Kang et al. 2025, Tables 3-4
         "+ reference update, tau 4, no guard",
         "dpo-ref-noguard",
         "digits-dpo.yaml",
-        ("reference.strategy=periodic", "reference.update_every=4", "reference.max_divergence=1e9"),
+        ("reference.strategy=stable", "reference.update_every=4", "reference.max_divergence=1e9"),
     ),
     Method("xDPO (Appendix C)", "xdpo", "digits-xdpo.yaml"),
     Method("xDPO + both", "xdpo-both", "digits-xdpo.yaml", REF_UPDATE + TIMESTEP_AWARE),

@@ -39,12 +39,12 @@ KTO_BETAS = (300.0, 3000.0)  # KTO's per-image sigmoid saturates later: its own 
 SFT_LRS = LRS
 
 # Kang et al. 2025 (Tables 3-4), on top of Diffusion-DPO's chosen (beta, lr), UNet base
-REF_UPDATE = ("reference.strategy=periodic",)
+REF_UPDATE = ("reference.strategy=stable",)  # the copy behind the configs' pred_mse guard
 TIMESTEP_AWARE = ("timesteps.sampling=skewed", "timesteps.weighting=snr")
-NO_GUARD = ("reference.strategy=periodic", "reference.update_every=4", "reference.max_divergence=1e9")
+NO_GUARD = ("reference.strategy=stable", "reference.update_every=4", "reference.max_divergence=1e9")
 # the digits configs' guard (tau 32, delta 0.1) was set at beta 300; at the sweep's beta 30 the policy moves
 # faster and the guard freezes the reference after <= 1 update, so the update is also run where it operates
-REF_LOOSE = ("reference.strategy=periodic", "reference.update_every=16", "reference.max_divergence=0.5")
+REF_LOOSE = ("reference.strategy=stable", "reference.update_every=16", "reference.max_divergence=0.5")
 ABLATION = {  # key -> (label, overrides, steps factor)
     "dpo-ref": ("+ reference update", REF_UPDATE, 1),
     "dpo-ts": ("+ timestep-aware", TIMESTEP_AWARE, 1),

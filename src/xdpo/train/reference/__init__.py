@@ -1,9 +1,11 @@
 """The reference model of a run: a storage (LoRA adapters or weight copies, `storage.py`) and an update
-strategy (frozen, periodic, ema: `strategy.py`) kept apart; built only when the objective needs one.
+strategy (frozen, periodic, ema: `strategy.py`; stable: `stable.py`) kept apart; built only when the
+objective needs one.
 
-`periodic` (Kang et al. 2025's update, with a divergence guard on a probe set: `probe.py`), `ema` and
-`soft` (the online methods' old policy, `soft.py`) update every tau = `reference.update_every` optimizer
-steps; docs/math.md §6 and §11.5 have the formulas.
+`stable` (Kang et al. 2025's guarded update, with xdpo's soft blend and anchor), `periodic` (its earlier
+form), `ema` and `soft` (the online methods' old policy, `soft.py`) update every tau =
+`reference.update_every` optimizer steps; the guards read a probe set (`probe.py`); docs/math.md §6 and
+§11.5 have the formulas and their sources.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from torch import Tensor
 from xdpo.errors import ConfigError
 from xdpo.train.reference.probe import Probe
 from xdpo.train.reference.soft import Soft
+from xdpo.train.reference.stable import Stable
 from xdpo.train.reference.storage import AdapterStorage, CopyStorage
 from xdpo.train.reference.strategy import EMA, Frozen, Periodic, Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"frozen": Frozen, "periodic": Periodic, "ema": EMA, "soft": Soft}
+STRATEGIES: dict[str, type[Strategy]] = {
+    "frozen": Frozen, "stable": Stable, "periodic": Periodic, "ema": EMA, "soft": Soft,
+}  # fmt: skip
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -38,6 +43,7 @@ class Reference:
             )
         self.cfg = cfg
         self.strategy = STRATEGIES[cfg.strategy](cfg)
+        self.divergence = self.strategy.default_divergence if cfg.divergence == "auto" else cfg.divergence
         if lora:
             self.storage: Any = AdapterStorage(family, model)
         else:
@@ -70,18 +76,27 @@ class Reference:
     def policy_predict(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return self.storage.policy(noisy, t, cond)
 
-    def estimate(self, step: int, seed: int, chunk: int) -> tuple[float, float]:
-        """D and its standard error on the probe set (all processes)."""
+    def estimate(self, step: int, seed: int, chunk: int, candidate: str = "policy") -> tuple[float, float]:
+        """D of the policy (or of the reference: `candidate="reference"`) from the initial model and its
+        standard error on the probe set (all processes)."""
+        predict = self.policy_predict if candidate == "policy" else self.predict
         return self.probe.estimate(
-            self.policy_predict, self.initial_predict, step=step, seed=seed, draws=self.cfg.probe_draws,
-            chunk=chunk, estimator=self.cfg.divergence,
+            predict, self.initial_predict, step=step, seed=seed, draws=self.cfg.probe_draws, chunk=chunk,
+            estimator=self.divergence,
         )  # fmt: skip
+
+    def distances(self, step: int, seed: int, chunk: int) -> dict[str, float]:
+        """pred_mse of the reference from the initial model (`initial`) and from the policy (`policy`)."""
+        others = {"initial": self.initial_predict, "policy": self.policy_predict}
+        return self.probe.distances(
+            self.predict, others, step=step, seed=seed, draws=self.cfg.probe_draws, chunk=chunk
+        )
 
     def maybe_update(self, step: int, seed: int, chunk: int = 8) -> float | None:
         """After optimizer step `step`: update per the strategy; return D when a check ran."""
         if not self.strategy.due(step):
             return None
-        return self.strategy.update(step, self.storage, lambda: self.estimate(step, seed, chunk))
+        return self.strategy.update(step, self.storage, Checks(self, step, seed, chunk))
 
     def state(self) -> dict[str, Any]:
         return self.strategy.state()
@@ -99,4 +114,22 @@ class Reference:
         return self.strategy.metrics(divergence)
 
 
-__all__ = ["STRATEGIES", "Probe", "Reference", "strategy_names"]
+class Checks:
+    """What a strategy may measure at an update step: calling it gives D of the policy (the candidate of a
+    copy); `reference()` D of the reference (a staged candidate); `distances()` the reference's pred_mse
+    from the initial model and the policy. All on the probe set, the same (t, eps) draws at one step."""
+
+    def __init__(self, ref: Reference, step: int, seed: int, chunk: int) -> None:
+        self.ref, self.step, self.seed, self.chunk = ref, step, seed, chunk
+
+    def __call__(self) -> tuple[float, float]:
+        return self.ref.estimate(self.step, self.seed, self.chunk)
+
+    def reference(self) -> tuple[float, float]:
+        return self.ref.estimate(self.step, self.seed, self.chunk, candidate="reference")
+
+    def distances(self) -> dict[str, float]:
+        return self.ref.distances(self.step, self.seed, self.chunk)
+
+
+__all__ = ["STRATEGIES", "Checks", "Probe", "Reference", "strategy_names"]

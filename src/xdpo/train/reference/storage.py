@@ -10,6 +10,8 @@ Three models take part in a run: the policy (trained), the reference (in the los
 - Full fine-tune (`CopyStorage`): the reference is a frozen copy in reduced precision (fp32 for an EMA,
   whose small steps fall below half precision's resolution); strategies that move the reference keep
   the initial model as a third copy (on the CPU with `reference.offload`, moved in for checks).
+Both move the reference the same ways: `blend` toward the policy, `anchor` toward the initial model
+(exact for LoRA: it scales the snapshot's B factors), `reset`; `backup`/`restore` undo a staged candidate.
 """
 
 from __future__ import annotations
@@ -138,6 +140,23 @@ class AdapterStorage:
         for k, v in current.items():
             self.snapshot[k].lerp_(v.to(self.snapshot[k].dtype), weight)
 
+    @torch.no_grad()
+    def anchor(self, kappa: float) -> None:
+        """reference <- reference + kappa (initial - reference), exactly: the initial model's adapter delta is
+        0, so the reference's delta scale B A becomes (1 - kappa) scale B A by scaling its B factors."""
+        if self.snapshot is None or kappa == 0.0:
+            return
+        for k, v in self.snapshot.items():
+            if ".lora_B." in k:
+                v.mul_(1.0 - kappa)
+
+    def backup(self) -> dict[str, Tensor] | None:
+        """A copy of the reference, to `restore` when a staged candidate is refused."""
+        return None if self.snapshot is None else {k: v.clone() for k, v in self.snapshot.items()}
+
+    def restore(self, saved: dict[str, Tensor] | None) -> None:
+        self.snapshot = saved
+
     def reset(self) -> None:
         self.snapshot = None
 
@@ -200,6 +219,26 @@ class CopyStorage:
         for p_ref, p in zip(self.ref_model.parameters(), self.base.parameters(), strict=True):
             p = full_tensor(p).detach()  # FSDP / ZeRO-3: the whole parameter (every process gathers alike)
             p_ref.lerp_(p.to(p_ref.dtype), weight) if weight < 1.0 else p_ref.copy_(p)
+
+    @torch.no_grad()
+    def anchor(self, kappa: float) -> None:
+        """reference <- reference + kappa (initial - reference) (0: nothing)."""
+        if kappa == 0.0:
+            return
+        for p_ref, p_init in zip(self.ref_model.parameters(), self.init_model.parameters(), strict=True):
+            p_ref.lerp_(p_init.to(device=p_ref.device, dtype=p_ref.dtype), kappa)
+
+    @torch.no_grad()
+    def backup(self) -> list[Tensor]:
+        """A copy of the reference's weights, beside the initial model's (on the CPU with `offload`), to
+        `restore` when a staged candidate is refused."""
+        device = next(self.init_model.parameters()).device
+        return [p.detach().to(device, copy=True) for p in self.ref_model.parameters()]
+
+    @torch.no_grad()
+    def restore(self, saved: list[Tensor]) -> None:
+        for p_ref, v in zip(self.ref_model.parameters(), saved, strict=True):
+            p_ref.copy_(v.to(p_ref.device))
 
     @torch.no_grad()
     def reset(self) -> None:

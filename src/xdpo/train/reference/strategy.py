@@ -2,8 +2,10 @@
 
 Each strategy is a small class over a storage (`storage.py`): `moves` (the reference leaves the initial
 model, so a full fine-tune keeps an initial copy for checks and resets), `saves` (its weights go into
-checkpoints), `update(step, storage, check) -> D or None`, and its counters as JSON state. New strategies
-subclass `Strategy` in a file of their own and add one line to `STRATEGIES` (reference/__init__.py).
+checkpoints), `update(step, storage, check) -> D or None` (`check()`: D of the policy from the initial
+model; `reference.Checks` has more), its guard's `default_divergence` (`reference.divergence: auto`), and
+its counters as JSON state. New strategies subclass `Strategy` in a file of their own and add one line to
+`STRATEGIES` (reference/__init__.py), as `stable.py` does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class Strategy:
     full_precision = (
         False  # a full fine-tune's reference copy in fp32 (an EMA's small steps vanish in 16 bits)
     )
+    default_divergence = "pred_mse"  # the guard's estimator under `reference.divergence: auto`
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -29,6 +32,7 @@ class Strategy:
     @staticmethod
     def check(cfg: Any) -> None:
         """The strategy's rules on the run config (one `ConfigError` line), checked before the run."""
+        only_stable(cfg)
 
     def due(self, step: int) -> bool:
         return self.frozen_step is None and step % self.cfg.update_every == 0
@@ -56,6 +60,16 @@ class Strategy:
             "ref_updates": self.updates,
             "ref_frozen_step": self.frozen_step,
         }
+
+
+def only_stable(cfg: Any) -> None:
+    """`reference.alpha` and `reference.anchor` are the stable strategy's: elsewhere they would do nothing."""
+    from xdpo.config import require
+
+    r = cfg.reference
+    for key, value, default in (("alpha", r.alpha, 1.0), ("anchor", r.anchor, 0.0)):
+        require(value == default, f"reference.{key}", f"is read by reference.strategy=stable only (here "
+                f"{r.strategy}); leave it at {default:g}", value)  # fmt: skip
 
 
 class Frozen(Strategy):
@@ -94,6 +108,7 @@ class EMA(Strategy):
     def check(cfg: Any) -> None:
         from xdpo.config import require
 
+        only_stable(cfg)
         require(
             cfg.model.lora_rank <= 0,
             "reference.strategy",
