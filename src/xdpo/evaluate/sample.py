@@ -82,6 +82,8 @@ def resolve_model(model: str | Path) -> Path:
     from xdpo.models.load import resolve_pretrained  # the one resolver of named models
 
     path = Path(resolve_pretrained(str(model)))
+    if not path.exists():
+        raise ConfigError(f"model: {path} does not exist (a diffusers pipeline folder or a named model)")
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"model: {path} is not a diffusers pipeline folder (no model_index.json)")
     return path
@@ -90,12 +92,29 @@ def resolve_model(model: str | Path) -> Path:
 def resolve_lora(lora: str | Path) -> tuple[Path, str | None]:
     """(folder, weight_name) for `load_lora_weights`: a weights file, its folder, or a run's `final/`."""
     path = Path(lora)
+    if not path.exists():
+        raise ConfigError(f"lora: {path} does not exist")
     if path.is_file():
         return path.parent, path.name
     for folder in (path, path / "final"):
         if (folder / LORA_WEIGHTS).is_file():
             return folder, None
     raise ConfigError(f"lora: no {LORA_WEIGHTS} in {path} (nor in {path / 'final'})")
+
+
+def load_vae(vae: str | Path, dtype: Any) -> Any:
+    """Another VAE (a folder or hub id, e.g. SDXL's fp16-fix VAE) in `dtype`."""
+    from diffusers import AutoencoderKL
+
+    from xdpo.models.load import resolve_pretrained
+
+    path = resolve_pretrained(str(vae))
+    if not Path(path).exists() and (str(vae).startswith((".", "/", "~")) or str(vae).count("/") != 1):
+        raise ConfigError(f"vae: {vae} does not exist (a VAE folder or hub id)")
+    try:
+        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"vae: cannot load {vae}: {str(e).splitlines()[0]}") from None
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -127,8 +146,9 @@ def load_pipeline(
     scheduler: str = "ddim",
     device: str | None = None,
     dtype: Any = None,
+    vae: str | Path | None = None,
 ) -> Any:
-    """Load a text-to-image pipeline (no safety checker, no progress bars), optional LoRA.
+    """Load a text-to-image pipeline (no safety checker, no progress bars), optional LoRA and VAE.
 
     The one pipeline loader of xdpo (`xdpo sample`, the digits world, the demo): the pipeline class
     is the one its `model_index.json` names (`DiffusionPipeline.from_pretrained`). An SD3 pipeline
@@ -138,10 +158,13 @@ def load_pipeline(
     from diffusers.utils import logging as dlog
 
     path = resolve_model(model)
+    adapter = resolve_lora(lora) if lora is not None else None  # a missing path fails before any load
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     device = resolve_device(device)
     kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(dtype, device)}
+    if vae is not None:
+        kwargs["vae"] = load_vae(vae, kwargs["torch_dtype"])
     index = json.loads((path / "model_index.json").read_text())
     from xdpo.models.load import null_components
 
@@ -157,8 +180,8 @@ def load_pipeline(
     finally:
         if bars:
             dlog.enable_progress_bar()
-    if lora is not None:
-        folder, weight_name = resolve_lora(lora)
+    if adapter is not None:
+        folder, weight_name = adapter
         pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
     fam = family_of_pipeline(pipe)
     if fam is not None:
@@ -280,6 +303,7 @@ def sample_images(
     width: int | None = None,
     device: str | None = None,
     dtype: Any = None,
+    vae: str | Path | None = None,
     layout: str = "default",
     prompt_set: str | None = None,
     progress: bool = True,
@@ -312,7 +336,7 @@ def sample_images(
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
     device = resolve_device(device)
-    pipe = load_pipeline(model, lora=lora, scheduler=scheduler, device=device, dtype=dtype)
+    pipe = load_pipeline(model, lora=lora, scheduler=scheduler, device=device, dtype=dtype, vae=vae)
     scale = getattr(pipe, "vae_scale_factor", 8)
     if any(size is not None and (size < scale or size % scale) for size in (height, width)):
         raise ConfigError(f"height and width ({height}, {width}) must be positive multiples of {scale}")
@@ -328,6 +352,8 @@ def sample_images(
         "scheduler": scheduler,
         "scheduler_class": type(pipe.scheduler).__name__,
     }
+    if vae is not None:
+        settings["vae"] = str(vae)
     if prompt_set is not None:
         settings["prompt_set"] = prompt_set
     jobs = [(r, s) for r in records for s in seed_list]

@@ -59,7 +59,10 @@ def resolve_pretrained(pretrained: str) -> str:
 
 
 def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
-    """model_index.json of a folder or hub id (offline: the hub cache); ConfigError when unreadable."""
+    """model_index.json of a folder or hub id (the hub cache first: `xdpo.models.hub`); ConfigError when
+    unreadable, with one line saying why (no such folder, offline, unreachable, gated) and what to do."""
+    import json
+
     path = Path(resolve_pretrained(pretrained))
     if path.exists():
         index = path / "model_index.json"
@@ -67,20 +70,19 @@ def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, 
             raise ConfigError(
                 f"model.pretrained: {path} has no model_index.json (not a diffusers pipeline folder)"
             )
-        import json
-
         return json.loads(index.read_text())
     name = str(pretrained)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ConfigError(f"model.pretrained: {name} is neither a folder nor a hub id (owner/name)")
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(name, revision=revision)
-    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; all mean "cannot read it"
         raise ConfigError(
-            f"model.pretrained: cannot read model_index.json of {name}: {str(e).splitlines()[0]}"
-        ) from None
+            f"model.pretrained: {name} does not exist (neither a folder nor a hub id owner/name)"
+        )
+    from xdpo.models.hub import hub_file
+
+    found = hub_file(name, "model_index.json", revision)
+    try:
+        return json.loads(found.read_text())
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained: model_index.json of {name} is not JSON ({e})") from None
 
 
 def check_pipeline(pretrained: str, family: str = "auto", revision: str | None = None) -> Family:
