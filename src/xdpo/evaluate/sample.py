@@ -90,7 +90,10 @@ def resolve_model(model: str | Path) -> Path:
 
 
 def resolve_lora(lora: str | Path) -> tuple[Path, str | None]:
-    """(folder, weight_name) for `load_lora_weights`: a weights file, its folder, or a run's `final/`."""
+    """(folder, weight_name) for `load_lora_weights`: a weights file, its folder, or a run's `final/`;
+    weight_name `PEFT_WEIGHTS` for an adapter in peft's format (LoKr, LoHa: `xdpo.models.lora`)."""
+    from xdpo.models.lora import PEFT_WEIGHTS, is_peft_adapter
+
     path = Path(lora)
     if not path.exists():
         raise ConfigError(f"lora: {path} does not exist")
@@ -99,6 +102,8 @@ def resolve_lora(lora: str | Path) -> tuple[Path, str | None]:
     for folder in (path, path / "final"):
         if (folder / LORA_WEIGHTS).is_file():
             return folder, None
+        if is_peft_adapter(folder):
+            return folder, PEFT_WEIGHTS
     raise ConfigError(f"lora: no {LORA_WEIGHTS} in {path} (nor in {path / 'final'})")
 
 
@@ -180,10 +185,15 @@ def load_pipeline(
     finally:
         if bars:
             dlog.enable_progress_bar()
+    fam = family_of_pipeline(pipe)
     if adapter is not None:
         folder, weight_name = adapter
-        pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
-    fam = family_of_pipeline(pipe)
+        from xdpo.models.lora import PEFT_WEIGHTS, load_adapter
+
+        if weight_name == PEFT_WEIGHTS and fam is not None:  # LoKr / LoHa in peft's format
+            load_adapter(getattr(pipe, fam.denoiser), folder)
+        else:
+            pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
     if fam is not None:
         fam.prepare_sampling(pipe)  # e.g. SD3 without T5: zero padding attended once, the same images
     if SCHEDULERS[scheduler]:

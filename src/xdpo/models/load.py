@@ -10,7 +10,6 @@ reference is a frozen copy (full) or the same denoiser with adapters disabled (L
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from xdpo.errors import ConfigError
 from xdpo.models.families import Family, family_of_class, get_family, pipeline_classes
+from xdpo.models.lora import adapters_disabled, add_lora, tuner_layers  # noqa: F401 (their home)
 from xdpo.models.named import resolve_named
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -175,59 +175,10 @@ def load_components(
     )
 
 
-def add_lora(model: Any, cfg: Any) -> None:
-    """Attach LoRA adapters (peft, through diffusers' integration); only they are trainable."""
-    from peft import LoraConfig
-
-    model.requires_grad_(False)
-    lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-        lora_dropout=cfg.lora_dropout,
-        init_lora_weights="gaussian",
-        target_modules=list(cfg.lora_targets),
-    )
-    try:
-        model.add_adapter(lora)
-    except ValueError as e:
-        raise ConfigError(f"model.lora_targets: {e}") from None
-    from diffusers.training_utils import cast_training_params
-
-    cast_training_params(
-        model, dtype=torch.float32
-    )  # trainable adapter weights in fp32 under mixed precision
-
-
 def frozen_copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """The reference denoiser for full fine-tuning: a frozen copy in `dtype`."""
     ref = copy.deepcopy(model).to(device=device, dtype=dtype)
     return ref.requires_grad_(False).eval()
-
-
-def tuner_layers(model: Any) -> list[Any]:
-    """The model's LoRA layers, found once (walking every module each micro-step costs ~2 ms at 16 px)."""
-    cached = model.__dict__.get("_xdpo_tuner_layers")
-    if cached is None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        cached = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        model.__dict__["_xdpo_tuner_layers"] = cached
-    return cached
-
-
-@contextmanager
-def adapters_disabled(model: Any):
-    """The base denoiser inside the block: LoRA adapters off through peft's public per-layer switch
-    (`BaseTunerLayer.enable_adapters`, what diffusers' `disable_adapters` calls on each layer), on the
-    model's LoRA layers found once instead of a walk over every module per call."""
-    layers = [m for m in tuner_layers(model) if not m.disable_adapters]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
 
 
 def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
