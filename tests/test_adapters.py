@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,10 +88,8 @@ def images_of(pipe_dir, lora=None):
     from xdpo.evaluate.sample import generate, load_pipeline
 
     pipe = load_pipeline(pipe_dir, lora=lora, scheduler="ddim", device="cpu", dtype="fp32")
-    return torch.tensor(
-        [list(im.getdata()) for im in generate(pipe, ["a bright picture"] * 2, steps=2, progress=False)],
-        dtype=torch.float32,
-    )
+    images = generate(pipe, ["a bright picture"] * 2, steps=2, progress=False)
+    return torch.tensor(np.stack([np.asarray(im) for im in images]), dtype=torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["dora", "lokr", "loha"])

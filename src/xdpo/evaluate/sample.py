@@ -160,7 +160,8 @@ def load_pipeline(
     without T5 attends to its zero T5 padding once (`xdpo.models.padding`: exact, several times faster).
     """
     import diffusers
-    from diffusers.utils import logging as dlog
+
+    from xdpo.quiet import progress_bars_off
 
     path = resolve_model(model)
     adapter = resolve_lora(lora) if lora is not None else None  # a missing path fails before any load
@@ -176,15 +177,10 @@ def load_pipeline(
     kwargs |= null_components(index)  # e.g. SD3 saved without T5: diffusers needs them passed as None
     if "safety_checker" in index:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
-    bars = dlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()  # "Loading pipeline components": noise, and per call
-    try:
-        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones lack it
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
-    finally:
-        if bars:
-            dlog.enable_progress_bar()
+    with progress_bars_off(), warnings.catch_warnings():  # loading bars: noise, and per call
+        # diffusers >= 0.36 renames torch_dtype to dtype; older ones lack it
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
     fam = family_of_pipeline(pipe)
     if adapter is not None:
         folder, weight_name = adapter

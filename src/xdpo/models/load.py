@@ -21,6 +21,7 @@ from xdpo.errors import ConfigError
 from xdpo.models.families import Family, family_of_class, get_family, pipeline_classes
 from xdpo.models.lora import adapters_disabled, add_lora, tuner_layers  # noqa: F401 (their home)
 from xdpo.models.named import resolve_named
+from xdpo.quiet import progress_bars_off
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -148,7 +149,8 @@ def load_components(
         ]
         kw["dtype"] = {"default": torch.float32, **dict.fromkeys(encoders, text_dtype)}
     try:
-        pipe = fam.pipeline_cls().from_pretrained(path, **kw)
+        with progress_bars_off():  # "Loading pipeline components", "Loading weights"
+            pipe = fam.pipeline_cls().from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained: cannot load {path}: {str(e).splitlines()[0]}") from None
     parts = pipe.components

@@ -22,12 +22,16 @@ from typing import Any
 
 import torch
 
-from xdpo.config import require
 from xdpo.errors import ConfigError
 
 TYPES = ("lora", "dora", "lokr", "loha")
 PEFT_FORMAT = ("lokr", "loha")  # saved in peft's adapter format (diffusers' LoRA loaders do not read them)
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def require(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key `{key}`: {what}, got {value!r}")
 
 
 def check(cfg: Any) -> None:

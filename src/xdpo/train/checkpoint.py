@@ -27,6 +27,7 @@ import torch
 
 from xdpo.errors import ConfigError, XdpoError
 from xdpo.models.load import pipeline_kwargs
+from xdpo.quiet import progress_bars_off
 from xdpo.train.state import STATE_FILE
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -108,7 +109,8 @@ def register_model_hooks(accelerator: Any, lora: bool, denoiser: str = "unet") -
                     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
                     save_file(state, str(Path(output_dir) / ADAPTER_FILE))
                 else:
-                    unet.save_pretrained(Path(output_dir) / denoiser)
+                    with progress_bars_off():  # "Writing model shards" inside the training bar
+                        unet.save_pretrained(Path(output_dir) / denoiser)
             if weights:
                 weights.pop()
 
@@ -260,8 +262,9 @@ def save_final(
             plain.load_state_dict({k: v.to(torch.float32) for k, v in whole.items()})
             model = plain
         kw = pipeline_kwargs(cfg.model, fam, cfg.family)
-        pipe = pipeline_cls.from_pretrained(comps.path, **{fam.denoiser: model}, **kw)
-        pipe.save_pretrained(out)
+        with progress_bars_off():
+            pipe = pipeline_cls.from_pretrained(comps.path, **{fam.denoiser: model}, **kw)
+            pipe.save_pretrained(out)
     info = {
         "base_model": comps.path,
         "family": fam.name,
