@@ -98,6 +98,13 @@ class DataConfig:
         "square training resolution in pixels (resize shorter side, then crop)",
         **rule(lambda v: v >= 8 and v % 8 == 0, "must be a multiple of 8"),
     )
+    buckets: list[str] = _f(
+        [],
+        "aspect-ratio buckets: WxH resolutions (e.g. 1024x1024,1152x896,896x1152), or auto (sides multiples of "
+        "data.bucket_step, area <= data.resolution^2, ratio 1:4 to 4:1); each pair trains at the bucket "
+        "nearest its images' shape, batches within a bucket; empty = square data.resolution crops",
+    )
+    bucket_step: int = _f(64, "data.buckets=auto: bucket sides are multiples of this", **at_least(8))
     ties: Literal["drop", "keep"] = _f(
         "drop",
         "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5; objectives that use labels)",

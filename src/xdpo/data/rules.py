@@ -33,6 +33,18 @@ def check(cfg: Any) -> None:
         d.max_pairs,
     )
     require(
+        not d.buckets or d.format == "pairs",
+        "data.buckets",
+        "buckets preference pairs (data.format=pairs) only",
+        d.buckets,
+    )
+    require(
+        not (d.buckets and d.cache),
+        "data.buckets",
+        "cannot be used with data.cache yet (the cache holds one latent size); leave data.cache empty",
+        d.buckets,
+    )
+    require(
         not (d.cache and d.random_crop),
         "data.random_crop",
         "cannot be used with data.cache (a cached latent holds one crop); set data.random_crop=false",

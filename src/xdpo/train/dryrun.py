@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from xdpo.config import Config, to_dict
@@ -67,6 +68,10 @@ def check_data(cfg: Config, decode_images: bool) -> tuple[list[str], Any]:
         return [str(e)], None
     kind = "images" if d.format == "images" else "pairs"
     print(f"Data: {d.path}: {n} usable {kind} ({items.n_ties} ties, {items.n_dropped} dropped)")
+    if getattr(items, "bucket_of", None) is not None:
+        counts = np.bincount(items.bucket_of, minlength=len(items.buckets))
+        print("Buckets (width x height: pairs): " + ", ".join(
+            f"{w}x{h}: {int(k)}" for (w, h), k in zip(items.buckets, counts, strict=True) if k))  # fmt: skip
     if not report.ok and d.on_bad_row == "error":
         return [f"data.on_bad_row=error: {report.first_error()}"], report
     return [], report

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from xdpo.config import Config
+from xdpo.data.buckets import check_multiple, parse_buckets
 from xdpo.data.encode import encode
 from xdpo.errors import XdpoError
 from xdpo.models.load import DTYPES, Components, add_lora, half_precision, load_components, vae_scale_factor
@@ -85,6 +86,9 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
         comps = load_components(cfg.model, cfg.family, text_dtype=half_precision(cfg.train.mixed_precision))
         place_frozen(comps, cfg.train.mixed_precision, device, cfg.model.quantize_text_encoders)
     comps.family.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
+    if cfg.data.buckets:
+        buckets = parse_buckets(cfg.data.buckets, cfg.data.resolution, cfg.data.bucket_step)
+        check_multiple(buckets, vae_scale_factor(comps.vae) * comps.family.latent_patch, comps.family.name)
     weight_dtype = DTYPES[cfg.train.mixed_precision]
     process = make_process(cfg, comps)
     resolve_timesteps(cfg, process.kind)
