@@ -39,12 +39,6 @@ def check(cfg: Any) -> None:
         d.buckets,
     )
     require(
-        not (d.buckets and d.cache),
-        "data.buckets",
-        "cannot be used with data.cache yet (the cache holds one latent size); leave data.cache empty",
-        d.buckets,
-    )
-    require(
         not (d.cache and d.random_crop),
         "data.random_crop",
         "cannot be used with data.cache (a cached latent holds one crop); set data.random_crop=false",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpo.errors import ConfigError, DataError
+from xdpo.evaluate.chunks import BatchChunks, finished_batches
 from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
 from xdpo.models.families import family_of_class, family_of_pipeline, pipeline_classes
 
@@ -233,11 +234,15 @@ def generate(
     latents: Any = None,
     progress: bool = True,
     desc: str = "sampling",
+    chunks: str | Path | None = None,
 ) -> list[Any]:
     """RGB PIL images for `prompts`, in memory, from given `latents` or `initial_latents(pipe, n, seed)`.
 
     A deterministic sampler (DDIM, eta 0) makes image i a function of (prompt i, latents[i]) only;
     `sample_images` instead seeds one generator per image and writes files and a manifest.
+    `chunks`: a folder where each finished batch is kept (PNG, lossless) for what it was sampled with; a
+    rerun after an interruption reads the finished batches back and samples only the rest (the batches are
+    the same, so the images are too).
     """
     import numpy as np
     import torch
@@ -247,18 +252,24 @@ def generate(
     if not prompts:
         return []
     latents = initial_latents(pipe, len(prompts), seed) if latents is None else latents
+    kept = BatchChunks(chunks, pipe, prompts, latents, steps, guidance, batch_size) if chunks else None
     images: list[Any] = []
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, len(prompts), batch_size):
-            out = pipe(
-                prompt=prompts[i : i + batch_size],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=latents[i : i + batch_size],
-                output_type="np",
-            ).images
-            images += [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in out]
-            bar.update(len(out))
+            done = kept.read(i) if kept else None
+            if done is None:
+                out = pipe(
+                    prompt=prompts[i : i + batch_size],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    latents=latents[i : i + batch_size],
+                    output_type="np",
+                ).images
+                done = [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in out]
+                if kept:
+                    kept.write(i, done)
+            images += done
+            bar.update(len(done))
     return images
 
 
@@ -313,6 +324,7 @@ def sample_images(
     layout: str = "default",
     prompt_set: str | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Sample every prompt x every seed; write `out_dir/images/*.png` + `manifest.jsonl`; return out_dir.
 
@@ -322,6 +334,8 @@ def sample_images(
     whose positions matter. `layout="hpsv2"` writes the official HPSv2 layout (module docstring).
     `prompt_set` (default: `prompts` when it is a name or path) is recorded in the manifest.
     Defaults follow the SD papers (50 steps, guidance 7.5); a guidance <= 1 disables guidance.
+    `resume`: keep the whole batches an interrupted call with the same settings already wrote (its
+    `manifest.jsonl.tmp`) and sample only the rest (same batches, same images).
     """
     import torch
     from tqdm.auto import tqdm
@@ -349,7 +363,6 @@ def sample_images(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
     settings = {
         "model": str(resolve_model(model)),
         "lora": str(lora) if lora is not None else None,
@@ -365,9 +378,17 @@ def sample_images(
     jobs = [(r, s) for r in records for s in seed_list]
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     tmp = out / (MANIFEST + ".tmp")
-    index = 0
+    kept = finished_batches(out, tmp, settings, jobs, batch_size) if resume else []
+    if not kept:
+        _clear_previous(out)
+    index = len(kept)
     with tmp.open("w", encoding="utf-8") as manifest:
-        for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
+        for line in kept:
+            manifest.write(line)
+        manifest.flush()
+        for batch in tqdm(
+            batches[index // batch_size :], desc="sampling", unit="batch", disable=not progress
+        ):
             generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
             images = pipe(
                 prompt=[r["prompt"] for r, _ in batch],
@@ -387,6 +408,7 @@ def sample_images(
                 record |= {k: rec[k] for k in ("style", "prompt_index") if k in rec}
                 manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
                 index += 1
+            manifest.flush()  # a whole batch at a time: what a resumed call keeps
     os.replace(tmp, out / MANIFEST)
     return out
 
