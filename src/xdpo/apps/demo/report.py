@@ -225,10 +225,9 @@ def _samples_sentence(s: Any, curves: dict, tables: dict) -> str:
 
 
 def _curve_images(s: Any) -> int:
-    from xdpo.apps.demo.run import eval_prompts_and_seeds
+    from xdpo.apps.digits.data import eval_prompts
 
-    prompts, seeds = eval_prompts_and_seeds(s.curve_seeds)
-    return len(prompts) * len(seeds)
+    return len(eval_prompts()) * s.curve_seeds  # `run.SameSeedEvaluator`'s prompts x seeds
 
 
 def _checkpoint_interval(curves: dict) -> int | None:
