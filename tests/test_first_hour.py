@@ -98,3 +98,22 @@ def test_check_data_finds_a_corrupt_image(tmp_path, capsys):
     good = _corrupt_pairs(tmp_path / "good.parquet", bad_row=0)
     assert main(["check-data", f"data.path={good}", "model.pretrained=x/y"]) == 2  # row 0 now
     assert "bad row 0" in capsys.readouterr().out
+
+
+def test_known_third_party_lines_are_dropped_and_others_kept(caplog):
+    import logging
+
+    import xdpo  # noqa: F401 - installs the filters
+
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    with caplog.at_level(logging.WARNING):
+        diffusers_log.warning("There are modules in UNet that should be kept in float32: []. Casting ...")
+        diffusers_log.warning("There are modules in T5 that should be kept in float32: ['wo']. Casting ...")
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+        )
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU ...")
+        logging.getLogger("diffusers.pipelines.pipeline_utils").warning(
+            "self.text_encoder_3=None of type <class 'NoneType'> cannot be saved."
+        )
+    assert [r.getMessage()[:40] for r in caplog.records] == ["There are modules in T5 that should be k"]
