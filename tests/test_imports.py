@@ -256,7 +256,7 @@ def test_no_file_cites_design_md(folder):
 
 
 LAYERS = (
-    ("xdpo.errors", "xdpo.plugins", "xdpo.config.options"),  # `Option`: the keys components declare
+    ("xdpo.errors", "xdpo.plugins", "xdpo.quiet", "xdpo.config.options"),  # `Option`: keys components declare
     ("xdpo.objectives", "xdpo.models"),  # pure losses and registries; model families, loading, noise
     ("xdpo.config",),  # typed config; its sections and choices read the registries (by name above it)
     ("xdpo.data",),

@@ -209,3 +209,36 @@ def test_named_model_resolves_to_a_pipeline_folder(tiny_pipeline_dir, tmp_path):
     row = read_manifest(out)[0]  # the digits world's sampling defaults, not the SD papers'
     assert {k: row[k] for k in DIGITS_SAMPLING} == DIGITS_SAMPLING
     assert row["model"] == str(base_model_path())
+
+
+def test_each_family_samples_with_its_own_scheduler_and_another_vae(
+    tmp_path, tiny_pipeline_dir, tiny_sdxl_pipeline_dir
+):
+    from xdpo.evaluate import sample
+
+    assert sample.sampling_defaults(tiny_pipeline_dir)["scheduler"] == "ddim"  # SD 1.x: the papers'
+    assert sample.sampling_defaults(tiny_sdxl_pipeline_dir)["scheduler"] == "default"  # SDXL: its Euler
+    out = tmp_path / "xl"
+    args = ["sample", "--model", str(tiny_sdxl_pipeline_dir), "--prompts", "digits", "--limit", "1"]
+    assert main([*args, "--steps", "2", "--vae", str(tiny_sdxl_pipeline_dir / "vae"), "--out", str(out)]) == 0
+    row = read_manifest(out)[0]
+    assert row["scheduler_class"] == "EulerDiscreteScheduler" and row["vae"] == str(
+        tiny_sdxl_pipeline_dir / "vae"
+    )
+
+
+def test_missing_paths_say_so_before_anything_loads(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import diffusers
+
+    from xdpo.evaluate.sample import load_pipeline
+
+    def never(*a, **k):
+        raise AssertionError("loaded a pipeline before checking the paths")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", never)
+    with pytest.raises(ConfigError, match="lora: .* does not exist"):
+        load_pipeline(tiny_pipeline_dir, lora=tmp_path / "no-run")
+    with pytest.raises(ConfigError, match="model: .* does not exist"):
+        load_pipeline(tmp_path / "no-model")
+    with pytest.raises(ConfigError, match="vae: .* does not exist"):
+        load_pipeline(tiny_pipeline_dir, vae=tmp_path / "no-vae")

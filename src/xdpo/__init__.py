@@ -4,12 +4,11 @@
 torch is imported on first use, so `xdpo --help` starts quickly.
 """
 
-import logging
 from typing import Any
 
-# bitsandbytes (for train.optimizer=adamw8bit) warns on import on some CPUs about an optional 4-bit
-# kernel xdpo never uses; diffusers and peft import it whenever it is installed.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from xdpo import quiet
+
+quiet.install()  # known third-party log lines (xdpo.quiet), dropped at their loggers
 
 __version__ = "0.1.0"
 __all__ = ["LossOutput", "preference_loss", "__version__"]

@@ -14,6 +14,7 @@ from xdpo.errors import ConfigError
 RULE_OWNERS = (
     "xdpo.data.rules:check",  # columns per format, the cache, streaming, crops
     "xdpo.models.families:check_config",  # each family's checks of its keys; data.resolution
+    "xdpo.models.lora:check",  # adapters and quantised bases
     "xdpo.train.rules:check",  # the data source (data.path, online, cache), the reference, the objective
     "xdpo.train.validation:check",  # validation: a held-out scorer to stop on, text encoders
 )

@@ -47,6 +47,19 @@ class ModelConfig:
         ["to_q", "to_k", "to_v", "to_out.0"],
         "denoiser modules that get LoRA adapters (attention q, k, v, out)",
     )
+    lora_type: Literal["lora", "dora", "lokr", "loha"] = _f(
+        "lora",
+        "adapter kind (peft): lora; dora = LoRA with magnitude and direction apart (Liu et al. 2024); lokr, "
+        "loha = LyCORIS' Kronecker / Hadamard products",
+    )
+    quantize: Literal["none", "int8", "nf4", "fp8"] = _f(
+        "none",
+        "LoRA runs: the frozen denoiser's Linear weights in int8 or nf4 (bitsandbytes) or fp8 (float8 e4m3); "
+        "the reference (adapters off) shares them",
+    )
+    quantize_text_encoders: Literal["none", "int8", "nf4", "fp8"] = _f(
+        "none", "the frozen text encoders' Linear weights in int8, nf4 or fp8 (as model.quantize)"
+    )
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the denoiser")
     reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f(
         "auto", "dtype of the frozen reference denoiser (full fine-tune); auto = the mixed-precision dtype"
@@ -85,6 +98,13 @@ class DataConfig:
         "square training resolution in pixels (resize shorter side, then crop)",
         **rule(lambda v: v >= 8 and v % 8 == 0, "must be a multiple of 8"),
     )
+    buckets: list[str] = _f(
+        [],
+        "aspect-ratio buckets: WxH resolutions (e.g. 1024x1024,1152x896,896x1152), or auto (sides multiples of "
+        "data.bucket_step, area <= data.resolution^2, ratio 1:4 to 4:1); each pair trains at the bucket "
+        "nearest its images' shape, batches within a bucket; empty = square data.resolution crops",
+    )
+    bucket_step: int = _f(64, "data.buckets=auto: bucket sides are multiples of this", **at_least(8))
     ties: Literal["drop", "keep"] = _f(
         "drop",
         "label_0 = 0.5 rows: drop (Diffusion-DPO) or keep as soft targets (label 0.5; objectives that use labels)",
@@ -281,6 +301,16 @@ class TrainConfig:
         "stop", "non-finite loss: stop the run (weights untouched), or skip the step and count it"
     )
     max_nonfinite: int = _f(10, "skip: stop after this many non-finite steps in a row", **at_least(1))
+    ema_decay: float = _f(
+        0.0,
+        "EMA of the trained weights (diffusers' EMAModel) saved as final-ema/ beside final/; 0 = none",
+        **within(0, 1, "[)"),
+    )
+    noise_offset: float = _f(
+        0.0,
+        "noise + offset * n, n ~ N(0, 1) per image and channel (as diffusers' training scripts); 0 = none",
+        **at_least(0),
+    )
     log_deltas: bool = _f(
         False, "also log every image's delta (policy minus reference error) per step in metrics.jsonl"
     )

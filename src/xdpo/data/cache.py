@@ -1,7 +1,9 @@
 """Latent and text-condition cache (`xdpo cache` writes it, `xdpo train` with `data.cache` reads it).
 
 What a cache holds, in `data.cache/`:
-- `pairs-NNNNN.safetensors`, pairs [k S, (k + 1) S) of the run's pair index (S = `shard_size`): for
+- `pairs-NNNNN.safetensors`, pairs [k S, (k + 1) S) of the run's pair index (S = `shard_size`; with
+  `data.buckets`, each bucket's pairs in index order cut into shards of S, bucket after bucket, so that a
+  shard holds one latent size: `shard_layout`): for
   both images the VAE posterior's parameters `mean_w`, `logvar_w`, `mean_l`, `logvar_l` [P, C, h, w]
   (unscaled), so that training still samples z = mean + exp(logvar / 2) eps every step, as
   Diffusion-DPO does; `label_w` [P], `row` [P]; each pair's caption in the metadata; SDXL's
@@ -51,6 +53,20 @@ IMAGE_SIZE_KEYS = ("original_size", "crop_top_left")
 FLIP = "_flip"
 HASHED_BYTES = 16 << 20
 """Files up to this size are fingerprinted by content (configs, tokenizers), larger ones by size."""
+
+
+def shard_layout(n_pairs: int, shard_size: int, bucket_of: Any = None) -> list[list[int]]:
+    """The pair indices of each pair shard: [k S, (k + 1) S) without buckets; with buckets (`bucket_of[i]`:
+    pair i's bucket), each bucket's pairs in index order cut into shards of S, bucket after bucket."""
+    if bucket_of is None:
+        return [list(range(k, min(n_pairs, k + shard_size))) for k in range(0, n_pairs, shard_size)]
+    import numpy as np
+
+    out = []
+    for b in np.unique(bucket_of):
+        members = np.flatnonzero(np.asarray(bucket_of) == b).tolist()
+        out += [members[k : k + shard_size] for k in range(0, len(members), shard_size)]
+    return out
 
 
 def pair_shard(folder: Path, k: int) -> Path:
@@ -186,6 +202,11 @@ def depends(cfg: Any, fam: Any, table: Any, pairs: Any, n_pairs: int) -> dict[st
             "pairs": n_pairs,
         }
     )
+    if getattr(d, "buckets", None):  # which bucket each pair is cached in (a digest of the assignment)
+        out["data.buckets"] = [f"{w}x{h}" for w, h in pairs.buckets]
+        out["pair buckets"] = hashlib.sha256(bytes(memoryview(pairs.bucket_of.astype("int64")))).hexdigest()[
+            :20
+        ]
     return out
 
 

@@ -24,6 +24,7 @@ from xdpo.data.cache import (
     open_pairs,
     pair_shard,
     read_manifest,
+    shard_layout,
     shard_metadata,
     text_shard,
 )
@@ -88,8 +89,9 @@ class CachedPairs(torch.utils.data.Dataset):
         return collate_cached(items)
 
     def __init__(
-        self, folder: str | Path, manifest: dict[str, Any], *, prompt_dropout: float, flip: str
-    ) -> None:
+        self, folder: str | Path, manifest: dict[str, Any], *, prompt_dropout: float, flip: str,
+        bucket_of: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
         self.folder, self.manifest = Path(folder), manifest
         self.prompt_dropout, self.flip = float(prompt_dropout), flip
         self.n_pairs, self.shard = int(manifest["n_pairs"]), int(manifest["shard_size"])
@@ -99,12 +101,23 @@ class CachedPairs(torch.utils.data.Dataset):
         for k in range(manifest["text_shards"]):
             self.captions += json.loads(shard_metadata(text_shard(self.folder, k))["captions"])
         lookup = {c: i for i, c in enumerate(self.captions)}
-        index: list[int] = []
-        for k in range(manifest["pair_shards"]):
-            index += [lookup[c] for c in json.loads(shard_metadata(pair_shard(self.folder, k))["captions"])]
-        if len(index) != self.n_pairs:
-            raise DataError(f"data.cache: {folder} has {len(index)} pairs, its manifest says {self.n_pairs}")
-        self.caption_index = np.asarray(index, dtype=np.int64)
+        # where each pair is stored (`shard_layout`), its caption and its size (data.buckets: its bucket's)
+        layout = shard_layout(self.n_pairs, self.shard, bucket_of)
+        if len(layout) != manifest["pair_shards"]:
+            raise DataError(f"data.cache: {folder} has {manifest['pair_shards']} pair shards, the data gives {len(layout)}")  # fmt: skip
+        self.shard_of = np.zeros(self.n_pairs, dtype=np.int64)
+        self.offset_of = np.zeros(self.n_pairs, dtype=np.int64)
+        self.caption_index = np.full(self.n_pairs, -1, dtype=np.int64)
+        for k, members in enumerate(layout):
+            names = json.loads(shard_metadata(pair_shard(self.folder, k))["captions"])
+            if len(names) != len(members):
+                raise DataError(f"data.cache: {folder} shard {k} has {len(names)} pairs, not {len(members)}")
+            self.shard_of[members], self.offset_of[members] = k, np.arange(len(members))
+            self.caption_index[members] = [lookup[c] for c in names]
+        self.buckets = [tuple(b) for b in manifest["buckets"]] if bucket_of is not None else None
+        self.bucket_of = bucket_of
+        square = (self.resolution, self.resolution)
+        self.sizes = [square] if bucket_of is None else [(h, w) for w, h in self.buckets]  # (height, width)
         self.empty = lookup.get("")
         self._files: dict[Path, dict[str, torch.Tensor]] = {}
         self._paths: dict[tuple[bool, int], Path] = {}
@@ -166,10 +179,10 @@ class CachedPairs(torch.utils.data.Dataset):
             if not 0 <= index < self.n_pairs:
                 raise IndexError(f"index {index} out of range for {self.n_pairs} cached pairs")
             drop, flip_w, flip_l = item_choices(seed, self.prompt_dropout, self.flip)
-            shard, off = divmod(int(index), self.shard)
+            shard, off = int(self.shard_of[index]), int(self.offset_of[index])
             caption = self.empty if drop else int(self.caption_index[index])
             sw, sl = FLIP if flip_w else "", FLIP if flip_l else ""
-            picks.append((self._shard_path(shard, text=False), off, sw, sl, caption))
+            picks.append((self._shard_path(shard, text=False), off, sw, sl, caption, index))
         items: list[dict[str, Any]] = [{} for _ in picks]
         if not picks:
             return items
@@ -181,27 +194,27 @@ class CachedPairs(torch.utils.data.Dataset):
         for name in LATENT_KEYS:  # w's tensors in w's orientation, l's in l's
             fill(
                 name,
-                [(path, name + (sw if name.endswith("_w") else sl), off) for path, off, sw, sl, _ in picks],
+                [(path, name + (sw if name.endswith("_w") else sl), off) for path, off, sw, sl, *_ in picks],
             )
-        for item, (path, off, *_) in zip(items, picks, strict=True):
+        for item, (path, off, *_, index) in zip(items, picks, strict=True):
             item["label_w"] = float(self._values(path, "label_w")[off])
             item["row"] = int(self._values(path, "row")[off])
-            item["pixel_size"] = (self.resolution, self.resolution)
+            item["pixel_size"] = self.sizes[0 if self.bucket_of is None else int(self.bucket_of[index])]
         names = self._open(picks[0][0])
         for name in IMAGE_SIZE_KEYS:  # SDXL's sizes, of the orientation served (crop offsets mirror)
             if name + FLIP in names:
-                ws = self._rows([(path, name + sw, off) for path, off, sw, _, _ in picks])
-                ls = self._rows([(path, name + sl, off) for path, off, _, sl, _ in picks])
+                ws = self._rows([(path, name + sw, off) for path, off, sw, _, _, _ in picks])
+                ls = self._rows([(path, name + sl, off) for path, off, _, sl, _, _ in picks])
                 for item, w_size, l_size in zip(items, ws, ls, strict=True):
                     item[name] = torch.stack([w_size[0], l_size[1]])
             elif name in names:  # one tensor for both orientations
                 fill(name, [(path, name, off) for path, off, *_ in picks])
-        texts = [(self._shard_path(c // self.shard, text=True), c % self.shard) for *_, c in picks]
+        texts = [(self._shard_path(c // self.shard, text=True), c % self.shard) for *_, c, _ in picks]
         conds: list[dict[str, torch.Tensor]] = [{} for _ in picks]
         for k in sorted(self._open(texts[0][0])):
             for cond, row in zip(conds, self._rows([(path, k, off) for path, off in texts]), strict=True):
                 cond[k] = row
-        for item, cond, (*_, c) in zip(items, conds, picks, strict=True):
+        for item, cond, (*_, c, _) in zip(items, conds, picks, strict=True):
             item["cond"], item["caption"] = cond, self.captions[c]
         return items
 
@@ -252,6 +265,9 @@ def open_cache(cfg: Any, fam: Any) -> CachedPairs:
         )
     table, pairs, n_pairs = open_pairs(cfg, plain=True)
     check_manifest(manifest, cfg, depends(cfg, fam, table, pairs, n_pairs))
-    cached = CachedPairs(folder, manifest, prompt_dropout=cfg.data.prompt_dropout, flip=cfg.data.flip)
+    cached = CachedPairs(
+        folder, manifest, prompt_dropout=cfg.data.prompt_dropout, flip=cfg.data.flip,
+        bucket_of=getattr(pairs, "bucket_of", None),
+    )  # fmt: skip
     cached.n_ties, cached.n_dropped = pairs.n_ties, pairs.n_dropped
     return cached

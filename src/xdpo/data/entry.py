@@ -12,6 +12,7 @@ from typing import Any
 
 import datasets
 
+from xdpo.data.buckets import parse_buckets
 from xdpo.data.perimage import PreferenceImages
 from xdpo.data.pickapic import PreferencePairs
 from xdpo.data.sources import load_preference_table
@@ -35,6 +36,7 @@ def open_pair_data(cfg: Any, *, plain: bool = False) -> tuple[datasets.Dataset, 
         table, resolution=d.resolution, ties=d.ties, flip="none" if plain else d.flip,
         random_crop=d.random_crop, prompt_dropout=0.0 if plain else d.prompt_dropout, source=d.path,
         split=d.split, on_bad_row=d.on_bad_row, max_pairs=d.max_pairs, columns=d.columns,
+        buckets=parse_buckets(d.buckets, d.resolution, d.bucket_step) if d.buckets else None,
     )  # fmt: skip
     return table, pairs, len(pairs)
 

@@ -38,6 +38,8 @@ class RowItems(torch.utils.data.Dataset):
 
     fmt = "pairs"
     noun = "pairs"
+    buckets: list[tuple[int, int]] | None = None  # data.buckets: (width, height) of each (PreferencePairs)
+    bucket_of: np.ndarray | None = None  # the bucket of each usable item
     none_decodable = "no pair has two decodable images"
 
     def __init__(
@@ -107,8 +109,12 @@ class RowItems(torch.utils.data.Dataset):
             if row in self.skipped:
                 passed.append(row)
                 continue
-            try:
-                item = self._item(row, seed)
+            try:  # an item of a bucketed set is placed in its index's bucket (a substitute row too)
+                item = (
+                    self._item(row, seed)
+                    if self.bucket_of is None
+                    else self._item(row, seed, self.buckets[int(self.bucket_of[index])])
+                )
             except BadRowError:
                 if self.on_bad_row == "error":
                     raise

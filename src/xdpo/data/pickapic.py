@@ -23,7 +23,7 @@ from xdpo.data.batch import Batch
 from xdpo.data.items import RowItems
 from xdpo.data.schema import REQUIRED_COLUMNS, TIE_MODES, VALID_LABELS
 from xdpo.data.sources import load_preference_table
-from xdpo.data.transforms import place_pair
+from xdpo.data.transforms import place_pair, place_pair_in
 from xdpo.errors import ConfigError, DataError
 
 __all__ = ["PreferencePairs", "collate_pairs", "load_preference_table", "write_pairs_parquet"]
@@ -70,6 +70,7 @@ class PreferencePairs(RowItems):
         bad_rows: Iterable[int] = (),
         max_pairs: int = 0,
         columns: Mapping[str, str] | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> None:
         if ties not in TIE_MODES:
             raise ConfigError(f"data.ties must be one of {', '.join(TIE_MODES)}, got {ties!r}")
@@ -80,6 +81,10 @@ class PreferencePairs(RowItems):
             columns=columns,
         )  # fmt: skip
         self.n_pairs = self.n_items
+        if buckets:  # data.buckets: each pair's bucket from its images' headers (`xdpo.data.buckets`)
+            from xdpo.data.buckets import pair_buckets
+
+            self.buckets, self.bucket_of = list(buckets), pair_buckets(self, list(buckets))
 
     def _usable(self, excluded: np.ndarray) -> np.ndarray:
         is_tie = self.labels == 0.5
@@ -95,7 +100,7 @@ class PreferencePairs(RowItems):
         `skipped_rows` lists rows passed over because an image failed."""
         return super().__getitem__(key)
 
-    def _item(self, row: int, seed: int) -> dict[str, Any]:
+    def _item(self, row: int, seed: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
         record = self.table[row]
         label = float(self.labels[row])
         caption = record["caption"]
@@ -104,7 +109,12 @@ class PreferencePairs(RowItems):
             caption = ""
         col_w, col_l = ("jpg_1", "jpg_0") if label == 0.0 else ("jpg_0", "jpg_1")
         img_w, img_l = self._image(record, col_w, row), self._image(record, col_l, row)
-        w, lo = place_pair(img_w, img_l, self.resolution, rng, random_crop=self.random_crop, flip=self.flip)
+        if size is None:
+            w, lo = place_pair(
+                img_w, img_l, self.resolution, rng, random_crop=self.random_crop, flip=self.flip
+            )
+        else:  # an aspect-ratio bucket (width, height)
+            w, lo = place_pair_in(img_w, img_l, size, rng, random_crop=self.random_crop, flip=self.flip)
         return {
             "caption": caption,
             "pixel_w": w.pixel,

@@ -33,6 +33,12 @@ def check(cfg: Any) -> None:
         d.max_pairs,
     )
     require(
+        not d.buckets or d.format == "pairs",
+        "data.buckets",
+        "buckets preference pairs (data.format=pairs) only",
+        d.buckets,
+    )
+    require(
         not (d.cache and d.random_crop),
         "data.random_crop",
         "cannot be used with data.cache (a cached latent holds one crop); set data.random_crop=false",

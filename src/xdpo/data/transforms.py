@@ -208,3 +208,57 @@ def transform_pair(
     """`place_pair`'s two pixel tensors (same draws)."""
     w, lo = place_pair(img_w, img_l, resolution, rng, random_crop=random_crop, flip=flip)
     return w.pixel, lo.pixel
+
+
+# ---- aspect-ratio buckets (`data.buckets`): a (width, height) target instead of a square -------------
+
+
+def cover_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) scaled to cover `size` = (W, H): the side that fits tighter equals its target, the
+    other is scaled and truncated as torchvision's Resize (a square `size` gives `resized_size`)."""
+    target_w, target_h = size
+    if width * target_h >= height * target_w:  # wider than the target: fit the height
+        return max(target_w, int(target_h * width / height)), target_h
+    return target_w, max(target_h, int(target_w * height / width))
+
+
+def place_pair_in(
+    img_w: Image.Image,
+    img_l: Image.Image,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    random_crop: bool = False,
+    flip: str = "none",
+) -> tuple[Placed, Placed]:
+    """`place_pair` into a (width, height) bucket: each image resized to cover it, then cropped to it
+    (center or random; shared offsets when both resized images have the same size) and flipped as
+    `place_pair` does (same draw order). SDXL's conditions: `original_size` (height, width) before
+    resizing, `crop_top_left` (top, left) in the resized image, left mirrored for a flipped image."""
+    if flip not in FLIP_MODES:
+        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    target_w, target_h = size
+    sizes = [(img.height, img.width) for img in (img_w, img_l)]
+    resized = []
+    for img in (img_w, img_l):
+        cover = cover_size(img.width, img.height, size)
+        resized.append(img if cover == img.size else img.resize(cover, RESAMPLE))
+    img_w, img_l = resized
+
+    def offsets(img: Image.Image) -> tuple[int, int]:
+        if random_crop:
+            return int(rng.integers(0, img.width - target_w + 1)), int(
+                rng.integers(0, img.height - target_h + 1)
+            )
+        return int(round((img.width - target_w) / 2.0)), int(round((img.height - target_h) / 2.0))
+
+    off_w = offsets(img_w)
+    off_l = off_w if random_crop and img_l.size == img_w.size else offsets(img_l)
+    flips = draw_flips(rng, flip)
+    placed = []
+    for img, (left, top), mirrored, original in zip(
+        (img_w, img_l), (off_w, off_l), flips, sizes, strict=True
+    ):
+        pixel = to_tensor(img.crop((left, top, left + target_w, top + target_h)), mirrored)
+        placed.append(Placed(pixel, original, (top, img.width - left - target_w if mirrored else left)))
+    return placed[0], placed[1]

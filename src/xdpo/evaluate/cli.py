@@ -99,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lora", help="LoRA folder (pytorch_lora_weights.safetensors, or a run folder with final/)"
     )
     p.add_argument(
+        "--vae", help="another VAE folder or hub id (e.g. SDXL's fp16-fix VAE) instead of the pipeline's"
+    )
+    p.add_argument(
         "--prompts",
         required=True,
         help=(
@@ -125,7 +128,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scheduler",
         choices=list(SCHEDULERS),
-        help=f"sampler (default: {PAPER_SAMPLING['scheduler']}{named('scheduler')})",
+        help=f"sampler (default: the family's own: {PAPER_SAMPLING['scheduler']} for SD 1.x/2.x as in the "
+        f"papers, the pipeline's own scheduler for SDXL, SD3 and Flux{named('scheduler')})",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
     p.add_argument("--height", type=int, help="image height (default: the model's native size)")
@@ -207,6 +211,7 @@ def run_sample(args: argparse.Namespace) -> int:
         args.seeds if args.seeds is not None else default_seeds(args.prompts),
         out_dir=args.out,
         lora=args.lora,
+        vae=args.vae,
         steps=args.steps or defaults["steps"],
         guidance=args.guidance if args.guidance is not None else defaults["guidance"],
         scheduler=args.scheduler or defaults["scheduler"],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpo.errors import ConfigError, DataError
+from xdpo.evaluate.chunks import BatchChunks, finished_batches
 from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
 from xdpo.models.families import family_of_class, family_of_pipeline, pipeline_classes
 
@@ -82,20 +83,44 @@ def resolve_model(model: str | Path) -> Path:
     from xdpo.models.load import resolve_pretrained  # the one resolver of named models
 
     path = Path(resolve_pretrained(str(model)))
+    if not path.exists():
+        raise ConfigError(f"model: {path} does not exist (a diffusers pipeline folder or a named model)")
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"model: {path} is not a diffusers pipeline folder (no model_index.json)")
     return path
 
 
 def resolve_lora(lora: str | Path) -> tuple[Path, str | None]:
-    """(folder, weight_name) for `load_lora_weights`: a weights file, its folder, or a run's `final/`."""
+    """(folder, weight_name) for `load_lora_weights`: a weights file, its folder, or a run's `final/`;
+    weight_name `PEFT_WEIGHTS` for an adapter in peft's format (LoKr, LoHa: `xdpo.models.lora`)."""
+    from xdpo.models.lora import PEFT_WEIGHTS, is_peft_adapter
+
     path = Path(lora)
+    if not path.exists():
+        raise ConfigError(f"lora: {path} does not exist")
     if path.is_file():
         return path.parent, path.name
     for folder in (path, path / "final"):
         if (folder / LORA_WEIGHTS).is_file():
             return folder, None
+        if is_peft_adapter(folder):
+            return folder, PEFT_WEIGHTS
     raise ConfigError(f"lora: no {LORA_WEIGHTS} in {path} (nor in {path / 'final'})")
+
+
+def load_vae(vae: str | Path, dtype: Any) -> Any:
+    """Another VAE (a folder or hub id, e.g. SDXL's fp16-fix VAE) in `dtype`."""
+    from diffusers import AutoencoderKL
+
+    from xdpo.models.load import resolve_pretrained
+
+    path = resolve_pretrained(str(vae))
+    if not Path(path).exists() and (str(vae).startswith((".", "/", "~")) or str(vae).count("/") != 1):
+        raise ConfigError(f"vae: {vae} does not exist (a VAE folder or hub id)")
+    try:
+        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"vae: cannot load {vae}: {str(e).splitlines()[0]}") from None
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -127,40 +152,45 @@ def load_pipeline(
     scheduler: str = "ddim",
     device: str | None = None,
     dtype: Any = None,
+    vae: str | Path | None = None,
 ) -> Any:
-    """Load a text-to-image pipeline (no safety checker, no progress bars), optional LoRA.
+    """Load a text-to-image pipeline (no safety checker, no progress bars), optional LoRA and VAE.
 
     The one pipeline loader of xdpo (`xdpo sample`, the digits world, the demo): the pipeline class
     is the one its `model_index.json` names (`DiffusionPipeline.from_pretrained`). An SD3 pipeline
     without T5 attends to its zero T5 padding once (`xdpo.models.padding`: exact, several times faster).
     """
     import diffusers
-    from diffusers.utils import logging as dlog
+
+    from xdpo.quiet import progress_bars_off
 
     path = resolve_model(model)
+    adapter = resolve_lora(lora) if lora is not None else None  # a missing path fails before any load
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     device = resolve_device(device)
     kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(dtype, device)}
+    if vae is not None:
+        kwargs["vae"] = load_vae(vae, kwargs["torch_dtype"])
     index = json.loads((path / "model_index.json").read_text())
     from xdpo.models.load import null_components
 
     kwargs |= null_components(index)  # e.g. SD3 saved without T5: diffusers needs them passed as None
     if "safety_checker" in index:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
-    bars = dlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()  # "Loading pipeline components": noise, and per call
-    try:
-        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones lack it
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
-    finally:
-        if bars:
-            dlog.enable_progress_bar()
-    if lora is not None:
-        folder, weight_name = resolve_lora(lora)
-        pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
+    with progress_bars_off(), warnings.catch_warnings():  # loading bars: noise, and per call
+        # diffusers >= 0.36 renames torch_dtype to dtype; older ones lack it
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
     fam = family_of_pipeline(pipe)
+    if adapter is not None:
+        folder, weight_name = adapter
+        from xdpo.models.lora import PEFT_WEIGHTS, load_adapter
+
+        if weight_name == PEFT_WEIGHTS and fam is not None:  # LoKr / LoHa in peft's format
+            load_adapter(getattr(pipe, fam.denoiser), folder)
+        else:
+            pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
     if fam is not None:
         fam.prepare_sampling(pipe)  # e.g. SD3 without T5: zero padding attended once, the same images
     if SCHEDULERS[scheduler]:
@@ -204,11 +234,15 @@ def generate(
     latents: Any = None,
     progress: bool = True,
     desc: str = "sampling",
+    chunks: str | Path | None = None,
 ) -> list[Any]:
     """RGB PIL images for `prompts`, in memory, from given `latents` or `initial_latents(pipe, n, seed)`.
 
     A deterministic sampler (DDIM, eta 0) makes image i a function of (prompt i, latents[i]) only;
     `sample_images` instead seeds one generator per image and writes files and a manifest.
+    `chunks`: a folder where each finished batch is kept (PNG, lossless) for what it was sampled with; a
+    rerun after an interruption reads the finished batches back and samples only the rest (the batches are
+    the same, so the images are too).
     """
     import numpy as np
     import torch
@@ -218,18 +252,24 @@ def generate(
     if not prompts:
         return []
     latents = initial_latents(pipe, len(prompts), seed) if latents is None else latents
+    kept = BatchChunks(chunks, pipe, prompts, latents, steps, guidance, batch_size) if chunks else None
     images: list[Any] = []
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, len(prompts), batch_size):
-            out = pipe(
-                prompt=prompts[i : i + batch_size],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=latents[i : i + batch_size],
-                output_type="np",
-            ).images
-            images += [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in out]
-            bar.update(len(out))
+            done = kept.read(i) if kept else None
+            if done is None:
+                out = pipe(
+                    prompt=prompts[i : i + batch_size],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    latents=latents[i : i + batch_size],
+                    output_type="np",
+                ).images
+                done = [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in out]
+                if kept:
+                    kept.write(i, done)
+            images += done
+            bar.update(len(done))
     return images
 
 
@@ -280,9 +320,11 @@ def sample_images(
     width: int | None = None,
     device: str | None = None,
     dtype: Any = None,
+    vae: str | Path | None = None,
     layout: str = "default",
     prompt_set: str | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Sample every prompt x every seed; write `out_dir/images/*.png` + `manifest.jsonl`; return out_dir.
 
@@ -292,6 +334,8 @@ def sample_images(
     whose positions matter. `layout="hpsv2"` writes the official HPSv2 layout (module docstring).
     `prompt_set` (default: `prompts` when it is a name or path) is recorded in the manifest.
     Defaults follow the SD papers (50 steps, guidance 7.5); a guidance <= 1 disables guidance.
+    `resume`: keep the whole batches an interrupted call with the same settings already wrote (its
+    `manifest.jsonl.tmp`) and sample only the rest (same batches, same images).
     """
     import torch
     from tqdm.auto import tqdm
@@ -312,14 +356,13 @@ def sample_images(
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
     device = resolve_device(device)
-    pipe = load_pipeline(model, lora=lora, scheduler=scheduler, device=device, dtype=dtype)
+    pipe = load_pipeline(model, lora=lora, scheduler=scheduler, device=device, dtype=dtype, vae=vae)
     scale = getattr(pipe, "vae_scale_factor", 8)
     if any(size is not None and (size < scale or size % scale) for size in (height, width)):
         raise ConfigError(f"height and width ({height}, {width}) must be positive multiples of {scale}")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
     settings = {
         "model": str(resolve_model(model)),
         "lora": str(lora) if lora is not None else None,
@@ -328,14 +371,24 @@ def sample_images(
         "scheduler": scheduler,
         "scheduler_class": type(pipe.scheduler).__name__,
     }
+    if vae is not None:
+        settings["vae"] = str(vae)
     if prompt_set is not None:
         settings["prompt_set"] = prompt_set
     jobs = [(r, s) for r in records for s in seed_list]
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     tmp = out / (MANIFEST + ".tmp")
-    index = 0
+    kept = finished_batches(out, tmp, settings, jobs, batch_size) if resume else []
+    if not kept:
+        _clear_previous(out)
+    index = len(kept)
     with tmp.open("w", encoding="utf-8") as manifest:
-        for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
+        for line in kept:
+            manifest.write(line)
+        manifest.flush()
+        for batch in tqdm(
+            batches[index // batch_size :], desc="sampling", unit="batch", disable=not progress
+        ):
             generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
             images = pipe(
                 prompt=[r["prompt"] for r, _ in batch],
@@ -355,6 +408,7 @@ def sample_images(
                 record |= {k: rec[k] for k in ("style", "prompt_index") if k in rec}
                 manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
                 index += 1
+            manifest.flush()  # a whole batch at a time: what a resumed call keeps
     os.replace(tmp, out / MANIFEST)
     return out
 

@@ -10,7 +10,6 @@ reference is a frozen copy (full) or the same denoiser with adapters disabled (L
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ from torch import Tensor
 
 from xdpo.errors import ConfigError
 from xdpo.models.families import Family, family_of_class, get_family, pipeline_classes
+from xdpo.models.lora import adapters_disabled, add_lora, tuner_layers  # noqa: F401 (their home)
 from xdpo.models.named import resolve_named
+from xdpo.quiet import progress_bars_off
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -59,7 +60,10 @@ def resolve_pretrained(pretrained: str) -> str:
 
 
 def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
-    """model_index.json of a folder or hub id (offline: the hub cache); ConfigError when unreadable."""
+    """model_index.json of a folder or hub id (the hub cache first: `xdpo.models.hub`); ConfigError when
+    unreadable, with one line saying why (no such folder, offline, unreachable, gated) and what to do."""
+    import json
+
     path = Path(resolve_pretrained(pretrained))
     if path.exists():
         index = path / "model_index.json"
@@ -67,20 +71,19 @@ def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, 
             raise ConfigError(
                 f"model.pretrained: {path} has no model_index.json (not a diffusers pipeline folder)"
             )
-        import json
-
         return json.loads(index.read_text())
     name = str(pretrained)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ConfigError(f"model.pretrained: {name} is neither a folder nor a hub id (owner/name)")
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(name, revision=revision)
-    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; all mean "cannot read it"
         raise ConfigError(
-            f"model.pretrained: cannot read model_index.json of {name}: {str(e).splitlines()[0]}"
-        ) from None
+            f"model.pretrained: {name} does not exist (neither a folder nor a hub id owner/name)"
+        )
+    from xdpo.models.hub import hub_file
+
+    found = hub_file(name, "model_index.json", revision)
+    try:
+        return json.loads(found.read_text())
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained: model_index.json of {name} is not JSON ({e})") from None
 
 
 def check_pipeline(pretrained: str, family: str = "auto", revision: str | None = None) -> Family:
@@ -146,7 +149,8 @@ def load_components(
         ]
         kw["dtype"] = {"default": torch.float32, **dict.fromkeys(encoders, text_dtype)}
     try:
-        pipe = fam.pipeline_cls().from_pretrained(path, **kw)
+        with progress_bars_off():  # "Loading pipeline components", "Loading weights"
+            pipe = fam.pipeline_cls().from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained: cannot load {path}: {str(e).splitlines()[0]}") from None
     parts = pipe.components
@@ -173,59 +177,10 @@ def load_components(
     )
 
 
-def add_lora(model: Any, cfg: Any) -> None:
-    """Attach LoRA adapters (peft, through diffusers' integration); only they are trainable."""
-    from peft import LoraConfig
-
-    model.requires_grad_(False)
-    lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-        lora_dropout=cfg.lora_dropout,
-        init_lora_weights="gaussian",
-        target_modules=list(cfg.lora_targets),
-    )
-    try:
-        model.add_adapter(lora)
-    except ValueError as e:
-        raise ConfigError(f"model.lora_targets: {e}") from None
-    from diffusers.training_utils import cast_training_params
-
-    cast_training_params(
-        model, dtype=torch.float32
-    )  # trainable adapter weights in fp32 under mixed precision
-
-
 def frozen_copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """The reference denoiser for full fine-tuning: a frozen copy in `dtype`."""
     ref = copy.deepcopy(model).to(device=device, dtype=dtype)
     return ref.requires_grad_(False).eval()
-
-
-def tuner_layers(model: Any) -> list[Any]:
-    """The model's LoRA layers, found once (walking every module each micro-step costs ~2 ms at 16 px)."""
-    cached = model.__dict__.get("_xdpo_tuner_layers")
-    if cached is None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        cached = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        model.__dict__["_xdpo_tuner_layers"] = cached
-    return cached
-
-
-@contextmanager
-def adapters_disabled(model: Any):
-    """The base denoiser inside the block: LoRA adapters off through peft's public per-layer switch
-    (`BaseTunerLayer.enable_adapters`, what diffusers' `disable_adapters` calls on each layer), on the
-    model's LoRA layers found once instead of a walk over every module per call."""
-    layers = [m for m in tuner_layers(model) if not m.disable_adapters]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
 
 
 def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:

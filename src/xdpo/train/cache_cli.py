@@ -35,6 +35,7 @@ from xdpo.data.cache import (
     pair_shard,
     read_manifest,
     save_shard,
+    shard_layout,
     shard_metadata,
     text_shard,
     write_manifest,
@@ -100,14 +101,16 @@ def load_encoders(cfg: Config, fam: Any, device: torch.device) -> Any:
     return comps
 
 
-def mirror_crops(original: torch.Tensor, crop: torch.Tensor, resolution: int) -> torch.Tensor:
-    """SDXL's crop (top, left) of mirrored images: left -> resized width - left - resolution, as
-    `transforms.Placed` records it; `original` holds (height, width) before resizing. [N, 2] each."""
-    from xdpo.data.transforms import resized_size
+def mirror_crops(original: torch.Tensor, crop: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """SDXL's crop (top, left) of mirrored images: left -> resized width - left - W, as `transforms.Placed`
+    records it, for a square `size` (the resolution) or a (W, H) bucket; `original` holds (height, width)
+    before resizing. [N, 2] each."""
+    from xdpo.data.transforms import cover_size
 
+    target = (size, size) if isinstance(size, int) else tuple(size)
     out = crop.clone()
     for i, (h, w) in enumerate(original.tolist()):
-        out[i, 1] = resized_size(w, h, resolution)[0] - crop[i, 1] - resolution
+        out[i, 1] = cover_size(w, h, target)[0] - crop[i, 1] - target[0]
     return out
 
 
@@ -145,8 +148,9 @@ def encode_pair_shard(
         parts["row"].append(b.rows)
         sizes = dict(b.sizes)  # SDXL's, [2B, 2] for [w; l], when recorded
         if flips and len(sizes) == 2:
+            bucket = None if pairs.bucket_of is None else pairs.buckets[int(pairs.bucket_of[keys[0][0]])]
             sizes["crop_top_left" + FLIP] = mirror_crops(
-                sizes["original_size"], sizes["crop_top_left"], pairs.resolution
+                sizes["original_size"], sizes["crop_top_left"], bucket or pairs.resolution
             )
         for key, value in sizes.items():
             parts[key].append(torch.stack([value[:n], value[n:]], dim=1))  # [B, 2 (w, l), 2]
@@ -200,7 +204,8 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
             return folder
     comps = load_encoders(cfg, fam, accelerator.device)
     fam.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
-    flips, n_shards = cfg.data.flip != "none", math.ceil(n_pairs / shard_size)
+    layout = shard_layout(n_pairs, shard_size, pairs.bucket_of)  # data.buckets: one bucket per shard
+    flips, n_shards = cfg.data.flip != "none", len(layout)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "complete": False,
@@ -214,6 +219,7 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
         "n_dropped": pairs.n_dropped,
         "pair_shards": n_shards,
         "dtype": str(comps.vae.dtype).removeprefix("torch."),
+        **({"buckets": [list(b) for b in pairs.buckets]} if pairs.bucket_of is not None else {}),
     }
     accelerator.wait_for_everyone()
     if main:
@@ -225,7 +231,7 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
 
     # ---- images: this process's missing pair shards ----------------------------------------------
     todo = [k for k in range(rank, n_shards, world) if not pair_shard(folder, k).is_file()]
-    ranges = {k: range(k * shard_size, min(n_pairs, (k + 1) * shard_size)) for k in todo}
+    ranges = {k: layout[k] for k in todo}
     bar = tqdm(total=sum(map(len, ranges.values())), disable=not main, desc="cache images", unit="pair")
     for k, idx in ranges.items():
         keys = [(i, i) for i in idx]  # plain pairs: no dropout or flips, the seed draws nothing

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 
 from xdpo.errors import ConfigError, XdpoError
 from xdpo.models.load import pipeline_kwargs
+from xdpo.quiet import progress_bars_off
 from xdpo.train.card import write_model_card
 from xdpo.train.state import STATE_FILE
 
@@ -108,7 +110,8 @@ def register_model_hooks(accelerator: Any, lora: bool, denoiser: str = "unet") -
                     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
                     save_file(state, str(Path(output_dir) / ADAPTER_FILE))
                 else:
-                    unet.save_pretrained(Path(output_dir) / denoiser)
+                    with progress_bars_off():  # "Writing model shards" inside the training bar
+                        unet.save_pretrained(Path(output_dir) / denoiser)
             if weights:
                 weights.pop()
 
@@ -211,6 +214,27 @@ def deepspeed_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG))
 
 
+def make_ema(params: list[torch.nn.Parameter], decay: float) -> Any:
+    """diffusers' `EMAModel` of the trained parameters (`train.ema_decay` > 0), None without one. Its decay
+    warms up as diffusers' default: min(decay, (1 + n) / (10 + n)) after n updates."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=decay)
+
+
+@contextmanager
+def ema_weights(ema: Any, params: list[torch.nn.Parameter]):
+    """The EMA's weights in `params` inside the block, the trained ones back after it."""
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
 def save_final(
     accelerator: Any, model: Any, cfg: Any, comps: Any, out: Path, step: int, checkpoint: Path | None = None
 ) -> None:
@@ -230,15 +254,9 @@ def save_final(
     model = accelerator.unwrap_model(model)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.model.lora_rank > 0:
-        from peft.utils import get_peft_model_state_dict
+        from xdpo.models.lora import save_adapters
 
-        layers = fam.lora_state_for_saving(get_peft_model_state_dict(model, state_dict=whole))
-        metadata = model.peft_config["default"].to_dict()  # keeps lora_alpha != rank right on loading
-        pipeline_cls.save_lora_weights(
-            out,
-            **{f"{fam.denoiser}_lora_layers": layers, f"{fam.denoiser}_lora_adapter_metadata": metadata},
-            safe_serialization=True,
-        )
+        save_adapters(fam, model, out, whole)
     else:
         if whole is not None:  # an unsharded copy of the model's own diffusers class
             cls = next(c for c in type(model).__mro__ if c.__module__.startswith("diffusers."))
@@ -246,14 +264,16 @@ def save_final(
             plain.load_state_dict({k: v.to(torch.float32) for k, v in whole.items()})
             model = plain
         kw = pipeline_kwargs(cfg.model, fam, cfg.family)
-        pipe = pipeline_cls.from_pretrained(comps.path, **{fam.denoiser: model}, **kw)
-        pipe.save_pretrained(out)
+        with progress_bars_off():
+            pipe = pipeline_cls.from_pretrained(comps.path, **{fam.denoiser: model}, **kw)
+            pipe.save_pretrained(out)
     info = {
         "base_model": comps.path,
         "family": fam.name,
         "pipeline_class": fam.pipeline_class,
         "step": step,
         "lora": cfg.model.lora_rank > 0,
+        "lora_type": cfg.model.lora_type if cfg.model.lora_rank > 0 else None,
         "vae": cfg.model.vae or None,
     }
     (out / "xdpo.json").write_text(json.dumps(info, indent=2))

@@ -37,18 +37,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dry-run",
         action="store_true",
         help="validate the config, data and model; print the resolved config, usable pairs and a memory "
-        "estimate; write nothing",
+        "estimate; list every problem a real run would stop on (exit status 2 if any); write nothing",
+    )
+    p.add_argument(
+        "--decode-images",
+        action="store_true",
+        help="with --dry-run: also decode every image (a progress bar; lists the rows whose images fail)",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. loss.beta=1000")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from xdpo.train.dryrun import dry_run
+        from xdpo.train.dryrun import dry_run, load_leniently
 
-        return dry_run(cfg)
+        cfg, problems = load_leniently(args.config, args.overrides)
+        return dry_run(cfg, problems, decode_images=args.decode_images)
+    cfg = load_config(args.config, args.overrides)
     from xdpo.train.recipe import train
 
     train(cfg)

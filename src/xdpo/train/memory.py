@@ -3,12 +3,14 @@
 Counts come from the loaded modules, or from the component configs instantiated on the meta device
 (`xdpo train --dry-run`: nothing is read but configs). Bytes per value: fp32 4, fp16/bf16 2.
 - denoiser: full fine-tune keeps fp32 master weights (P x 4); LoRA keeps the base in the mixed-precision
-  dtype and the adapters in fp32 (P x w + T x 4);
+  dtype and the adapters in fp32 (P x w + T x 4); a quantised base (`model.quantize`) its Linear weights in
+  1 (int8, fp8) or 0.516 (nf4, block scales included) bytes plus a scale per row
+  (`xdpo.models.quantize.quantized_bytes`; a loaded quantised model: what it holds);
 - gradients: T x 4; optimizer: AdamW 2 x T x 4, 8-bit AdamW 2 x T x 1, Adafactor the factored second
   moments (rows + columns of each matrix) x 4;
 - reference: full fine-tune, a frozen copy in `model.reference_dtype` (+ the initial model for `periodic`,
   unless offloaded; `ema` keeps its copy in fp32); LoRA, nothing (adapters disabled) or a snapshot T x 4;
-- frozen VAE and text encoders in the mixed-precision dtype;
+- frozen VAE and text encoders in the mixed-precision dtype (text encoders: `model.quantize_text_encoders`);
 - sharding over N processes (`sharding=(mode, N)`): FSDP2 and ZeRO-3 divide the denoiser's weights,
   gradients and optimizer state by N, ZeRO-2 the gradients and optimizer state, ZeRO-1 the optimizer
   state. DeepSpeed keeps the model in the mixed-precision dtype (P x w) and fp32 master weights in its
@@ -43,6 +45,16 @@ def adafactor_count(model: Any) -> int:
     for p in model.parameters():
         n += p.shape[0] + p[0].numel() if p.ndim >= 2 else p.numel()
     return n
+
+
+def base_bytes(model: Any, quantize: str, w: int) -> float:
+    """Bytes of a frozen model's weights: `w` each, or its Linear weights quantised (`model.quantize`); a
+    model already quantised: what it holds."""
+    from xdpo.models.quantize import footprint, quantized_bytes
+
+    if getattr(model, "xdpo_quantized", None):
+        return float(footprint(model))
+    return quantized_bytes(model, quantize, w)
 
 
 def meta_modules(pretrained: str, fam: Any, cfg: Any) -> dict[str, Any]:
@@ -119,7 +131,10 @@ def estimate(
     p = sum(x.numel() for x in den.parameters())
     lora = m.lora_rank > 0
     trainable = lora_count(den, m.lora_targets, m.lora_rank) if lora else p
-    attached = sum(x.numel() for n, x in den.named_parameters() if "lora_" in n) if lora else 0
+    adapter = ("lora_", "lokr_", "hada_")  # peft's LoRA / DoRA, LoKr, LoHa parameter names
+    attached = (
+        sum(x.numel() for n, x in den.named_parameters() if any(a in n for a in adapter)) if lora else 0
+    )
     if attached:  # a loaded model with its adapters already attached
         trainable, p = attached, p - attached
     ref_b = w if m.reference_dtype == "auto" else BYTES[m.reference_dtype]
@@ -133,16 +148,24 @@ def estimate(
     else:  # a frozen copy (fp32 for an EMA), and the initial model's copy when the reference moves
         ref = (4 if strategy.full_precision else ref_b) * p
         ref += ref_b * p if strategy.moves and not r.offload else 0
-    frozen = sum(sum(x.numel() for x in mod.parameters()) for k, mod in modules.items() if k != denoiser)
+    frozen = sum(
+        base_bytes(mod, m.quantize_text_encoders if k.startswith("text_encoder") else "none", w)
+        for k, mod in modules.items()
+        if k != denoiser
+    )
     mode, world = sharding
+    quantized = lora and m.quantize != "none"
+    base = base_bytes(den, m.quantize, w) - (4 * attached if quantized else w * attached)
     out = {
-        "denoiser weights": (p * w + 4 * trainable) if lora else 4 * p,
+        "denoiser weights": (base + 4 * trainable) if lora else 4 * p,
         "gradients": 4 * trainable,
         "optimizer state": opt.get(t.optimizer, 8 * trainable),
         "reference": ref,
-        "frozen VAE + text encoders": frozen * w,
+        "frozen VAE + text encoders": frozen,
     }
-    if mode.startswith("zero") and w < 4:  # a 16-bit model, fp32 master weights in the optimizer shards
+    if (
+        mode.startswith("zero") and w < 4 and not quantized
+    ):  # a 16-bit model, fp32 master weights in the optimizer shards
         out["denoiser weights"] = (p + trainable) * w if lora else p * w
         out["gradients"] = w * trainable
         out["optimizer state"] += 4 * trainable

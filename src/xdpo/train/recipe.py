@@ -80,6 +80,9 @@ class Recipe:
         self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 shards replaced them
         self.lr = learning_rate(t, acc.num_processes)
         acc.register_for_checkpointing(self.lr_scheduler)
+        self.ema = ckpt.make_ema(self.params, t.ema_decay)  # train.ema_decay > 0: diffusers' EMAModel
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
         images_per_step = (
             (2 if cfg.data.format == "pairs" else 1) * t.batch_size * t.grad_accum * acc.num_processes
         )
@@ -158,6 +161,8 @@ class Recipe:
         all_finite, stop.requested = bool(flags[:, 0].min() > 0), bool(flags[:, 1].max() > 0)
         self.in_update = True  # until the bookkeeping is done, the state is between two steps
         grad_norm, lr_now = self.apply_update(all_finite), self.lr_scheduler.get_last_lr()[0]
+        if self.ema is not None and all_finite:
+            self.ema.step(self.params)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         st.step += 1
@@ -294,6 +299,9 @@ class Recipe:
         ckpt.save_final(
             acc, self.policy, self.cfg, self.models.comps, out / "final", st.step, checkpoint=last
         )
+        if self.ema is not None:  # the EMA weights, saved as final/ is, beside it
+            with ckpt.ema_weights(self.ema, self.params):
+                ckpt.save_final(acc, self.policy, self.cfg, self.models.comps, out / "final-ema", st.step)
         acc.wait_for_everyone()
         if self.cfg.train.report_to != "none":
             acc.end_training()

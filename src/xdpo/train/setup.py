@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from xdpo.config import Config
+from xdpo.data.buckets import check_multiple, parse_buckets
 from xdpo.data.encode import encode
 from xdpo.errors import XdpoError
 from xdpo.models.load import DTYPES, Components, add_lora, half_precision, load_components, vae_scale_factor
 from xdpo.models.noise import PROCESSES
+from xdpo.models.quantize import quantize_model
 from xdpo.objectives import Objective
 from xdpo.objectives.timesteps import minmax_lambda_table, weight_tables
 from xdpo.train.batches import mix_seed
@@ -57,15 +59,21 @@ def make_process(cfg: Config, comps: Components) -> Any:
     return PROCESSES[kind](comps.scheduler, image_seq_len=comps.family.image_tokens(side, side))
 
 
-def place_frozen(comps: Components, mixed_precision: str, device: torch.device) -> None:
+def place_frozen(
+    comps: Components, mixed_precision: str, device: torch.device, quantize: str = "none"
+) -> None:
     """The VAE and text encoders on `device` in the mixed-precision dtype (what they encode in); the text
-    encoders were loaded in it (`load_components(text_dtype=...)`, keeping T5's fp32 layers)."""
+    encoders were loaded in it (`load_components(text_dtype=...)`, keeping T5's fp32 layers), their Linear
+    weights quantised when `quantize` (model.quantize_text_encoders) says so."""
     weight_dtype = DTYPES[mixed_precision]
     # SDXL's VAE overflows in fp16 (unless it is the fp16-fix VAE, whose config says force_upcast: false)
     upcast = weight_dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False)
     comps.vae.to(device, dtype=torch.float32 if upcast else weight_dtype)
     for frozen in comps.text_encoders.values():
-        frozen.to(device)
+        if quantize == "none":
+            frozen.to(device)
+        else:
+            quantize_model(frozen, quantize, device, frozen.dtype, key="model.quantize_text_encoders")
 
 
 def load_models(cfg: Config, device: torch.device, objective: Objective) -> Models:
@@ -77,8 +85,11 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
         comps = load_components(cfg.model, cfg.family, skip=text_components(cfg))
     else:
         comps = load_components(cfg.model, cfg.family, text_dtype=half_precision(cfg.train.mixed_precision))
-        place_frozen(comps, cfg.train.mixed_precision, device)
+        place_frozen(comps, cfg.train.mixed_precision, device, cfg.model.quantize_text_encoders)
     comps.family.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
+    if cfg.data.buckets:
+        buckets = parse_buckets(cfg.data.buckets, cfg.data.resolution, cfg.data.bucket_step)
+        check_multiple(buckets, vae_scale_factor(comps.vae) * comps.family.latent_patch, comps.family.name)
     weight_dtype = DTYPES[cfg.train.mixed_precision]
     process = make_process(cfg, comps)
     resolve_timesteps(cfg, process.kind)
@@ -89,7 +100,7 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if lora:
-        model.to(device) if weight_dtype == torch.float32 else model.to(device, dtype=weight_dtype)
+        quantize_model(model, cfg.model.quantize, device, weight_dtype)  # `none`: moved and cast only
         add_lora(model, cfg.model)
     reference = None
     if objective.needs_reference:
@@ -135,6 +146,7 @@ def step_context(cfg: Config, models: Models, objective: Objective, **run: Any) 
         lambda_table=tables.lam,
         loss_weight_table=tables.loss,
         sample_posterior=cfg.data.sample_posterior,
+        noise_offset=cfg.train.noise_offset,
         **run,
     )
 

@@ -23,6 +23,7 @@ import torch
 from xdpo.data.batch import Batch
 from xdpo.errors import XdpoError
 from xdpo.train.batches import StepBatches
+from xdpo.train.bucket_batches import BucketBatches
 from xdpo.train.online import read_record, round_data, stream
 
 ROUND_MAKERS = {"pairs": "xdpo.rollout.rounds:PairRounds", "rollouts": "xdpo.rollout.rounds:RolloutRounds"}
@@ -66,10 +67,10 @@ class TrainData:
 def loader(cfg: Any, data: Any, seed: int, start: int, stop: int, rank: int, world: int) -> Iterator[Batch]:
     """This process's micro-batches of `data` for optimizer steps [start, stop)."""
     t = cfg.train
-    sampler = StepBatches(
-        len(data), seed=seed, start_step=start, max_steps=stop, grad_accum=t.grad_accum,
-        rank=rank, world=world, batch_size=t.batch_size,
-    )  # fmt: skip
+    kw = dict(seed=seed, start_step=start, max_steps=stop, grad_accum=t.grad_accum, rank=rank, world=world,
+              batch_size=t.batch_size)  # fmt: skip
+    bucket_of = getattr(data, "bucket_of", None)  # data.buckets: micro-batches within a bucket
+    sampler = StepBatches(len(data), **kw) if bucket_of is None else BucketBatches(bucket_of, **kw)
     return iter(
         torch.utils.data.DataLoader(
             data, batch_sampler=sampler, collate_fn=data.collate, num_workers=cfg.data.num_workers

@@ -49,6 +49,7 @@ class StepContext:
     # forward hooks reuse gathered parameter buffers across passes (inference tensors may not be reused)
     frozen: Callable = torch.inference_mode
     sample_posterior: bool = True  # data.sample_posterior: z ~ the VAE posterior, or its mean
+    noise_offset: float = 0.0  # train.noise_offset: eps + offset * n, n ~ N(0, 1) per image and channel
 
 
 @dataclass
@@ -82,6 +83,9 @@ def train_step(m: StepContext, batch: Batch, gen: torch.Generator) -> StepOutput
         mean=ts.mean, std=ts.std, generator=gen, device=latents.device,
     )  # fmt: skip
     eps = torch.randn(latents[:draws].shape, device=latents.device, generator=gen)
+    if m.noise_offset:  # diffusers' scripts: a per-channel shift of the noise (Guttenberg 2023)
+        eps = eps + m.noise_offset * torch.randn((draws, eps.shape[1], *[1] * (eps.ndim - 2)),
+                                                 device=latents.device, generator=gen)  # fmt: skip
     if draws < n:  # one (t, eps) per pair: w and l see the same noise
         t, eps = t.repeat(2), eps.repeat(2, *([1] * (eps.ndim - 1)))
     noisy, target = proc.noise(latents, eps, t)

@@ -32,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rectified flow), Flow-DPO",
     )
     p.add_argument(
-        "--quick", action="store_true", help="a small smoke run (~3 min): fewer pairs, steps and samples"
+        "--quick",
+        action="store_true",
+        help="a small smoke run: fewer pairs, steps and samples (its time on 2 CPU cores: the README's "
+        '"What the demo measured")',
     )
     p.add_argument(
         "--ablation",

@@ -59,6 +59,11 @@ def mean_curve(curves: dict, slug: str, seeds) -> list[tuple[int, float]]:
     return [(st, float(np.mean([next(p[1] for p in r if p[0] == st) for r in runs]))) for st in steps]
 
 
+def speed_up(dpo_steps: float, steps: float) -> float:
+    """DPO's steps over a method's, as the table shows them (whole steps), so that equal steps read 1.00."""
+    return round(dpo_steps) / max(round(steps), 1)
+
+
 def _fmt(x: float | None, nd: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
 
@@ -160,6 +165,8 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
         "ties count 1/2. Drift: RMS pixel change from the base image at the same seed; diversity: RMS distance "
         "between seeds of the same prompt.",
         "",
+        _samples_sentence(s, curves, tables),
+        "",
         f"## Steps to reach {dpo_name}'s final reward",
         "",
         f"| method | steps | speed-up over {dpo_name} |",
@@ -167,14 +174,19 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
     ]
     for m in s.methods:
         st = speed.get(m.slug)
-        ratio = (dpo_steps / st) if (st and dpo_steps) else None
+        ratio = speed_up(dpo_steps, st) if (st and dpo_steps) else None
         lines.append(f"| {m.name} | {_fmt(st, 0) if st is not None else 'not reached'} | {_fmt(ratio, 2)} |")
+    interval = _checkpoint_interval(curves)
+    if interval:
+        lines += ["", f"Steps are read off the curves, interpolated between checkpoints {interval} steps apart: "
+                  "differences within one interval are not resolved."]  # fmt: skip
     lines += ["", "## What this run says", "", *_answers(rows, speed, dpo_slug, s, dpo_name), ""]
     lines += [
         "## Figures",
         "",
         "- `curves.png`: hidden reward of same-seed samples against training steps (checkpoints), per method.",
-        "- `training.png`: implicit accuracy and reward margin during training (from metrics.jsonl).",
+        "- `training.png`: implicit accuracy and reward margin during training (from metrics.jsonl; methods "
+        "whose series stay constant, e.g. SFT without a reference, are left out).",
         *(
             ["- `reference.png`: reference divergence and reward margin over steps (Kang et al. Fig. 1(b))."]
             if has_ref
@@ -198,6 +210,30 @@ def write_report(s: Any, pairs: Path, runs: dict, curves: dict, tables: dict) ->
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _samples_sentence(s: Any, curves: dict, tables: dict) -> str:
+    """Which samples the curves and the table are computed on (two sets: their base values differ)."""
+    n_table, n_curve = len(tables["base"]), _curve_images(s)
+    return (
+        f"Samples: the table scores {n_table} images per model from `xdpo sample` ({s.eval_seeds} seeds per "
+        f"held-out prompt, one generator per image; base {float(tables['base'][REWARD].mean()):.3f}); the "
+        f"curves score {n_curve} other images per checkpoint ({s.curve_seeds} seeds per prompt, the noise drawn "
+        f"once and reused at every checkpoint; base {curves['base']['reward']:.3f}). The two sets differ, so "
+        "their base values differ: compare methods within one of them."
+    )
+
+
+def _curve_images(s: Any) -> int:
+    from xdpo.apps.digits.data import eval_prompts
+
+    return len(eval_prompts()) * s.curve_seeds  # `run.SameSeedEvaluator`'s prompts x seeds
+
+
+def _checkpoint_interval(curves: dict) -> int | None:
+    steps = sorted({p[0] for points in curves["runs"].values() for p in points})
+    gaps = {b - a for a, b in zip(steps, steps[1:], strict=False)}
+    return min(gaps) if gaps else None
 
 
 def _base_sentence(side: dict) -> str:
@@ -230,7 +266,7 @@ def _answers(
         if slug == dpo_slug or not slug.startswith("xdpo") or dpo is None:
             continue
         st, dst = speed.get(slug), speed.get(dpo_slug)
-        ratio = f"{dst / st:.2f}x" if st and dst else "not reached"
+        ratio = f"{speed_up(dst, st):.2f}x" if st and dst else "not reached"
         higher = np.mean(r["reward"]) - np.mean(dpo["reward"])
         out.append(
             f"- {r['method']} vs {dpo_name}: steps to {dpo_name}'s final reward {ratio} (the paper claims ~1.5x"
@@ -260,7 +296,11 @@ def _plot_curves(path: Path, s: Any, curves: dict) -> None:
         if c:
             ax.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=m.name)
     ax.axhline(curves["base"]["reward"], color="grey", ls="--", label="base")
-    ax.set(xlabel="training step", ylabel="mean hidden reward (same seeds)", title="Reward vs training steps")
+    ax.set(
+        xlabel="training step",
+        ylabel="mean hidden reward (same seeds)",
+        title=f"Reward vs training steps ({_curve_images(s)} same-noise images per point)",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -283,11 +323,16 @@ def _plot_training(path: Path, s: Any, runs: dict) -> None:
     for m in s.methods:
         rows = _metrics(runs[(m.slug, s.train_seeds[0])])
         for ax, key in zip(axes, ("implicit_acc", "reward_margin"), strict=True):
-            y = _smooth([r[key] for r in rows])
-            ax.plot(np.arange(len(y)) + (len(rows) - len(y)) + 1, y, label=m.name)
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if len(values) < 2 or np.ptp(values) == 0:  # e.g. SFT, which compares with no reference
+                continue
+            y = _smooth(values)
+            ax.plot(np.arange(len(y)) + (len(values) - len(y)) + 1, y, label=m.name)
     axes[0].set(xlabel="step", ylabel="implicit accuracy (moving average)")
     axes[1].set(xlabel="step", ylabel="reward margin (moving average)")
-    axes[0].legend()
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -145,7 +145,7 @@ def make_pairs_once(s: DemoSettings) -> Path:
         if rec.get("n_pairs") == s.n_pairs and rec.get("seed") == s.pair_seed and same_model:
             print(f"   reusing {path}")
             return path
-    make_pairs(path, s.n_pairs, seed=s.pair_seed, model=s.base)
+    make_pairs(path, s.n_pairs, seed=s.pair_seed, model=s.base, parts=s.out / "pairs.parts")
     return path
 
 
@@ -265,19 +265,44 @@ class SameSeedEvaluator:
         )
 
 
+CURVES_PARTIAL = "curves.partial.json"
+
+
 def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
-    """Mean hidden reward of same-seed samples at every checkpoint of every run (step 0 = the base)."""
+    """Mean hidden reward of same-seed samples at every checkpoint of every run (step 0 = the base).
+
+    Each scored checkpoint is kept in `curves.partial.json` at once (with its checkpoint's time), so an
+    interrupted stage resumes at the first checkpoint not yet scored; a checkpoint written again (a run
+    trained again) is scored again."""
     from xdpo.models.denoiser import load_denoiser
     from xdpo.train.checkpoint import list_checkpoints
 
-    ev = SameSeedEvaluator(s.curve_seeds, s.base)
-    base_reward, base_align = ev.score()
+    partial_path = s.out / CURVES_PARTIAL
+    key = {"base": s.base, "curve_seeds": s.curve_seeds}
+    partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+    if partial.get("key") != key:
+        partial = {"key": key, "base": None, "points": {}}
+
+    def keep() -> None:
+        partial_path.write_text(json.dumps(partial, indent=2))
+
+    ev = None
+    if partial["base"] is None:
+        ev = SameSeedEvaluator(s.curve_seeds, s.base)
+        partial["base"] = list(ev.score())
+        keep()
+    base_reward, base_align = partial["base"]
     curves: dict[str, Any] = {"base": {"reward": base_reward, "alignment": base_align}, "runs": {}}
     for (slug, seed), out in runs.items():
-        points = [(0, base_reward, base_align)]
+        points, name = [(0, base_reward, base_align)], f"{slug}-s{seed}"
         for step, ckpt in list_checkpoints(out):
-            points.append((step, *ev.score(load_denoiser(ckpt))))
-        curves["runs"][f"{slug}-s{seed}"] = points
+            stamp = f"{name}@{step}:{(ckpt / 'trainer_state.json').stat().st_mtime_ns}"
+            if stamp not in partial["points"]:
+                ev = ev or SameSeedEvaluator(s.curve_seeds, s.base)
+                partial["points"][stamp] = list(ev.score(load_denoiser(ckpt)))
+                keep()
+            points.append((step, *partial["points"][stamp]))
+        curves["runs"][name] = points
         print(f"   {slug} (seed {seed}): " + ", ".join(f"{st}:{r:.3f}" for st, r, _ in points), flush=True)
     (s.out / "curves.json").write_text(json.dumps(curves, indent=2))
     return curves
@@ -310,15 +335,18 @@ def sample_and_score(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict
                 scheduler=sampling["scheduler"],
                 batch_size=128,
                 progress=False,
+                resume=not _stale(folder, model, folder / "manifest.jsonl.tmp"),  # finished batches kept
             )
         tables[name] = score_folder(folder, scorers, progress=False)
         print(f"   {name}: mean hidden reward {tables[name]['digits-reward'].mean():.3f}", flush=True)
     return tables
 
 
-def _stale(folder: Path, model: Path) -> bool:
+def _stale(folder: Path, model: Path, manifest: Path | None = None) -> bool:
     """Re-sample when the model was written after the samples (a run that was trained again)."""
-    manifest = folder / "manifest.jsonl"
+    manifest = manifest or folder / "manifest.jsonl"
+    if not manifest.is_file():
+        return True
     newest = max((p.stat().st_mtime for p in Path(model).rglob("*.safetensors")), default=0.0)
     return newest > manifest.stat().st_mtime
 

@@ -10,6 +10,7 @@ Written with `xdpo.data.write_pairs_parquet` (PNG bytes in jpg_0/jpg_1) plus ext
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -39,11 +40,14 @@ def make_pairs(
     batch_size: int = 128,
     prompts: list[str] | None = None,
     progress: bool = True,
+    parts: str | Path | None = None,
 ) -> dict:
     """Sample, label and write `n` pairs to `out` (parquet); return the sidecar record.
 
     `model`: None or `digits` (the shipped UNet base), `digits-flow`, or a pipeline folder; `steps` and
-    `guidance` default to the model's own (`xdpo.apps.digits.digits_sampling`)."""
+    `guidance` default to the model's own (`xdpo.apps.digits.digits_sampling`). `parts`: a folder keeping
+    each finished batch of samples, so that an interrupted call resumes inside the sampling (removed when
+    the pairs are written)."""
     from xdpo.apps.digits.sampling import generate, load_pipeline
     from xdpo.data import write_pairs_parquet
     from xdpo.evaluate.sample import resolve_model
@@ -70,6 +74,7 @@ def make_pairs(
         batch_size=batch_size,
         progress=progress,
         desc="sampling pairs",
+        chunks=parts,
     )
     im0, im1 = images[0::2], images[1::2]
     r0, r1 = hidden_reward(im0, captions), hidden_reward(im1, captions)
@@ -114,4 +119,6 @@ def make_pairs(
         "seconds": round(time.time() - t0, 1),
     }
     sidecar_path(path).write_text(json.dumps(record, indent=2) + "\n")
+    if parts is not None:
+        shutil.rmtree(parts, ignore_errors=True)
     return record

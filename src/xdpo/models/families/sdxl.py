@@ -68,5 +68,6 @@ FAMILY = Family(
     predict=predict,
     about="SDXL: UNet with added time ids, CLIP-L + CLIP-G, DDPM",
     lora_state_for_saving=diffusers_lora_state,
+    sampling={"steps": 50, "guidance": 7.5, "scheduler": "default"},  # the pipeline's own (Euler)
     embeddings=("encoder_hidden_states", "text_embeds"),
 )
