@@ -481,16 +481,15 @@ def test_resolution_off_the_patch_grid_is_one_clear_line(tmp_path, tiny_flux_pip
     """Flux packs 2 x 2 latent patches: behind an 8x VAE, 40 px (latents 5 x 5) cannot be packed. Training and
     `xdpo cache` stop before any work with one line naming data.resolution and the multiple (16 px), instead
     of failing inside the packing's `view`."""
-    from xdpo.models.tiny import tiny_vae
-    from xdpo.models.tiny_families import FLUX_VAE
-
+    from xdpo.models.small.components import vae
+    from xdpo.models.small.pipelines import FLUX_VAE
     from xdpo.train.cache_cli import build_cache
 
     variant = _relabelled(tmp_path, tiny_flux_pipeline_dir, "FluxPipeline")
     (variant / "vae").unlink()
-    tiny_vae(
-        latent_channels=16, blocks=(8, 8, 8, 8), norm_groups=4, quant_conv=False, **FLUX_VAE
-    ).save_pretrained(variant / "vae")
+    vae(latent_channels=16, blocks=(8, 8, 8, 8), norm_groups=4, quant_conv=False, **FLUX_VAE).save_pretrained(
+        variant / "vae"
+    )
     for attempt in (
         lambda: run(tmp_path, variant, pairs_parquet, **{"data.resolution": 40}),
         lambda: build_cache(
@@ -508,5 +507,9 @@ def test_resolution_off_the_patch_grid_is_one_clear_line(tmp_path, tiny_flux_pip
         with pytest.raises(ConfigError) as err:
             attempt()
         msg = str(err.value)
-        assert "\n" not in msg and msg.startswith("data.resolution: 40") and "multiple of 16" in msg, msg
+        assert (
+            "\n" not in msg
+            and msg.startswith("config key `data.resolution`: 40 px")
+            and "multiple of 16" in msg
+        )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
