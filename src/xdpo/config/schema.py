@@ -201,6 +201,11 @@ class ReferenceConfig:
         False,
         "full fine-tune with reference.strategy=periodic: keep the initial-model copy on the CPU (ema has none)",
     )
+    place: Literal["device", "cpu", "sharded"] = _f(
+        "device",
+        "full fine-tune: the reference copy whole on each device; on the CPU, each block's weights copied in for "
+        "its forward; or sharded over the processes like the policy (FSDP2 / ZeRO-3; reference.strategy=frozen)",
+    )
 
 
 @dataclass
