@@ -28,6 +28,25 @@ PAPER_LR = {
     "flux-dev-dpo-lora.yaml": (8, 5e-6),
     # MaPO's released code (mapo-t2i/mapo README): 1e-5 constant at batch 8 x 2 per GPU, not scaled
     "sdxl-pickapic-mapo.yaml": (8, 1e-5),
+    # Flow-DPO's LoRA recipe on the 2025 families (lr 5e-6 at batch 64, not scaled); full fine-tunes at 1e-6 (ours)
+    "qwenimage-flowdpo-lora.yaml": (8, 5e-6),
+    "flux2-dev-flowdpo-lora.yaml": (8, 5e-6),
+    "flux2-klein-flowdpo-lora.yaml": (8, 5e-6),
+    "flux2-klein-flowdpo-full.yaml": (8, 1e-6),
+    "zimage-flowdpo-lora.yaml": (8, 5e-6),
+    "zimage-flowdpo-full.yaml": (8, 1e-6),
+    "wan21-t2v-flowdpo-lora.yaml": (8, 5e-6),
+    "wan21-t2v-flowdpo-full.yaml": (8, 1e-6),
+}
+RECENT = {  # config -> its family (the hub checkpoint's pipeline class)
+    "qwenimage-flowdpo-lora.yaml": "qwenimage",
+    "flux2-dev-flowdpo-lora.yaml": "flux2",
+    "flux2-klein-flowdpo-lora.yaml": "flux2_klein",
+    "flux2-klein-flowdpo-full.yaml": "flux2_klein",
+    "zimage-flowdpo-lora.yaml": "zimage",
+    "zimage-flowdpo-full.yaml": "zimage",
+    "wan21-t2v-flowdpo-lora.yaml": "wan",
+    "wan21-t2v-flowdpo-full.yaml": "wan",
 }
 # the digits world's own: chosen by benchmarks/digits_sweep.py at batch 16 on one process, unscaled
 DIGITS_LR = 3e-5
@@ -76,3 +95,24 @@ def test_digits_flow_config(name):
 def test_xdpo_is_not_trained_256x_slower_than_its_baseline():
     xdpo = effective_lr(CONFIGS / "sd15-pickapic-xdpo.yaml", 2)
     assert xdpo == pytest.approx(2.56e-6) and xdpo > 100 * 1e-8
+
+
+@pytest.mark.parametrize("name", sorted(RECENT))
+def test_recent_family_configs_fit_their_family(name):
+    """Flow-DPO's beta and loss on every new family; LoRA r 64 / alpha 128 or a frozen full-copy reference; the
+    resolution on the family's patch grid behind an 8x VAE; clips of 4k + 1 frames for Wan only."""
+    from xdpo.models.families import get_family
+
+    cfg = load_config(CONFIGS / name, ["data.path=x"])
+    fam = get_family(RECENT[name])
+    assert (
+        cfg.loss.beta == 500
+        and cfg.loss.beta_schedule == "constant"
+        and cfg.timesteps.sampling == "logit_normal"
+    )
+    lora = name.endswith("-lora.yaml")
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha) == ((64, 128) if lora else (0, None))
+    assert lora or cfg.reference.strategy == "frozen"
+    fam.check_resolution(cfg.data.resolution, 8)
+    fam.check_frames(cfg.data.num_frames, 4)
+    assert (cfg.data.num_frames > 0) == fam.video
