@@ -208,7 +208,7 @@ def test_fixed_batch_loss_falls(request, family, lora):
     assert history[-1][1] == 1.0
 
 
-@pytest.mark.parametrize("family", ["flux2", "zimage", "wan"])  # LoRA, full, full on clips (time: the rest alike)
+@pytest.mark.parametrize("family", ["flux2", "zimage", "wan"])  # LoRA, full, full on clips
 def test_resume_equals_uninterrupted_run(tmp_path, request, family):
     kw = {"model.lora_rank": 4 if family == "flux2" else 0, "data.flip": "pair", "data.prompt_dropout": 0.3}
     fresh = run(tmp_path, request, family, name="fresh", **{"train.max_steps": 4}, **kw)
