@@ -2,8 +2,10 @@
 
 One step = `train_step` (VAE encode, text encoders, reference forward, policy forward on [w; l],
 the loss) + backward + AdamW step, on a batch of `--batch` pairs at 16 x 16 px (latents 8 x 8), for
-the tiny SD, SDXL, SD3 (with and without T5) and Flux pipelines of `xdpo.models.small`, full
-fine-tune and LoRA (rank 4). T5 runs at the pipelines' default max_sequence_length (SD3 256, Flux 512)
+the tiny SD, SDXL, SD3 (with and without T5), Flux, Qwen-Image, FLUX.2 (dev, klein), Z-Image and Wan
+pipelines of `xdpo.models.small`, full fine-tune and LoRA (rank 4); Wan on pairs of 5-frame 32 x 32 px
+clips (latents 2 x 8 x 8). Text encoders run at the pipelines' default max_sequence_length (SD3 256, the
+others 512; Qwen-Image's and Z-Image's conditions are cut to the prompt's length before the denoiser)
 unless `--max-seq-len` says otherwise.
 
 Memory: each configuration runs in its own process; "peak step MiB" is the growth of the process's
@@ -33,7 +35,14 @@ CONFIGS = [  # (label, pipeline folder name, extra overrides)
     ("sd3", "sd3", []),
     ("sd3 no T5", "sd3", ["family.text_encoder_3=false"]),
     ("flux", "flux", []),
+    ("qwenimage", "qwenimage", []),
+    ("flux2", "flux2", []),
+    ("flux2 klein", "flux2_klein", []),
+    ("zimage", "zimage", []),
+    ("wan", "wan", ["data.resolution=32", "data.num_frames=5", "data.fps=8"]),
 ]
+CLIPS = "wan"
+"""The configuration trained on clip pairs."""
 
 
 def _status_kib(field: str) -> int:
@@ -57,7 +66,7 @@ def measure(pipeline: str, pairs: str, extra: list[str], lora: int, batch: int, 
     import torch
 
     from xdpo.config import load_config
-    from xdpo.data import PreferencePairs, collate_pairs, load_preference_table
+    from xdpo.data import open_data
     from xdpo.train.optim import make_optimizer
     from xdpo.train.setup import single_process
     from xdpo.train.step import train_step
@@ -67,8 +76,8 @@ def measure(pipeline: str, pairs: str, extra: list[str], lora: int, batch: int, 
     cfg = load_config(None, overrides)
     m, models = single_process(cfg)
     opt = make_optimizer(cfg.train, models.params, 1e-4)
-    data = PreferencePairs(load_preference_table(pairs), resolution=16)
-    batches = [collate_pairs([data[(i * batch + j, i)] for j in range(batch)]) for i in range(4)]
+    _, data, _ = open_data(cfg)
+    batches = [data.collate([data[(i * batch + j, i)] for j in range(batch)]) for i in range(4)]
     rss0 = _status_kib("VmRSS")
     reset = _reset_peak()
     times = []
@@ -108,6 +117,29 @@ def make_pairs(path: Path, n: int = 16) -> Path:
     )
 
 
+def make_clip_pairs(folder: Path, n: int = 16) -> Path:
+    """n pairs of 5-frame 24 x 24 px random mp4 clips (paths in a parquet file next to them)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xdpo.data.video import write_video
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for i in range(n):
+        for j in (0, 1):
+            write_video(
+                list(rng.integers(0, 255, (5, 24, 24, 3), dtype=np.uint8)), folder / f"{i}_{j}.mp4", 8
+            )
+            rows[f"jpg_{j}"].append(f"{i}_{j}.mp4")
+        rows["caption"].append(f"a bright clip, number {i}")
+        rows["label_0"].append(1.0)
+    pq.write_table(pa.table(rows), folder / "clips.parquet")
+    return folder / "clips.parquet"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -135,10 +167,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xdpo-bench-families-") as tmp:
         pipes = build_all(Path(tmp) / "pipes")
         pairs = make_pairs(Path(tmp) / "pairs.parquet")
+        clips = make_clip_pairs(Path(tmp) / "clips")
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-        print(f"batch {args.batch} pairs, 16 x 16 px, {args.steps} timed steps, {args.threads} thread(s)")
+        print(
+            f"batch {args.batch} pairs, 16 x 16 px (wan: 5 x 32 x 32), {args.steps} timed steps, {args.threads} thread(s)"
+        )
         header = (
-            f"{'family':<10} {'mode':<5} {'s/step':>8} {'peak step MiB':>14} {'RSS MiB':>8} {'trainable':>10}"
+            f"{'family':<12} {'mode':<5} {'s/step':>8} {'peak step MiB':>14} {'RSS MiB':>8} {'trainable':>10}"
         )
         print(header + "\n" + "-" * len(header), flush=True)
         for label, name, extra in CONFIGS:
@@ -148,7 +183,7 @@ def main() -> None:
                     __file__,
                     "--one",
                     str(pipes[name]),
-                    str(pairs),
+                    str(clips if name == CLIPS else pairs),
                     str(lora),
                     json.dumps(extra),
                 ]
@@ -164,11 +199,11 @@ def main() -> None:
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode or line is None:
-                    print(f"{label:<10} {'lora' if lora else 'full':<5} failed: {proc.stderr.strip()[-500:]}")
+                    print(f"{label:<12} {'lora' if lora else 'full':<5} failed: {proc.stderr.strip()[-500:]}")
                     continue
                 r = json.loads(line[len("RESULT ") :])
                 print(
-                    f"{label:<10} {'lora' if lora else 'full':<5} {r['step_s']:>8.3f} {r['peak_step_mib']:>14.1f} "
+                    f"{label:<12} {'lora' if lora else 'full':<5} {r['step_s']:>8.3f} {r['peak_step_mib']:>14.1f} "
                     f"{r['rss_mib']:>8.0f} {r['trainable']:>10,}",
                     flush=True,
                 )

@@ -288,3 +288,76 @@ def train_run(tmp_path, tiny_pipeline_dir, pairs_parquet):
         return run_training(tmp_path / name, tiny_pipeline_dir, pairs_parquet, **overrides)
 
     return run
+
+
+# ---- tiny Qwen-Image, FLUX.2 (dev, klein), Z-Image and Wan pipelines (xdpo.models.small.recent_pipelines) ----
+RECENT_PIPELINES = {
+    "qwenimage": "QwenImagePipeline",
+    "flux2": "Flux2Pipeline",
+    "flux2_klein": "Flux2KleinPipeline",
+    "zimage": "ZImagePipeline",
+    "wan": "WanPipeline",
+}
+"""Family name -> pipeline class of the tiny pipelines below (fixture `tiny_<family>_pipeline_dir`)."""
+
+
+def _recent(name: str):
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory, t5_tokenizer_dir) -> Path:
+        from xdpo.models.small import build_pipeline
+
+        return build_pipeline(
+            RECENT_PIPELINES[name], tmp_path_factory.mktemp(f"tiny_{name}"), t5_tokenizer_dir=t5_tokenizer_dir
+        )
+
+    fixture.__doc__ = f"A tiny random {RECENT_PIPELINES[name]} (xdpo.models.small.recent_pipelines)."
+    return fixture
+
+
+tiny_qwenimage_pipeline_dir = _recent("qwenimage")
+tiny_flux2_pipeline_dir = _recent("flux2")
+tiny_flux2_klein_pipeline_dir = _recent("flux2_klein")
+tiny_zimage_pipeline_dir = _recent("zimage")
+tiny_wan_pipeline_dir = _recent("wan")
+
+
+def make_clip(offset: float, frames: int, size: int = 40, seed: int = 0) -> list[np.ndarray]:
+    """A smooth random RGB clip (uint8 [size, size, 3] frames) moving one pixel a frame, brightness + offset."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(40, 215, size=(8, 8, 3)).astype(np.uint8)
+    out = []
+    for k in range(frames):
+        img = Image.fromarray(np.roll(base, k, axis=1)).resize((size, size), Image.Resampling.BILINEAR)
+        out.append(np.clip(np.asarray(img, dtype=np.float32) + offset, 0, 255).astype(np.uint8))
+    return out
+
+
+def make_clip_pairs_parquet(
+    folder: Path, n: int = 6, frames: tuple[int, ...] = (5, 2), fps: float = 8
+) -> Path:
+    """`n` pairs of mp4 clips (paths next to `folder/clips.parquet`), the winner brighter, labels alternating;
+    clip lengths cycle through `frames` (a 2-frame clip is shorter than 5 sampled frames: it holds its last)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xdpo.data.video import write_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for i in range(n):
+        label, k = float(i % 2 == 0), frames[i % len(frames)]
+        bright, dark = make_clip(BRIGHT, k, seed=2 * i), make_clip(DARK, k, seed=2 * i + 1)
+        for j, clip in enumerate((bright, dark) if label else (dark, bright)):
+            write_video(clip, folder / f"clip{i}_{j}.mp4", fps)
+            rows[f"jpg_{j}"].append(f"clip{i}_{j}.mp4")
+        rows["caption"].append(f"a bright clip, number {i}")
+        rows["label_0"].append(label)
+    path = folder / "clips.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_pairs_parquet(tmp_path_factory) -> Path:
+    """6 pairs of 40 x 40 px mp4 clips at 8 fps (5 and 2 frames), winner brighter."""
+    return make_clip_pairs_parquet(tmp_path_factory.mktemp("clips"))

@@ -162,7 +162,13 @@ def test_shared_options_are_one_key_and_old_keys_still_work(capsys):
     """SD3's and Flux's `max_sequence_length` are one key; `model.guidance` etc. map to `family.*` with one
     line naming the new key."""
     keys = [k for k in all_keys() if k.startswith("family.")]
-    assert keys == ["family.text_encoder_3", "family.max_sequence_length", "family.guidance"]
+    assert keys == [
+        "family.text_encoder_3",
+        "family.max_sequence_length",  # SD3, Flux, Qwen-Image, FLUX.2, Z-Image, Wan: one key
+        "family.guidance",
+        "family.embedded_guidance",
+        "family.shift_steps",
+    ]
     assert not {"model.text_encoder_3", "model.max_sequence_length", "model.guidance"} & set(all_keys())
     base = ["model.pretrained=m", "data.path=x"]
     old = ["model.guidance=2", "model.max_sequence_length=64", "model.text_encoder_3=false"]

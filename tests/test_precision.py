@@ -13,9 +13,8 @@ import torch
 
 from conftest import reset_accelerate_state, run_training
 from xdpo.config import load_config
-from xdpo.models.small.pipelines import resolution as tiny_resolution
 
-SIDE = tiny_resolution(8)  # the tiny pipelines' latents 8 x 8 (the SD one at half its native size)
+SIDE = resolution(8)  # the tiny pipelines' latents 8 x 8 (the SD one at half its native size)
 CPU = torch.device("cpu")
 FIXTURE = {f: f"tiny_{f}_pipeline_dir" for f in ("sdxl", "sd3", "flux")} | {"sd": "tiny_pipeline_dir"}
 # 2 steps at a small learning rate: AdamW's first step is sign-like (+-lr per weight), so at a large one the

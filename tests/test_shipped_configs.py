@@ -30,6 +30,25 @@ PAPER_LR = {
     "sdxl-pickapic-mapo.yaml": (8, 1e-5),
     # DiffusionNFT (App. C), AWM and DGPO (their codes' config/base.py): AdamW 3e-4, not scaled; FLUX: the same
     **{f"{m}-{o}-lora.yaml": (8, 3e-4) for m in ("sd35", "flux-dev") for o in ("nft", "awm", "dgpo")},
+    # Flow-DPO's LoRA recipe on the 2025 families (lr 5e-6 at batch 64, not scaled); full fine-tunes at 1e-6 (ours)
+    "qwenimage-flowdpo-lora.yaml": (8, 5e-6),
+    "flux2-dev-flowdpo-lora.yaml": (8, 5e-6),
+    "flux2-klein-flowdpo-lora.yaml": (8, 5e-6),
+    "flux2-klein-flowdpo-full.yaml": (8, 1e-6),
+    "zimage-flowdpo-lora.yaml": (8, 5e-6),
+    "zimage-flowdpo-full.yaml": (8, 1e-6),
+    "wan21-t2v-flowdpo-lora.yaml": (8, 5e-6),
+    "wan21-t2v-flowdpo-full.yaml": (8, 1e-6),
+}
+RECENT = {  # config -> its family (the hub checkpoint's pipeline class)
+    "qwenimage-flowdpo-lora.yaml": "qwenimage",
+    "flux2-dev-flowdpo-lora.yaml": "flux2",
+    "flux2-klein-flowdpo-lora.yaml": "flux2_klein",
+    "flux2-klein-flowdpo-full.yaml": "flux2_klein",
+    "zimage-flowdpo-lora.yaml": "zimage",
+    "zimage-flowdpo-full.yaml": "zimage",
+    "wan21-t2v-flowdpo-lora.yaml": "wan",
+    "wan21-t2v-flowdpo-full.yaml": "wan",
 }
 # the digits world's own: chosen by benchmarks/digits_sweep.py at batch 16 on one process, unscaled
 DIGITS_LR = 3e-5
@@ -95,3 +114,24 @@ def test_online_configs_make_one_optimizer_step_a_round(objective):
             and cfg.reference.update_every == 1
         )
         assert t.batch_size * t.grad_accum * 8 == units * steps
+
+
+@pytest.mark.parametrize("name", sorted(RECENT))
+def test_recent_family_configs_fit_their_family(name):
+    """Flow-DPO's beta and loss on every new family; LoRA r 64 / alpha 128 or a frozen full-copy reference; the
+    resolution on the family's patch grid behind an 8x VAE; clips of 4k + 1 frames for Wan only."""
+    from xdpo.models.families import get_family
+
+    cfg = load_config(CONFIGS / name, ["data.path=x"])
+    fam = get_family(RECENT[name])
+    assert (
+        cfg.loss.beta == 500
+        and cfg.loss.beta_schedule == "constant"
+        and cfg.timesteps.sampling == "logit_normal"
+    )
+    lora = name.endswith("-lora.yaml")
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha) == ((64, 128) if lora else (0, None))
+    assert lora or cfg.reference.strategy == "frozen"
+    fam.check_resolution(cfg.data.resolution, 8)
+    fam.check_frames(cfg.data.num_frames, 4)
+    assert (cfg.data.num_frames > 0) == fam.video

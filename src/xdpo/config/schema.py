@@ -116,6 +116,17 @@ class DataConfig:
         "none", "horizontal flips: none, both images alike, or each"
     )
     random_crop: bool = _f(False, "random instead of center crop (same offsets for both images)")
+    num_frames: int = _f(
+        0,
+        "video families (Wan): frames per clip sampled from each video (4k + 1 for Wan's VAE); 0 = images",
+        **at_least(0),
+    )
+    fps: float = _f(
+        0.0,
+        "video families: the rate frames are sampled at from a video file (Wan 2.1: 16); 0 = the file's "
+        "own, consecutive frames (a frame folder is read as consecutive frames)",
+        **at_least(0),
+    )
     max_pairs: int = _f(
         0,
         "use only the first N pairs (images with data.format=images) after dropping ties and bad rows; "
@@ -234,6 +245,11 @@ class ReferenceConfig:
         **at_least(0),
     )
     soft_max: float = _f(0.5, "soft: the largest eta (DiffusionNFT 0.5; AWM, DGPO 0.3)", **within(0, 1, "[)"))
+    place: Literal["device", "cpu", "sharded"] = _f(
+        "device",
+        "full fine-tune: the reference copy whole on each device; on the CPU, each block's weights copied in for "
+        "its forward; or sharded over the processes like the policy (FSDP2 / ZeRO-3; reference.strategy=frozen)",
+    )
 
 
 @dataclass

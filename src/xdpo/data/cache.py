@@ -5,7 +5,7 @@ What a cache holds, in `data.cache/`:
   `data.buckets`, each bucket's pairs in index order cut into shards of S, bucket after bucket, so that a
   shard holds one latent size: `shard_layout`): for
   both images the VAE posterior's parameters `mean_w`, `logvar_w`, `mean_l`, `logvar_l` [P, C, h, w]
-  (unscaled), so that training still samples z = mean + exp(logvar / 2) eps every step, as
+  ([P, C, F', h, w] for the clips of a video family; unscaled), so that training still samples z = mean + exp(logvar / 2) eps every step, as
   Diffusion-DPO does; `label_w` [P], `row` [P]; each pair's caption in the metadata; SDXL's
   `original_size` / `crop_top_left` [P, 2 (w, l), 2] when the data path records them (`PreferencePairs`
   does), with the mirrored crop offsets of flipped images as `crop_top_left_flip`.
@@ -194,6 +194,8 @@ def depends(cfg: Any, fam: Any, table: Any, pairs: Any, n_pairs: int) -> dict[st
             "data.path": _resolved(d.path),
             "data.split": d.split,
             **{f"data.{k}": getattr(d, k) for k in ("format", "columns", "streaming") if hasattr(d, k)},
+            # clips (video families): only then, so that image caches written before these keys still match
+            **({"data.num_frames": d.num_frames, "data.fps": d.fps} if getattr(d, "num_frames", 0) else {}),
             "data.resolution": d.resolution,
             "data.ties": d.ties,
             "data.max_pairs": d.max_pairs,

@@ -2,11 +2,13 @@
 set of the reference's divergence check, and the cache writer (`xdpo cache` stores `posterior_params`
 and `text_conditions`, what `encode` would compute from the same rows).
 
-- Images: latents as they are (a rollout's clean samples), pixels through the VAE (a sample of its
+- Images: latents as they are (a rollout's clean samples), pixels (or clips [N, 3, F, H, W] of a video
+  family) through the VAE as the family's pipeline encodes them (`family.posterior`; a sample of the
   posterior, as Diffusion-DPO, or its mean), or cached
   posterior parameters: z = mean + exp(logvar / 2) eps with eps drawn from the step's generator in the
   cache's dtype, the draw diffusers' posterior `sample` makes, so a cached fp32 run equals an uncached
-  one and resume stays exact. Latents are scaled into the denoiser's space and float32.
+  one and resume stays exact. Latents are normalised into the denoiser's space (`family.to_latents`:
+  scaling and shift, per-channel statistics, FLUX.2's patchified batch norm) and float32.
 - Text: the family's conditions of each caption (`family.encode_text`), or the cached ones; pairs share
   their caption's conditions (repeated for [w; l]).
 - Per-image conditions (SDXL's size ids) from the batch's recorded sizes (`family.image_conditions`).
@@ -21,12 +23,12 @@ import torch
 from torch import Tensor
 
 from xdpo.data.batch import Batch
-from xdpo.models.load import encode_images, latent_params, scale_latents
 
 
 @dataclass
 class Encoded:
-    """What the denoiser trains on: latents [N, C, h, w] (float32, scaled) and conditions [N, ...]."""
+    """What the denoiser trains on: latents [N, C, h, w] ([N, C, F, h, w] for clips; float32, in the
+    denoiser's space) and conditions [N, ...]."""
 
     latents: Tensor
     cond: dict[str, Tensor]
@@ -38,9 +40,10 @@ class Encoded:
 
 
 @torch.no_grad()
-def posterior_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
+def posterior_params(comps: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
     """The VAE posterior's (mean, logvar) of pixels in [-1, 1], unscaled, float32 (what the cache stores)."""
-    return latent_params(vae, pixels)
+    dist = comps.family.posterior(comps.vae, pixels)
+    return dist.mean.float(), dist.logvar.float()
 
 
 @torch.no_grad()
@@ -52,7 +55,7 @@ def text_conditions(comps: Any, captions: list[str], device: torch.device) -> di
 @torch.no_grad()
 def encode(comps: Any, batch: Batch, gen: torch.Generator, sample: bool = True) -> Encoded:
     """Latents and conditions of `batch` on `gen`'s device. `sample`: a posterior sample, else its mean."""
-    device = gen.device
+    device, fam = gen.device, comps.family
     if batch.latents is not None:  # already in the denoiser's space (a rollout's samples)
         latents = batch.latents.to(device).float()
     elif batch.posterior is not None:
@@ -60,13 +63,15 @@ def encode(comps: Any, batch: Batch, gen: torch.Generator, sample: bool = True) 
         if sample:
             eps = torch.randn(z.shape, generator=gen, device=device, dtype=z.dtype)
             z = z + torch.exp(0.5 * batch.posterior[1].to(device)) * eps
-        latents = scale_latents(comps.vae, z).float()
+        latents = fam.to_latents(comps.vae, z).float()
     else:
         pixels = batch.pixels.to(device)
         if sample:
-            latents = encode_images(comps.vae, pixels, gen).float()
+            latents = fam.to_latents(
+                comps.vae, fam.posterior(comps.vae, pixels).sample(generator=gen)
+            ).float()
         else:
-            latents = scale_latents(comps.vae, posterior_params(comps.vae, pixels)[0]).float()
+            latents = fam.to_latents(comps.vae, posterior_params(comps, pixels)[0]).float()
     text = batch.cond if batch.cond is not None else text_conditions(comps, batch.captions, device)
     cond = {k: (torch.cat([v, v]) if batch.pairs else v).to(device) for k, v in text.items()}
     extra = comps.family.image_conditions(comps, latents.shape[0], batch.pixel_size, batch.sizes)

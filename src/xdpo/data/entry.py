@@ -1,7 +1,8 @@
 """Entry points for a run: the config's data as a table and a dataset of pairs or of single images.
 
-`open_data(cfg)` -> (table, dataset, usable items): `PreferencePairs` (collate with `collate_pairs`)
-or, with `data.format=images`, `PreferenceImages` (collate with `collate_images`). Every `data.*` key
+`open_data(cfg)` -> (table, dataset, usable items): `PreferencePairs` (collate with `collate_pairs`; clip
+pairs, `PreferenceClips`, with `data.num_frames` > 0) or, with `data.format=images`, `PreferenceImages`
+(collate with `collate_images`). Every `data.*` key
 that decides what is read applies: path, split, format, columns, streaming, max_pairs, ties,
 on_bad_row, and the transforms (resolution, flip, random_crop, prompt_dropout).
 """
@@ -13,6 +14,7 @@ from typing import Any
 import datasets
 
 from xdpo.data.buckets import parse_buckets
+from xdpo.data.clips import PreferenceClips
 from xdpo.data.perimage import PreferenceImages
 from xdpo.data.pickapic import PreferencePairs
 from xdpo.data.sources import load_preference_table
@@ -32,11 +34,12 @@ def open_pair_data(cfg: Any, *, plain: bool = False) -> tuple[datasets.Dataset, 
     flips (what `xdpo cache` encodes). `data.on_bad_row` and `data.max_pairs` apply."""
     d = cfg.data
     table = open_table(cfg)
-    pairs = PreferencePairs(
+    clips = {"num_frames": d.num_frames, "fps": d.fps} if getattr(d, "num_frames", 0) else {}
+    pairs = (PreferenceClips if clips else PreferencePairs)(
         table, resolution=d.resolution, ties=d.ties, flip="none" if plain else d.flip,
         random_crop=d.random_crop, prompt_dropout=0.0 if plain else d.prompt_dropout, source=d.path,
-        split=d.split, on_bad_row=d.on_bad_row, max_pairs=d.max_pairs, columns=d.columns,
-        buckets=parse_buckets(d.buckets, d.resolution, d.bucket_step) if d.buckets else None,
+        split=d.split, on_bad_row=d.on_bad_row, max_pairs=d.max_pairs, columns=d.columns, **clips,
+        **({"buckets": parse_buckets(d.buckets, d.resolution, d.bucket_step)} if d.buckets and not clips else {}),
     )  # fmt: skip
     return table, pairs, len(pairs)
 

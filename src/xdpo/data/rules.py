@@ -44,3 +44,9 @@ def check(cfg: Any) -> None:
         "cannot be used with data.cache (a cached latent holds one crop); set data.random_crop=false",
         d.random_crop,
     )
+    require(
+        not (d.num_frames and d.format == "images"),
+        "data.num_frames",
+        "clips are read as preference pairs (data.format=pairs), not per-image data",
+        d.num_frames,
+    )

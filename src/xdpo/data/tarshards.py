@@ -7,7 +7,7 @@ order is a pure function of (seed, step)), so the shards are never unpacked and 
 
 - Index (once per shard): the tar headers are scanned with `tarfile` (no image is decoded or read
   beyond its first 16 bytes). Every member's (offset, size) is recorded, and members that are short
-  text (at most `TEXT_LIMIT` bytes, not starting with an image signature: captions, labels, uids) are
+  text (at most `TEXT_LIMIT` bytes, not starting with an image or video signature: captions, labels, uids) are
   read into the index. The index of a shard is a small parquet file (~100 bytes a sample) under
   `<datasets cache>/xdpo-tar-index/`, named by the shard's absolute path, size and modification
   time: a changed shard is scanned again, an unchanged one never; the shards are only read.
@@ -144,7 +144,8 @@ def _members(tar: Path, raw: BinaryIO) -> list[tuple[str, str, dict[str, Any]]]:
             data.seek(info.offset_data)
             head = data.read(info.size if info.size <= TEXT_LIMIT else 16)
             text = None
-            if info.size <= TEXT_LIMIT and not head.startswith(IMAGE_SIGNATURES) and not _is_webp(head):
+            binary = head.startswith(IMAGE_SIGNATURES) or _is_webp(head) or _is_video(head)
+            if info.size <= TEXT_LIMIT and not binary:
                 text = head.decode("utf-8", errors="replace")
             out.append(
                 (m.group(1), m.group(2), {"offset": info.offset_data, "size": info.size, "text": text})
@@ -154,6 +155,11 @@ def _members(tar: Path, raw: BinaryIO) -> list[tuple[str, str, dict[str, Any]]]:
 
 def _is_webp(head: bytes) -> bool:
     return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
+def _is_video(head: bytes) -> bool:
+    """An ISO media file (mp4, mov: an `ftyp` box first) or a Matroska / WebM file (EBML header)."""
+    return head[4:8] == b"ftyp" or head.startswith(b"\x1a\x45\xdf\xa3")
 
 
 def shard_index(tar: Path, cache_dir: str | None = None) -> pa.Table:

@@ -134,6 +134,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call")
     p.add_argument("--height", type=int, help="image height (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    p.add_argument(
+        "--num-frames",
+        type=_positive_int,
+        help="video models: frames per video (default: the model's, Wan 81)",
+    )
+    p.add_argument("--fps", type=float, help="video models: frames per second of the mp4 (default: Wan's 16)")
     p.add_argument("--limit", type=_positive_int, help="use only the first N prompts (per style for hpsv2)")
     p.add_argument(
         "--layout",
@@ -222,6 +228,8 @@ def run_sample(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         layout=args.layout,
         prompt_set=str(args.prompts),
+        num_frames=args.num_frames,
+        fps=args.fps,
     )
     n = sum(1 for _ in (out / "manifest.jsonl").open())
     print(f"wrote {n} images and {out / 'manifest.jsonl'}")

@@ -1,5 +1,9 @@
 """Sampling with diffusers pipelines: prompts x seeds -> `images/NNNNN.png` + `manifest.jsonl`.
 
+A video family's pipeline (Wan) writes `videos/NNNNN.mp4` (`num_frames` frames at `fps`, PyAV) and, as the
+row's image, a strip of up to 8 of its frames `images/NNNNN.png` (what reports show); the manifest row
+names both (`file`, `video`).
+
 Layout `hpsv2` writes what the official HPSv2 benchmark evaluation reads instead:
 `<style>/<prompt_index:05d>.jpg` (one seed) or `seed<S>/<style>/<prompt_index:05d>.jpg` (several
 seeds; each `seed<S>` folder is then one official-layout folder). The manifest lists every image
@@ -27,6 +31,7 @@ from xdpo.models.families import family_of_class, family_of_pipeline, pipeline_c
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
+VIDEOS = "videos"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # Files derived from a sample folder, removed when the folder is sampled again.
 DERIVED = ("scores.parquet", "scores.csv", "scores.meta.json", "summary.json", "summary.md")
@@ -194,7 +199,10 @@ def load_pipeline(
     if fam is not None:
         fam.prepare_sampling(pipe)  # e.g. SD3 without T5: zero padding attended once, the same images
     if SCHEDULERS[scheduler]:
-        if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        flow = type(pipe.scheduler).__name__.startswith("FlowMatch") or pipe.scheduler.config.get(
+            "use_flow_sigmas"
+        )
+        if flow:
             raise ConfigError(
                 f"scheduler: {type(pipe).__name__} is a flow-matching pipeline and samples with its own "
                 f"{type(pipe.scheduler).__name__}; use --scheduler default, not {scheduler!r}"
@@ -283,10 +291,10 @@ def _clear_previous(out: Path) -> None:
             previous = []
     for name in DERIVED + (MANIFEST,):
         (out / name).unlink(missing_ok=True)
-    previous += list((out / IMAGES).glob("*.png"))
+    previous += list((out / IMAGES).glob("*.png")) + list((out / VIDEOS).glob("*.mp4"))
     for path in previous:
         inside = path.resolve().is_relative_to(out.resolve())
-        if inside and re.fullmatch(r"\d{5,}\.(png|jpg)", path.name):
+        if inside and re.fullmatch(r"\d{5,}\.(png|jpg|mp4)", path.name):
             path.unlink(missing_ok=True)
             for parent in path.parents:  # style / seed folders left empty
                 if parent.resolve() == out.resolve():
@@ -325,8 +333,12 @@ def sample_images(
     prompt_set: str | None = None,
     progress: bool = True,
     resume: bool = False,
+    num_frames: int | None = None,
+    fps: float | None = None,
 ) -> Path:
     """Sample every prompt x every seed; write `out_dir/images/*.png` + `manifest.jsonl`; return out_dir.
+    A video family's pipeline also writes `videos/*.mp4` of `num_frames` frames at `fps` (default: the
+    family's sampling defaults, Wan's 81 frames at 16 fps), the images being frame strips.
 
     `prompts`: a list (of strings or records with "prompt" and optionally "style"/"prompt_index"),
     a prompts file or a named set (see `resolve_prompt_records`); `seeds`: a list or "0,1,2" /
@@ -337,8 +349,11 @@ def sample_images(
     `resume`: keep the whole batches an interrupted call with the same settings already wrote (its
     `manifest.jsonl.tmp`) and sample only the rest (same batches, same images).
     """
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
+
+    from xdpo.data.video import frame_strip, write_video
 
     records = resolve_prompt_records(prompts)
     if not any("style" in r for r in records):  # dedupe plain prompts; styled sets keep positions
@@ -357,7 +372,9 @@ def sample_images(
         raise ConfigError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
     device = resolve_device(device)
     pipe = load_pipeline(model, lora=lora, scheduler=scheduler, device=device, dtype=dtype, vae=vae)
-    scale = getattr(pipe, "vae_scale_factor", 8)
+    fam = family_of_pipeline(pipe)
+    video = fam is not None and fam.video
+    scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
     if any(size is not None and (size < scale or size % scale) for size in (height, width)):
         raise ConfigError(f"height and width ({height}, {width}) must be positive multiples of {scale}")
 
@@ -375,6 +392,13 @@ def sample_images(
         settings["vae"] = str(vae)
     if prompt_set is not None:
         settings["prompt_set"] = prompt_set
+    call: dict[str, Any] = fam.guidance_kwargs(guidance) if fam is not None else {"guidance_scale": guidance}
+    if video:
+        defaults = fam.sampling or {}
+        num_frames = int(num_frames or defaults.get("num_frames", 81))
+        fps = float(fps or defaults.get("fps", 16))
+        settings |= {"num_frames": num_frames, "fps": fps}
+        call["num_frames"] = num_frames
     jobs = [(r, s) for r in records for s in seed_list]
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     tmp = out / (MANIFEST + ".tmp")
@@ -390,21 +414,27 @@ def sample_images(
             batches[index // batch_size :], desc="sampling", unit="batch", disable=not progress
         ):
             generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
-            images = pipe(
+            result = pipe(
                 prompt=[r["prompt"] for r, _ in batch],
                 generator=generators,
                 num_inference_steps=steps,
-                guidance_scale=guidance,
                 height=height,
                 width=width,
-                output_type="pil",
-            ).images
-            for (rec, seed), image in zip(batch, images, strict=True):
+                output_type="np" if video else "pil",
+                **call,
+            )
+            clips = result.frames if video else [None] * len(batch)
+            images = [frame_strip(c) for c in clips] if video else result.images
+            for (rec, seed), image, clip in zip(batch, images, clips, strict=True):
                 file = _image_file(rec, seed, index, layout, len(seed_list))
                 (out / file).parent.mkdir(parents=True, exist_ok=True)
                 image.save(out / file, **({"quality": JPEG_QUALITY} if file.endswith(".jpg") else {}))
                 record = {"index": index, "prompt": rec["prompt"], "seed": seed, "file": file, **settings}
-                record |= {"height": image.height, "width": image.width}  # the pipeline's default if None
+                size = image.size if clip is None else np.asarray(clip).shape[2:0:-1]  # (width, height)
+                if video:
+                    record["video"] = f"{VIDEOS}/{index:05d}.mp4"
+                    write_video(clip, out / record["video"], fps)
+                record |= {"height": int(size[1]), "width": int(size[0])}  # the pipeline's default if None
                 record |= {k: rec[k] for k in ("style", "prompt_index") if k in rec}
                 manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
                 index += 1

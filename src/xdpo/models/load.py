@@ -1,4 +1,5 @@
-"""Load a diffusers pipeline of any family (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1); LoRA; latents.
+"""Load a diffusers pipeline of any family (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1, Qwen-Image, FLUX.2, Z-Image,
+Wan); LoRA; latents.
 
 The family is read from `model_index.json` (`_class_name`) unless `model.family` names it. The pipeline
 is loaded with its own diffusers class, so every component gets the class and config it was saved
@@ -102,6 +103,7 @@ def check_pipeline(pretrained: str, family: str = "auto", revision: str | None =
             f"model.pretrained: {resolve_pretrained(pretrained)} lacks component(s) {', '.join(missing)} "
             f"of a {fam.pipeline_class}"
         )
+    fam.check_index(info)
     return fam
 
 
@@ -190,14 +192,35 @@ def latent_params(vae: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def vae_scale_factor(vae: Any) -> int:
-    """How many pixels one latent spans per side: 2^(VAE levels - 1), as the pipelines compute it."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """How many pixels one latent spans per side, as the pipelines compute it: Wan's VAE config says it
+    (`scale_factor_spatial`), Qwen-Image's 3-D VAE downsamples once per level (2^len(temperal_downsample)),
+    the 2-D VAEs 2^(levels - 1)."""
+    cfg = vae.config
+    if getattr(cfg, "scale_factor_spatial", None):
+        return int(cfg.scale_factor_spatial)
+    if getattr(cfg, "temperal_downsample", None) is not None:
+        return 2 ** len(cfg.temperal_downsample)
+    return 2 ** (len(cfg.block_out_channels) - 1)
+
+
+def vae_temporal_factor(vae: Any) -> int:
+    """Frames per latent frame after the first of a video VAE (Wan: `scale_factor_temporal`, 4); 1 otherwise."""
+    return int(getattr(vae.config, "scale_factor_temporal", None) or 1)
+
+
+def check_data_shape(fam: Family, data: Any, vae: Any) -> None:
+    """`data.resolution` on the family's patch grid behind this VAE, and `data.num_frames` as the family and
+    its VAE take clips (one line naming the key otherwise)."""
+    fam.check_resolution(data.resolution, vae_scale_factor(vae))
+    fam.check_frames(int(getattr(data, "num_frames", 0) or 0), vae_temporal_factor(vae))
 
 
 def scale_latents(vae: Any, z: Tensor) -> Tensor:
-    """(z - shift_factor) * scaling_factor, the space the denoiser works in (shift: SD3, Flux)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift if shift else z) * vae.config.scaling_factor  # (z - 0.0 is z, bit for bit)
+    """(z - shift_factor) * scaling_factor, the space the SD-era and Flux.1 denoisers work in (the families'
+    default `Family.to_latents`)."""
+    from xdpo.models.families.spec import scaled_latents
+
+    return scaled_latents(vae, z)
 
 
 @torch.no_grad()

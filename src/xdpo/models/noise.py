@@ -99,14 +99,16 @@ class FlowProcess:
     """Rectified flow matching (SD3 / Flux training), on the scheduler's shifted sigmas.
 
     The sigmas are those `FlowMatchEulerDiscreteScheduler.set_timesteps` gives for N = num_train_timesteps
-    steps at the training resolution: the static `shift`, or the dynamic shift by mu with the scheduler's
-    own `time_shift` (`time_shift_type` exponential or linear), then its `stretch_shift_to_terminal` when
-    `shift_terminal` is set. `invert_sigmas` is refused; the inference spacings (`use_karras_sigmas`, ...)
-    only place a sampler's steps and do not apply."""
+    steps at the training resolution: the static `shift`, or the dynamic shift by mu (the family's, else
+    FluxPipeline's `calculate_shift`) with the scheduler's own `time_shift` (`time_shift_type` exponential
+    or linear), then its `stretch_shift_to_terminal` when `shift_terminal` is set. A multistep solver on
+    flow sigmas (`use_flow_sigmas`: Wan's UniPC, shift `flow_shift`) gives its own `set_timesteps(N)`
+    sigmas. `invert_sigmas` is refused; the inference spacings (`use_karras_sigmas`, ...) only place a
+    sampler's steps and do not apply."""
 
     kind = "flow"
 
-    def __init__(self, scheduler: Any, image_seq_len: int | None = None) -> None:
+    def __init__(self, scheduler: Any, image_seq_len: int | None = None, mu: float | None = None) -> None:
         cfg = scheduler.config
         if cfg.get("invert_sigmas", False):
             raise ConfigError(
@@ -115,11 +117,15 @@ class FlowProcess:
             )
         self.scheduler = scheduler
         self.num_steps = n = int(cfg.num_train_timesteps)
+        if cfg.get("use_flow_sigmas", False):  # a multistep solver on flow sigmas (Wan's UniPC)
+            self.sigmas = _solver_sigmas(scheduler, n, mu)
+            return
         s = torch.arange(1, n + 1, dtype=torch.float64) / n  # ascending, as the scheduler's before shifting
         if cfg.get("use_dynamic_shifting", False):
-            if image_seq_len is None:
+            if image_seq_len is None and mu is None:
                 raise ConfigError("a dynamically shifted flow scheduler needs the image sequence length")
-            s = scheduler.time_shift(_dynamic_mu(cfg, image_seq_len), 1.0, s)  # exponential or linear
+            mu = _dynamic_mu(cfg, image_seq_len) if mu is None else mu  # mu: the family's own (FLUX.2)
+            s = scheduler.time_shift(mu, 1.0, s)  # exponential or linear
         else:
             shift = float(cfg.get("shift", 1.0))
             s = shift * s / (1 + (shift - 1) * s)
@@ -154,6 +160,13 @@ class FlowProcess:
 
     def noise_level(self, k: Tensor) -> Tensor:
         return self.sigma(k).float()
+
+
+def _solver_sigmas(scheduler: Any, n: int, mu: float | None) -> Tensor:
+    """Ascending float64 sigmas [n] of a flow-sigma solver's own `set_timesteps(n)` (on a copy of it)."""
+    copy = type(scheduler).from_config(scheduler.config)
+    copy.set_timesteps(n, **({"mu": mu} if mu is not None else {}))
+    return copy.sigmas[:n].double().flip(0)
 
 
 def _dynamic_mu(cfg: Any, image_seq_len: int) -> float:

@@ -141,7 +141,7 @@ def encode_pair_shard(
         n = b.groups
         pixels = b.pixels.to(device)
         for suffix, px in (("", pixels), (FLIP, pixels.flip(-1)))[: 2 if flips else 1]:
-            mean, logvar = posterior_params(vae, px)  # float32 from the VAE's dtype: cast back losslessly
+            mean, logvar = posterior_params(comps, px)  # float32 from the VAE's dtype: cast back losslessly
             for key, value in zip(LATENT_KEYS, (mean[:n], logvar[:n], mean[n:], logvar[n:]), strict=True):
                 parts[key + suffix].append(value.to(vae.dtype).cpu())
         parts["label_w"].append(b.label)
@@ -176,7 +176,7 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
     """Encode the config's pairs and captions into `data.cache` (this process's shards); return the folder."""
     from accelerate import Accelerator
 
-    from xdpo.models.load import check_pipeline, vae_scale_factor
+    from xdpo.models.load import check_data_shape, check_pipeline
 
     if not cfg.data.cache:
         raise ConfigError(
@@ -203,8 +203,10 @@ def build_cache(cfg: Config, *, shard_size: int = 256, batch_size: int = 8, acce
             accelerator.print(f"xdpo cache: {folder} is complete and matches this config; nothing to do")
             return folder
     comps = load_encoders(cfg, fam, accelerator.device)
-    fam.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
-    layout = shard_layout(n_pairs, shard_size, pairs.bucket_of)  # data.buckets: one bucket per shard
+    check_data_shape(fam, cfg.data, comps.vae)
+    layout = shard_layout(
+        n_pairs, shard_size, getattr(pairs, "bucket_of", None)
+    )  # data.buckets: a bucket per shard
     flips, n_shards = cfg.data.flip != "none", len(layout)
     manifest: dict[str, Any] = {
         "format": FORMAT,

@@ -9,12 +9,14 @@ Counts come from the loaded modules, or from the component configs instantiated 
 - gradients: T x 4; optimizer: AdamW 2 x T x 4, 8-bit AdamW 2 x T x 1, Adafactor the factored second
   moments (rows + columns of each matrix) x 4;
 - reference: full fine-tune, a frozen copy in `model.reference_dtype` (+ the initial model for `periodic`,
-  unless offloaded; `ema` keeps its copy in fp32); LoRA, nothing (adapters disabled) or a snapshot T x 4;
+  unless offloaded; `ema` keeps its copy in fp32), whole, divided by N when sharded (`reference.place=
+  sharded` under FSDP2 / ZeRO-3), or one block plus the non-block rest on the device with the blocks in CPU
+  memory (`reference.place=cpu`, reported apart); LoRA, nothing (adapters disabled) or a snapshot T x 4;
 - frozen VAE and text encoders in the mixed-precision dtype (text encoders: `model.quantize_text_encoders`);
 - sharding over N processes (`sharding=(mode, N)`): FSDP2 and ZeRO-3 divide the denoiser's weights,
   gradients and optimizer state by N, ZeRO-2 the gradients and optimizer state, ZeRO-1 the optimizer
   state. DeepSpeed keeps the model in the mixed-precision dtype (P x w) and fp32 master weights in its
-  optimizer shards (T x 4 / N, counted there). The reference is not sharded (a full copy per process).
+  optimizer shards (T x 4 / N, counted there). The reference is sharded only with `reference.place=sharded`.
 Activations depend on resolution, batch, attention kernels and gradient checkpointing and are not
 estimated: measure them with `benchmarks/step_overhead.py` style runs at your sizes.
 """
@@ -141,12 +143,14 @@ def estimate(
     opt = {"adamw": 8 * trainable, "adafactor": 4 * (adafactor_count(den) if not lora else trainable)}
     opt["adamw8bit"] = 2 * trainable
     strategy = STRATEGIES[r.strategy]
+    host = 0.0  # bytes of the reference kept in CPU memory (reference.place=cpu)
     if not get_objective(cfg.loss.objective).needs_reference:
         ref = 0  # no reference forward, no copy (SFT, MaPO)
     elif lora:  # adapters off; a moving reference keeps an fp32 snapshot of the adapters
         ref = 4 * trainable if strategy.moves else 0
     else:  # a frozen copy (fp32 for an EMA), and the initial model's copy when the reference moves
         ref = (4 if strategy.full_precision else ref_b) * p
+        ref, host = reference_copy(den, ref, p, getattr(r, "place", "device"), sharding)
         ref += ref_b * p if strategy.moves and not r.offload else 0
     frozen = sum(
         base_bytes(mod, m.quantize_text_encoders if k.startswith("text_encoder") else "none", w)
@@ -171,7 +175,25 @@ def estimate(
         out["optimizer state"] += 4 * trainable
     for part in SHARDED[mode]:
         out[part] /= max(world, 1)
-    return {**out, "_params": p, "_trainable": trainable, "_sharding": f"{mode} x {world}"}
+    return {**out, "_params": p, "_trainable": trainable, "_sharding": f"{mode} x {world}", "_host": host}
+
+
+def reference_copy(
+    den: Any, nbytes: float, p: int, place: str, sharding: tuple[str, int]
+) -> tuple[float, float]:
+    """(device bytes, CPU bytes) of a full fine-tune's reference copy of `nbytes` by `reference.place`: whole;
+    streamed (the blocks in CPU memory, one block and the rest on the device); sharded over the processes
+    under FSDP / ZeRO-3 (whole otherwise: a run refuses it there)."""
+    mode, world = sharding
+    if place == "sharded" and mode in ("fsdp", "zero3"):
+        return nbytes / max(world, 1), 0.0
+    if place == "cpu":
+        from xdpo.train.reference.placement import blocks_of
+
+        sizes = [sum(x.numel() for x in b.parameters()) for b in blocks_of(den)]
+        per = nbytes / max(p, 1)
+        return per * (p - sum(sizes) + max(sizes)), per * sum(sizes)
+    return nbytes, 0.0
 
 
 def format_estimate(est: dict[str, float]) -> str:
@@ -185,4 +207,8 @@ def format_estimate(est: dict[str, float]) -> str:
         f"Memory estimate per device ({est['_params']:,} denoiser parameters, {est['_trainable']:,} trained"
     )
     head += "):" if sharded.startswith("none") else f"; sharded: {sharded.replace('x', 'over')} processes):"
+    if est.get("_host"):
+        lines.append(
+            f"  {'(reference in CPU memory)':<28} {est['_host'] / scale:9.2f} {unit}, not on the device"
+        )
     return "\n".join([head, *lines, "  activations: not estimated (resolution, batch, checkpointing)"])

@@ -15,6 +15,12 @@ def check(cfg: Any) -> None:
     check_source(cfg)
     check_errors(cfg)
     STRATEGIES[cfg.reference.strategy].check(cfg)
+    require(
+        cfg.reference.place != "sharded" or cfg.reference.strategy == "frozen",
+        "reference.place",
+        "sharded holds a frozen reference only (a moving reference blends whole weights); use cpu or device",
+        cfg.reference.place,
+    )
     check_objective(cfg)
     check_timesteps(cfg)
 

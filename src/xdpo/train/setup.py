@@ -14,7 +14,15 @@ from xdpo.config import Config
 from xdpo.data.buckets import check_multiple, parse_buckets
 from xdpo.data.encode import encode
 from xdpo.errors import XdpoError
-from xdpo.models.load import DTYPES, Components, add_lora, half_precision, load_components, vae_scale_factor
+from xdpo.models.load import (
+    DTYPES,
+    Components,
+    add_lora,
+    check_data_shape,
+    half_precision,
+    load_components,
+    vae_scale_factor,
+)
 from xdpo.models.noise import PROCESSES
 from xdpo.models.quantize import quantize_model
 from xdpo.objectives import Objective
@@ -50,13 +58,16 @@ def resolve_timesteps(cfg: Config, process_kind: str) -> None:
 
 
 def make_process(cfg: Config, comps: Components) -> Any:
-    """The family's noise process; Flux's dynamic shift uses the training resolution's token count."""
-    kind = comps.family.process
+    """The family's noise process; a dynamic shift uses the training resolution's token count (and the
+    family's mu where its pipeline computes its own: FLUX.2)."""
+    fam, kind = comps.family, comps.family.process
     if kind == "ddpm":
         return PROCESSES[kind](comps.scheduler)
-    vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    side = cfg.data.resolution // vae_scale
-    return PROCESSES[kind](comps.scheduler, image_seq_len=comps.family.image_tokens(side, side))
+    side = cfg.data.resolution // vae_scale_factor(comps.vae)
+    tokens = fam.image_tokens(side, side)
+    dynamic = comps.scheduler.config.get("use_dynamic_shifting", False)
+    mu = fam.shift_mu(tokens, comps.scheduler.config, cfg.family) if dynamic and fam.shift_mu else None
+    return PROCESSES[kind](comps.scheduler, image_seq_len=tokens, mu=mu)
 
 
 def place_frozen(
@@ -86,7 +97,7 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
     else:
         comps = load_components(cfg.model, cfg.family, text_dtype=half_precision(cfg.train.mixed_precision))
         place_frozen(comps, cfg.train.mixed_precision, device, cfg.model.quantize_text_encoders)
-    comps.family.check_resolution(cfg.data.resolution, vae_scale_factor(comps.vae))
+    check_data_shape(comps.family, cfg.data, comps.vae)
     if cfg.data.buckets:
         buckets = parse_buckets(cfg.data.buckets, cfg.data.resolution, cfg.data.bucket_step)
         check_multiple(buckets, vae_scale_factor(comps.vae) * comps.family.latent_patch, comps.family.name)

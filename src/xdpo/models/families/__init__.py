@@ -50,7 +50,7 @@ __all__ = [
     "register_family",
 ]
 
-BUILT_IN = ("sd", "sdxl", "sd3", "flux")
+BUILT_IN = ("sd", "sdxl", "sd3", "flux", "qwenimage", "flux2", "flux2_klein", "zimage", "wan")
 """The modules of this package that define a `FAMILY`, in the order the registry lists them."""
 
 _registered: dict[str, Family] = {}

@@ -13,7 +13,17 @@ from typing import Any
 from xdpo.config.options import Option
 from xdpo.errors import ConfigError
 
-__all__ = ["Family", "Option", "diffusers_lora_state", "no_preparation", "same_state"]
+__all__ = [
+    "Family",
+    "Option",
+    "accept_index",
+    "diffusers_lora_state",
+    "guidance_scale",
+    "no_preparation",
+    "same_state",
+    "scaled_latents",
+    "vae_posterior",
+]
 
 
 def same_state(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +40,28 @@ def diffusers_lora_state(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def no_preparation(pipe: Any) -> None:
     """Nothing to change on a loaded pipeline before sampling."""
+
+
+def vae_posterior(vae: Any, pixels: Any) -> Any:
+    """The VAE's posterior (a diffusers `DiagonalGaussianDistribution`) of pixels in [-1, 1], as the
+    pipelines' image encoders call it: `vae.encode(pixels).latent_dist` in the VAE's dtype."""
+    return vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
+
+
+def scaled_latents(vae: Any, z: Any) -> Any:
+    """(z - shift_factor) * scaling_factor: the latent space of the SD, SDXL, SD3, Flux.1 and Z-Image
+    denoisers (shift only where the VAE's config has one)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift if shift else z) * vae.config.scaling_factor  # (z - 0.0 is z, bit for bit)
+
+
+def guidance_scale(guidance: float) -> dict[str, Any]:
+    """A sampler's guidance as the pipeline's `guidance_scale` keyword (classifier-free or embedded)."""
+    return {"guidance_scale": guidance}
+
+
+def accept_index(info: dict[str, Any]) -> None:
+    """Every model_index.json of the family's pipeline class is trainable."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +85,21 @@ class Family:
     embeddings: tuple[str, ...] = ()
     """Condition keys holding float embeddings, cast to a half-precision reference's dtype; every other
     condition (SDXL's size ids, Flux's guidance) reaches every model as it is, never rounded."""
+    posterior: Callable[[Any, Any], Any] = vae_posterior
+    """(vae, pixels [N, 3, H, W], or [N, 3, F, H, W] for a video family) -> the VAE's posterior."""
+    to_latents: Callable[[Any, Any], Any] = scaled_latents
+    """(vae, z) -> the denoiser's latents from a VAE latent (a posterior sample or mean), in the layout
+    `predict` takes; its pipeline's own normalisation (scaling and shift, per-channel statistics, ...)."""
+    shift_mu: Callable[[int, Any, Any], float] | None = None
+    """(image tokens, scheduler config, options) -> mu of a dynamically shifted flow scheduler, as its
+    pipeline computes it; None = FluxPipeline's `calculate_shift` with the config's lengths and shifts."""
+    guidance_kwargs: Callable[[float], dict[str, Any]] = guidance_scale
+    """A sampler's guidance -> the pipeline call's keywords (Qwen-Image's CFG is `true_cfg_scale`)."""
+    check_index: Callable[[dict[str, Any]], None] = accept_index
+    """Refuses a model_index.json of the family's class that xdpo cannot train, with one line."""
+    video: bool = False
+    """The family makes videos: its data are clips of `data.num_frames` frames (pixels [N, 3, F, H, W]),
+    its latents [N, C, F', h, w], its samples videos."""
 
     def pipeline_cls(self) -> type:
         """The pipeline class: a diffusers class name, or `package.module.Class` for one defined elsewhere."""
@@ -82,6 +129,24 @@ class Family:
                 f"config key `data.resolution`: {resolution} px is not a multiple of {multiple}, which "
                 f"{self.name} needs (its VAE downsamples {vae_scale}x, its denoiser takes {self.latent_patch} x "
                 f"{self.latent_patch} latent patches); e.g. {low or multiple} or {low + multiple}"
+            )
+
+    def check_frames(self, num_frames: int, temporal: int) -> None:
+        """One line naming `data.num_frames` when the family takes clips and the count does not fit its VAE's
+        temporal compression (`temporal` frames per latent frame after the first: 4k + 1 for Wan's), or
+        when an image family is given clips."""
+        if not self.video:
+            if num_frames:
+                raise ConfigError(
+                    f"config key `data.num_frames`: {self.name} makes images; set data.num_frames=0 (got {num_frames})"
+                )
+            return
+        if num_frames < 1 or (num_frames - 1) % temporal:
+            k = max((num_frames - 1) // temporal, 0)
+            raise ConfigError(
+                f"config key `data.num_frames`: {self.name} takes clips of {temporal}k + 1 frames (its VAE "
+                f"compresses {temporal} frames into one after the first), got {num_frames}; e.g. "
+                f"{temporal * k + 1} or {temporal * (k + 1) + 1}"
             )
 
     def cache_keys(self, options: Any) -> dict[str, Any]:

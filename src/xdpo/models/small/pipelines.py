@@ -18,6 +18,7 @@ class loads the folder offline. Every pipeline's VAE has two blocks, so images a
 - `FluxPipeline` (sample_size 8, latent_channels 16, guidance_embeds): CLIP-L (pooled) + T5, 1 double
   + 1 single block (rope 4 + 4 + 8 = head dim 16), FLUX.1-dev's dynamic shifting, FLUX.1's VAE normalisation.
 On disk: SDXL 17 MB, SD3 16 MB, Flux 8 MB, mostly CLIP token embeddings and the CLIP tokenizer folders.
+Qwen-Image, FLUX.2 (dev, klein), Z-Image and Wan: `xdpo.models.small.recent_pipelines`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 from xdpo.errors import ConfigError
 from xdpo.models.small import components as c
+from xdpo.models.small.recent_pipelines import RECENT_ASSEMBLERS
 from xdpo.models.tokenizer import build_t5_tokenizer, clip_tokenizer, t5_tokenizer
 
 VAE_BLOCKS = (32, 64)
@@ -222,6 +224,7 @@ ASSEMBLERS: dict[str, Callable[..., Any]] = {
     "StableDiffusionXLPipeline": _sdxl,
     "StableDiffusion3Pipeline": _sd3,
     "FluxPipeline": _flux,
+    **RECENT_ASSEMBLERS,  # Qwen-Image, FLUX.2 dev and klein, Z-Image, Wan (`recent_pipelines`)
 }
 """A family's pipeline class (`Family.pipeline_class`) -> its tiny pipeline's assembler."""
 

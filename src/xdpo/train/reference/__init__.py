@@ -49,8 +49,9 @@ class Reference:
         else:
             ref_dtype = torch.float32 if self.strategy.full_precision else dtype
             self.storage = CopyStorage(
-                family, model, dtype=ref_dtype, device=device, moves=self.strategy.moves, offload=cfg.offload
-            )
+                family, model, dtype=ref_dtype, device=device, moves=self.strategy.moves, offload=cfg.offload,
+                place=getattr(cfg, "place", "device"),
+            )  # fmt: skip
         self.probe: Probe | None = None
 
     @property

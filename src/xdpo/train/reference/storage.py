@@ -8,8 +8,10 @@ Three models take part in a run: the policy (trained), the reference (in the los
   forward hooks gather their own parameters, the snapshot is written into the adapters for the forward
   and restored exactly), or the initial model while the snapshot is empty.
 - Full fine-tune (`CopyStorage`): the reference is a frozen copy in reduced precision (fp32 for an EMA,
-  whose small steps fall below half precision's resolution); strategies that move the reference keep
-  the initial model as a third copy (on the CPU with `reference.offload`, moved in for checks).
+  whose small steps fall below half precision's resolution), whole on the device, streamed block by block
+  from the CPU, or sharded over the processes (`reference.place`, `placement.py`); strategies that move
+  the reference keep the initial model as a third copy (on the CPU with `reference.offload`, moved in
+  for checks).
 Both move the reference the same ways: `blend` toward the policy, `anchor` toward the initial model
 (exact for LoRA: it scales the snapshot's B factors), `reset`; `backup`/`restore` undo a staged candidate.
 """
@@ -172,16 +174,53 @@ class AdapterStorage:
 
 
 class CopyStorage:
-    """Full fine-tune: the reference a frozen copy; the initial model a third copy when the reference moves."""
+    """Full fine-tune: the reference a frozen copy (on the device, streamed from the CPU, or sharded:
+    `reference.place`, `placement.py`); the initial model a third copy when the reference moves."""
 
     def __init__(
-        self, family: Any, model: Any, *, dtype: torch.dtype, device: torch.device, moves: bool, offload: bool
+        self,
+        family: Any,
+        model: Any,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        moves: bool,
+        offload: bool,
+        place: str = "device",
     ) -> None:
-        self.family, self.base, self.sharded = family, model, False
-        self.ref_model = frozen_copy(model, dtype, device)
+        self.family, self.base, self._sharded, self.place = family, model, False, place
+        if place == "device":
+            self.ref_model = frozen_copy(model, dtype, device)
+        else:  # built in CPU memory: never a whole second copy on the device
+            from xdpo.train.reference.placement import cpu_copy, stream_from_cpu
+
+            self.ref_model = cpu_copy(model, dtype)
+            if place == "cpu":
+                stream_from_cpu(self.ref_model, device)
         self.init_model = None
         if moves:
             self.init_model = frozen_copy(model, dtype, torch.device("cpu") if offload else device)
+
+    @property
+    def sharded(self) -> bool:
+        return self._sharded
+
+    @sharded.setter
+    def sharded(self, sharded: bool) -> None:
+        """Told once models are prepared; `reference.place=sharded` shards the copy as the policy is."""
+        self._sharded = sharded
+        if self.place == "sharded":
+            from xdpo.train.distributed import local_fraction
+            from xdpo.train.reference.placement import shard_across_processes
+
+            dtype = next(self.ref_model.parameters()).dtype
+            self.ref_model = shard_across_processes(self.ref_model, self.base, dtype)
+            held, total = local_fraction(self.ref_model)
+            rank = torch.distributed.get_rank()
+            print(
+                f"reference: process {rank} holds {held:,} of {total:,} parameters ({held / total:.2f})",
+                flush=True,
+            )
 
     def _call(self, model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """A frozen copy in its own dtype (e.g. an fp16 reference next to an fp32 policy without autocast)."""
@@ -195,7 +234,7 @@ class CopyStorage:
 
     def initial(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         init = self.init_model if self.init_model is not None else self.ref_model
-        offloaded = next(init.parameters()).device != noisy.device
+        offloaded = init is self.init_model and next(init.parameters()).device != noisy.device
         if offloaded:
             init.to(noisy.device)
         try:
@@ -218,7 +257,8 @@ class CopyStorage:
         """reference <- (1 - weight) reference + weight policy (1: a copy); sharded weights gathered whole."""
         for p_ref, p in zip(self.ref_model.parameters(), self.base.parameters(), strict=True):
             p = full_tensor(p).detach()  # FSDP / ZeRO-3: the whole parameter (every process gathers alike)
-            p_ref.lerp_(p.to(p_ref.dtype), weight) if weight < 1.0 else p_ref.copy_(p)
+            p = p.to(p_ref.device, p_ref.dtype)  # (a reference streamed from the CPU is updated there)
+            p_ref.lerp_(p, weight) if weight < 1.0 else p_ref.copy_(p)
 
     @torch.no_grad()
     def anchor(self, kappa: float) -> None:
