@@ -13,6 +13,7 @@ import torch
 
 from conftest import reset_accelerate_state, run_training
 from xdpo.config import load_config
+from xdpo.models.small.pipelines import resolution
 
 SIDE = resolution(8)  # the tiny pipelines' latents 8 x 8 (the SD one at half its native size)
 CPU = torch.device("cpu")
