@@ -61,7 +61,7 @@ class ImageValidation:
                  scorers: dict[str, Any] | None = None) -> None:  # fmt: skip
         from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
         from xdpo.evaluate.sample import sampling_defaults
-        from xdpo.pairs.scoring import load_reward
+        from xdpo.rollout.rewards import load_reward
 
         v = cfg.validation
         self.cfg, self.comps, self.acc, self.out = cfg, comps, accelerator, Path(out)
