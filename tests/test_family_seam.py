@@ -8,6 +8,7 @@ file of its own) is registered and then detected, chosen by `model.family`, conf
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import importlib
@@ -279,3 +280,19 @@ def test_a_cache_written_under_the_old_key_names_still_matches():
     check_manifest(manifest, cfg, {"model.family": "flux", "family.guidance": 3.5})
     with pytest.raises(ConfigError, match="was built for family.guidance=3.5, the config says 4.0"):
         check_manifest(manifest, cfg, {"model.family": "flux", "family.guidance": 4.0})
+
+
+def test_the_help_texts_name_every_built_in_family():
+    """`xdpo train --help` and `model.pretrained`'s help list the families the registry ships."""
+    from xdpo.config.schema import ModelConfig
+    from xdpo.models.families import BUILT_IN, get_family
+    from xdpo.train.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["train"]
+    pretrained = dataclasses.fields(ModelConfig)[0].metadata["help"]
+    for name in BUILT_IN:
+        short = get_family(name).about.split(":")[0]
+        assert short in sub.description, f"xdpo train --help does not name {short}"
+        assert short in pretrained, f"model.pretrained's help does not name {short}"

@@ -27,7 +27,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     pretrained: str = _f(
         "",
-        "diffusers pipeline folder or hub id (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1); "
+        "diffusers pipeline folder or hub id (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1, Qwen-Image, FLUX.2 [dev], "
+        "FLUX.2 [klein], Z-Image, Wan 2.x); "
         "`digits` / `digits-flow` = the shipped digits bases",
         **required("a diffusers pipeline folder or hub id"),
     )

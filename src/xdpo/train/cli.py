@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="fine-tune a diffusion model on preference pairs",
         description=(
-            "Fine-tune an SD 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1 model (full or LoRA) on preference pairs in "
-            "the Pick-a-Pic v2 format with Diffusion-DPO / Flow-DPO, xDPO or another objective. Writes "
+            "Fine-tune an SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1, Qwen-Image, FLUX.2 [dev], FLUX.2 [klein], Z-Image or "
+            "Wan 2.x model (full or LoRA) on preference pairs (Pick-a-Pic v2 format, webdataset, column-mapped "
+            "sets, per-image labels) or on-policy rollouts with Diffusion-DPO / Flow-DPO, xDPO or another "
+            "objective (`loss.objective`). Writes "
             "config.yaml, metrics.jsonl, checkpoints/step-N/ and final/ under output_dir. SIGINT/SIGTERM "
             "save a checkpoint and stop; resume with train.resume_from=latest."
         ),

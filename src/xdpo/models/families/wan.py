@@ -92,7 +92,7 @@ FAMILY = Family(
     encode_text=encode_text,
     image_conditions=image_conditions,
     predict=predict,
-    about="Wan 2.x text-to-video: 3-D DiT, UMT5, flow matching on video latents",
+    about="Wan 2.x: text-to-video 3-D DiT, UMT5, flow matching on video latents",
     options=OPTIONS,
     # WanPipeline's call: 50 steps, guidance 5; 81 frames of 480 x 832 written at Wan 2.1's 16 fps
     sampling={"steps": 50, "guidance": 5.0, "scheduler": "default", "num_frames": 81, "fps": 16},
