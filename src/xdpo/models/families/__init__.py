@@ -7,7 +7,7 @@ A `Family` (spec.py) says how a diffusers pipeline of that family is trained:
 - `process`: the noise process (`ddpm` or `flow`, see `xdpo.models.noise`);
 - `options`: its knobs, the config's `family.<name>` keys (`Option`, `xdpo.config.options`: type, default,
   help, check);
-- `load_kwargs(options)`: component overrides when loading (and saving) the pipeline;
+- `load_kwargs(options)`: component overrides when loading (and saving) the pipeline (default: none);
 - `encode_text(comps, captions, device)`: the prompt conditions, a dict of batch-first tensors [B, ...];
 - `image_conditions(comps, n, pixel_size, sizes)`: per-image conditions of n images (SDXL's time ids), or {};
 - `predict(model, noisy, t, cond)`: the only place a denoiser is called; returns the prediction in

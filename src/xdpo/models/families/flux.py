@@ -15,21 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, Option
+from xdpo.models.families.spec import Family, Option, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 
 OPTIONS = (
-    Option(
-        "max_sequence_length",
-        int,
-        0,
-        f"T5 tokens (0 = the pipeline's default, {DEFAULT_MAX_SEQUENCE_LENGTH})",
-        check=lambda v: v >= 0,
-        rule="must be >= 0",
-        formerly="model.max_sequence_length",
-        cached=True,
-    ),
+    sequence_length("T5 tokens", DEFAULT_MAX_SEQUENCE_LENGTH),
     Option(
         "guidance",
         float,
@@ -39,10 +30,6 @@ OPTIONS = (
         cached=True,
     ),
 )
-
-
-def load_kwargs(options: Any) -> dict[str, Any]:
-    return {}
 
 
 @torch.no_grad()
@@ -96,7 +83,6 @@ FAMILY = Family(
     class_names=("FluxPipeline",),
     denoiser="transformer",
     process="flow",
-    load_kwargs=load_kwargs,
     encode_text=encode_text,
     image_conditions=image_conditions,
     predict=predict,

@@ -21,21 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, Option
+from xdpo.models.families.spec import Family, Option, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # Flux2Pipeline's default
 DEFAULT_STEPS = 50  # Flux2Pipeline.__call__'s num_inference_steps
 
-MAX_SEQUENCE_LENGTH = Option(
-    "max_sequence_length",
-    int,
-    0,
-    f"prompt tokens (0 = the pipeline's default, {DEFAULT_MAX_SEQUENCE_LENGTH})",
-    check=lambda v: v >= 0,
-    rule="must be >= 0",
-    formerly="model.max_sequence_length",
-    cached=True,
-)
+MAX_SEQUENCE_LENGTH = sequence_length("prompt tokens", DEFAULT_MAX_SEQUENCE_LENGTH)
 SHIFT_STEPS = Option(
     "shift_steps",
     int,
@@ -56,10 +47,6 @@ OPTIONS = (
     ),
     SHIFT_STEPS,
 )
-
-
-def load_kwargs(options: Any) -> dict[str, Any]:
-    return {}
 
 
 def prompt_embeds(comps: Any, captions: list[str], device: torch.device) -> Tensor:
@@ -133,7 +120,6 @@ FAMILY = Family(
     class_names=("Flux2Pipeline",),
     denoiser="transformer",
     process="flow",
-    load_kwargs=load_kwargs,
     encode_text=encode_text,
     image_conditions=image_conditions,
     predict=predict,

@@ -21,26 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, Option
+from xdpo.models.families.spec import Family, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s default
 
-OPTIONS = (
-    Option(
-        "max_sequence_length",
-        int,
-        0,
-        f"prompt tokens after the template (0 = the pipeline's default, {DEFAULT_MAX_SEQUENCE_LENGTH})",
-        check=lambda v: v >= 0,
-        rule="must be >= 0",
-        formerly="model.max_sequence_length",
-        cached=True,
-    ),
-)
-
-
-def load_kwargs(options: Any) -> dict[str, Any]:
-    return {}
+OPTIONS = (sequence_length("prompt tokens after the template", DEFAULT_MAX_SEQUENCE_LENGTH),)
 
 
 def pad_to(x: Tensor, length: int) -> Tensor:
@@ -137,7 +122,6 @@ FAMILY = Family(
     class_names=("QwenImagePipeline",),
     denoiser="transformer",
     process="flow",
-    load_kwargs=load_kwargs,
     encode_text=encode_text,
     image_conditions=image_conditions,
     predict=predict,

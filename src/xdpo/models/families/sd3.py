@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, Option
+from xdpo.models.families.spec import Family, Option, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
 
@@ -29,16 +29,7 @@ OPTIONS = (
         formerly="model.text_encoder_3",
         cached=True,
     ),
-    Option(
-        "max_sequence_length",
-        int,
-        0,
-        f"T5 tokens (0 = the pipeline's default, {DEFAULT_MAX_SEQUENCE_LENGTH})",
-        check=lambda v: v >= 0,
-        rule="must be >= 0",
-        formerly="model.max_sequence_length",
-        cached=True,
-    ),
+    sequence_length("T5 tokens", DEFAULT_MAX_SEQUENCE_LENGTH),
 )
 
 

@@ -16,10 +16,6 @@ from torch import Tensor
 from xdpo.models.families.spec import Family, diffusers_lora_state
 
 
-def load_kwargs(options: Any) -> dict[str, Any]:
-    return {}
-
-
 @torch.no_grad()
 def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[str, Tensor]:
     embeds, _, pooled, _ = comps.pipe.encode_prompt(
@@ -62,7 +58,6 @@ FAMILY = Family(
     class_names=("StableDiffusionXLPipeline",),
     denoiser="unet",
     process="ddpm",
-    load_kwargs=load_kwargs,
     encode_text=encode_text,
     image_conditions=image_conditions,
     predict=predict,

@@ -42,6 +42,26 @@ def no_preparation(pipe: Any) -> None:
     """Nothing to change on a loaded pipeline before sampling."""
 
 
+def no_overrides(options: Any) -> dict[str, Any]:
+    """The pipeline's own components when loading (and saving): no overrides."""
+    return {}
+
+
+def sequence_length(tokens: str, default: int) -> Option:
+    """`family.max_sequence_length`: how many `tokens` each caption is padded or cut to (0 = the pipeline's
+    own `default`); part of the cache key, since it changes the conditions."""
+    return Option(
+        "max_sequence_length",
+        int,
+        0,
+        f"{tokens} (0 = the pipeline's default, {default})",
+        check=lambda v: v >= 0,
+        rule="must be >= 0",
+        formerly="model.max_sequence_length",
+        cached=True,
+    )
+
+
 def vae_posterior(vae: Any, pixels: Any) -> Any:
     """The VAE's posterior (a diffusers `DiagonalGaussianDistribution`) of pixels in [-1, 1], as the
     pipelines' image encoders call it: `vae.encode(pixels).latent_dist` in the VAE's dtype."""
@@ -71,11 +91,11 @@ class Family:
     class_names: tuple[str, ...]
     denoiser: str
     process: str
-    load_kwargs: Callable[[Any], dict[str, Any]]
     encode_text: Callable[..., dict[str, Any]]
     image_conditions: Callable[..., dict[str, Any]]
     predict: Callable[..., Any]
     about: str = ""
+    load_kwargs: Callable[[Any], dict[str, Any]] = no_overrides
     options: tuple[Option, ...] = ()
     latent_patch: int = 1
     packed_latents: bool = False

@@ -22,26 +22,11 @@ from torch import Tensor
 
 from xdpo.errors import ConfigError
 from xdpo.models.families.qwenimage import channel_stats
-from xdpo.models.families.spec import Family, Option
+from xdpo.models.families.spec import Family, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default (encode_prompt's own is 226)
 
-OPTIONS = (
-    Option(
-        "max_sequence_length",
-        int,
-        0,
-        f"UMT5 tokens (0 = the pipeline's default, {DEFAULT_MAX_SEQUENCE_LENGTH})",
-        check=lambda v: v >= 0,
-        rule="must be >= 0",
-        formerly="model.max_sequence_length",
-        cached=True,
-    ),
-)
-
-
-def load_kwargs(options: Any) -> dict[str, Any]:
-    return {}
+OPTIONS = (sequence_length("UMT5 tokens", DEFAULT_MAX_SEQUENCE_LENGTH),)
 
 
 @torch.no_grad()
@@ -88,7 +73,6 @@ FAMILY = Family(
     class_names=("WanPipeline",),
     denoiser="transformer",
     process="flow",
-    load_kwargs=load_kwargs,
     encode_text=encode_text,
     image_conditions=image_conditions,
     predict=predict,

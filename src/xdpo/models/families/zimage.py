@@ -19,26 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, Option
+from xdpo.models.families.spec import Family, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default
 
-OPTIONS = (
-    Option(
-        "max_sequence_length",
-        int,
-        0,
-        f"prompt tokens after the chat template (0 = the pipeline's default, {DEFAULT_MAX_SEQUENCE_LENGTH})",
-        check=lambda v: v >= 0,
-        rule="must be >= 0",
-        formerly="model.max_sequence_length",
-        cached=True,
-    ),
-)
-
-
-def load_kwargs(options: Any) -> dict[str, Any]:
-    return {}
+OPTIONS = (sequence_length("prompt tokens after the chat template", DEFAULT_MAX_SEQUENCE_LENGTH),)
 
 
 @torch.no_grad()
@@ -76,7 +61,6 @@ FAMILY = Family(
     class_names=("ZImagePipeline",),
     denoiser="transformer",
     process="flow",
-    load_kwargs=load_kwargs,
     encode_text=encode_text,
     image_conditions=image_conditions,
     predict=predict,
