@@ -24,6 +24,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,17 +172,23 @@ def train_unet_text(lat_mean, lat_std, labels, tokenizer, r: BuildRecipe, g: tor
         zt, target = process.noise(z0, torch.randn(z0.shape, generator=g), t)
         pred = unet(zt, process.model_timestep(t), text(ids[cap])[0]).sample
         loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_s.step()
-        ema.step(params)
-        run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
+        run = descend(loss, opt, params, lr_s, ema, run if step else None)
         if step % 250 == 0 or step == r.unet_steps - 1:
             _log(f"unet step {step}: loss {run:.4f} ({time.time() - t0:.0f} s)", log)
     ema.copy_to(params)
     return unet.eval().requires_grad_(False), text.eval().requires_grad_(False)
+
+
+def descend(loss: torch.Tensor, opt: Any, params: list, lr_s: Any, ema: Any, run: float | None) -> float:
+    """One optimizer step of a base's denoiser (gradients clipped to norm 1, then its EMA); returns the
+    running loss 0.98 run + 0.02 loss (the loss itself at the first step, `run` None)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    lr_s.step()
+    ema.step(params)
+    return loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
 
 
 def build_base(

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xdpo.apps.digits.base import descend
 from xdpo.apps.digits.base import make_text_encoder as make_base_text_encoder
 from xdpo.apps.digits.data import TRAIN_TEMPLATES, caption, load_digit_images
 from xdpo.models.noise import FlowProcess
@@ -184,13 +185,7 @@ def train_flow(lat_mean, lat_std, labels, vae, tokenizers, r: FlowRecipe, g: tor
         xs, target = process.noise(x0, torch.randn(x0.shape, generator=g), k)
         pred = transformer(xs, emb[cap], pooled[cap], process.model_timestep(k)).sample
         loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_s.step()
-        ema.step(params)
-        run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
+        run = descend(loss, opt, params, lr_s, ema, run if step else None)
         if step % 250 == 0 or step == r.steps - 1:
             _log(f"flow step {step}: loss {run:.4f} ({time.time() - t0:.0f} s)", log)
     ema.copy_to(params)
