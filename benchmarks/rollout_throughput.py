@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from xdpo.apps.digits.data import train_prompts
-    from xdpo.evaluate.sample import load_pipeline, sampling_defaults
+    from xdpo.evaluate.pipeline import load_pipeline, sampling_defaults
     from xdpo.rollout.engine import RolloutEngine
     from xdpo.rollout.groups import plan_round
 

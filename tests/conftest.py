@@ -207,13 +207,14 @@ def train_overrides(out: Path, pipe: Path | str, pairs: Path | str, **overrides)
 
 
 def torchrun_cmd(command: str, *args: str) -> list[str]:
-    """`torchrun --nproc_per_node 2 -m xdpo COMMAND ARGS...` (2 CPU processes over gloo)."""
+    """`torchrun --standalone --nproc_per_node 2 -m xdpo COMMAND ARGS...` (2 CPU processes over gloo)."""
     import sys
 
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: two such runs (parallel test workers) never share one
         "--nproc_per_node",
         "2",
         "-m",

@@ -85,7 +85,7 @@ def test_quantised_flux_holds_a_fraction_of_the_memory_and_the_estimate_knows(ti
 
 
 def images_of(pipe_dir, lora=None):
-    from xdpo.evaluate.sample import generate, load_pipeline
+    from xdpo.evaluate.pipeline import generate, load_pipeline
 
     pipe = load_pipeline(pipe_dir, lora=lora, scheduler="ddim", device="cpu", dtype="fp32")
     images = generate(pipe, ["a bright picture"] * 2, steps=2, progress=False)

@@ -28,13 +28,13 @@ class Interrupt:
 
 
 def _pipe(tiny_pipeline_dir):
-    from xdpo.evaluate.sample import load_pipeline
+    from xdpo.evaluate.pipeline import load_pipeline
 
     return load_pipeline(tiny_pipeline_dir, scheduler="ddim", device="cpu", dtype="fp32")
 
 
 def test_generate_resumes_at_the_first_unfinished_batch(tmp_path, tiny_pipeline_dir, monkeypatch):
-    from xdpo.evaluate.sample import generate
+    from xdpo.evaluate.pipeline import generate
 
     pipe = _pipe(tiny_pipeline_dir)
     prompts = [f"the number {i}" for i in range(6)]

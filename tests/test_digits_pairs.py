@@ -57,7 +57,7 @@ def test_flow_pairs_train_the_flow_base(tmp_path):
     """`make-pairs --model digits-flow` samples at digits-flow's own settings; `xdpo train` on the shipped
     digits-flow config reads the file and trains the SD3 transformer."""
     from xdpo.apps.digits import flow_base_model_path, flow_sampling
-    from xdpo.evaluate.sample import sampling_defaults
+    from xdpo.evaluate.pipeline import sampling_defaults
 
     # the digits plugin registers digits-flow's recorded defaults (xdpo_digits.json) for `--model digits-flow`
     assert (

@@ -165,9 +165,9 @@ def test_parse_digit_lives_with_the_captions():
 
 
 def test_plugins_register_scorers_prompt_sets_and_named_models():
+    from xdpo.evaluate.pipeline import MODEL_SAMPLING
     from xdpo.evaluate.plugins import load_plugins
     from xdpo.evaluate.prompts import PROMPT_SETS
-    from xdpo.evaluate.sample import MODEL_SAMPLING
     from xdpo.evaluate.scorers import SCORERS
 
     assert "xdpo.apps.digits.evaluation:register" in load_plugins()  # a shipped app's, by name
@@ -232,11 +232,11 @@ def test_named_models_come_from_plugins(monkeypatch, tmp_path):
 
 def test_one_pipeline_loader():
     from xdpo.apps.digits import sampling
-    from xdpo.evaluate import sample
+    from xdpo.evaluate import pipeline
 
-    assert sampling.initial_latents is sample.initial_latents
+    assert sampling.initial_latents is pipeline.initial_latents
     text = (SRC / "xdpo" / "apps" / "digits" / "sampling.py").read_text()
-    assert "from_pretrained" not in text  # the digits world loads through evaluate.sample.load_pipeline
+    assert "from_pretrained" not in text  # the digits world loads through evaluate.pipeline.load_pipeline
 
 
 @pytest.mark.parametrize("folder", ["src", "tests", "benchmarks"])

@@ -80,7 +80,7 @@ def test_loader_collapses_and_images_match_the_plain_pipeline():
     from diffusers import StableDiffusion3Pipeline
 
     from xdpo.apps.digits.sampling import load_pipeline
-    from xdpo.evaluate.sample import generate, initial_latents
+    from xdpo.evaluate.pipeline import generate, initial_latents
 
     fast = load_pipeline("digits-flow")
     assert getattr(fast.transformer, HOOKED, False)
@@ -101,7 +101,7 @@ def test_a_swapped_denoiser_is_prepared_by_its_family_as_the_loader_does(transfo
 
     from xdpo.apps.digits import base_model_path
     from xdpo.errors import DataError
-    from xdpo.evaluate.sample import load_pipeline
+    from xdpo.evaluate.pipeline import load_pipeline
     from xdpo.models.denoiser import load_denoiser
     from xdpo.models.families import family_of_pipeline
 

@@ -70,7 +70,7 @@ def test_pairs_labels_agree_with_scores_and_seeds_regenerate(tmp_path, plugin_di
     # the recorded seed regenerates the winner
     import torch
 
-    from xdpo.evaluate.sample import load_pipeline
+    from xdpo.evaluate.pipeline import load_pipeline
 
     pipe = load_pipeline("digits", scheduler="ddim", device="cpu")
     r = t[1]

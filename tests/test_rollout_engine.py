@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from xdpo.evaluate.sample import load_pipeline
+from xdpo.evaluate.pipeline import load_pipeline
 from xdpo.rollout.engine import Job, RolloutEngine, set_scheduler
 from xdpo.rollout.groups import calls_per_process, my_groups, plan_round
 

@@ -14,8 +14,9 @@ from PIL import Image
 
 from xdpo.cli import main
 from xdpo.errors import ConfigError, DataError
+from xdpo.evaluate.pipeline import resolve_lora
 from xdpo.evaluate.prompts import parse_seeds, resolve_prompts
-from xdpo.evaluate.sample import read_manifest, resolve_lora, sample_images
+from xdpo.evaluate.sample import read_manifest, sample_images
 from xdpo.evaluate.scorers import SCORERS, FunctionScorer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -195,7 +196,7 @@ def test_sampling_errors(tiny_pipeline_dir, tmp_path, capsys):
 
 def test_named_model_resolves_to_a_pipeline_folder(tiny_pipeline_dir, tmp_path):
     from xdpo.apps.digits import DIGITS_SAMPLING, base_model_path
-    from xdpo.evaluate import sample
+    from xdpo.evaluate import pipeline as sample
 
     assert sample.resolve_model("digits") == base_model_path()  # through models.load.resolve_pretrained
     assert sample.resolve_model(str(tiny_pipeline_dir)) == tiny_pipeline_dir
@@ -214,7 +215,7 @@ def test_named_model_resolves_to_a_pipeline_folder(tiny_pipeline_dir, tmp_path):
 def test_each_family_samples_with_its_own_scheduler_and_another_vae(
     tmp_path, tiny_pipeline_dir, tiny_sdxl_pipeline_dir
 ):
-    from xdpo.evaluate import sample
+    from xdpo.evaluate import pipeline as sample
 
     assert sample.sampling_defaults(tiny_pipeline_dir)["scheduler"] == "ddim"  # SD 1.x: the papers'
     assert sample.sampling_defaults(tiny_sdxl_pipeline_dir)["scheduler"] == "default"  # SDXL: its Euler
@@ -230,7 +231,7 @@ def test_each_family_samples_with_its_own_scheduler_and_another_vae(
 def test_missing_paths_say_so_before_anything_loads(tmp_path, tiny_pipeline_dir, monkeypatch):
     import diffusers
 
-    from xdpo.evaluate.sample import load_pipeline
+    from xdpo.evaluate.pipeline import load_pipeline
 
     def never(*a, **k):
         raise AssertionError("loaded a pipeline before checking the paths")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xdpo.evaluate.pipeline import MODEL_SAMPLING, PAPER_SAMPLING, SCHEDULERS
 from xdpo.evaluate.plugins import load_plugins
 from xdpo.evaluate.prompts import PROMPT_SETS
-from xdpo.evaluate.sample import LAYOUTS, MODEL_SAMPLING, PAPER_SAMPLING, SCHEDULERS
+from xdpo.evaluate.sample import LAYOUTS
 from xdpo.evaluate.scorers import SCORER_ALIASES, SCORERS
 
 WEIGHTS_HELP = (
@@ -206,8 +207,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from xdpo.evaluate.pipeline import sampling_defaults
     from xdpo.evaluate.prompts import default_seeds, limit_records, resolve_prompt_records
-    from xdpo.evaluate.sample import sample_images, sampling_defaults
+    from xdpo.evaluate.sample import sample_images
 
     prompts = limit_records(resolve_prompt_records(args.prompts), args.limit)
     defaults = sampling_defaults(args.model)  # the SD papers', or a named model's own (digits)

@@ -42,7 +42,7 @@ def require(module: str, extra: str, what: str, hint: str = "") -> ModuleType:
 
 
 def resolve_device(device: str | None) -> str:
-    from xdpo.evaluate.sample import resolve_device as resolve
+    from xdpo.evaluate.pipeline import resolve_device as resolve
 
     return resolve(device)
 

@@ -48,8 +48,8 @@ def make_pairs(
     """Sample, score and pair (module docstring); resumable; return the run's summary (also OUT.json)."""
     from tqdm.auto import tqdm
 
+    from xdpo.evaluate.pipeline import load_pipeline, sampling_defaults
     from xdpo.evaluate.prompts import limit_records, resolve_prompt_records
-    from xdpo.evaluate.sample import load_pipeline, sampling_defaults
 
     if per_prompt < 2:
         raise ConfigError(f"--per-prompt: at least 2 images per prompt make a pair, got {per_prompt}")

@@ -151,7 +151,7 @@ def set_scheduler(pipe: Any, name: str) -> None:
     import diffusers
 
     from xdpo.errors import ConfigError
-    from xdpo.evaluate.sample import SCHEDULERS
+    from xdpo.evaluate.pipeline import SCHEDULERS
 
     if name not in SCHEDULERS:
         raise ConfigError(f"online.scheduler: {name!r} is not one of {', '.join(SCHEDULERS)}")

@@ -114,7 +114,7 @@ class Rounds:
         return nullcontext(model)
 
     def settings(self) -> dict[str, Any]:
-        from xdpo.evaluate.sample import sampling_defaults
+        from xdpo.evaluate.pipeline import sampling_defaults
 
         o = self.cfg.online
         d = sampling_defaults(self.cfg.model.pretrained)

@@ -59,8 +59,8 @@ class ImageValidation:
 
     def __init__(self, cfg: Any, comps: Any, accelerator: Any, out: Path, start_step: int,
                  scorers: dict[str, Any] | None = None) -> None:  # fmt: skip
+        from xdpo.evaluate.pipeline import sampling_defaults
         from xdpo.evaluate.prompts import parse_seeds, resolve_prompt_records
-        from xdpo.evaluate.sample import sampling_defaults
         from xdpo.rollout.rewards import load_reward
 
         v = cfg.validation
@@ -89,7 +89,7 @@ class ImageValidation:
         """The family's pipeline on the run's components, `policy` as its denoiser, the sampling scheduler."""
         import diffusers
 
-        from xdpo.evaluate.sample import SCHEDULERS
+        from xdpo.evaluate.pipeline import SCHEDULERS
 
         comps, fam = self.comps, self.comps.family
         if self._pipe is not None and getattr(self._pipe, fam.denoiser) is policy:

@@ -135,7 +135,7 @@ def stage(name: str, settings: DemoSettings):
 
 def make_pairs_once(s: DemoSettings) -> Path:
     from xdpo.apps.digits.pairs import make_pairs, sidecar_path
-    from xdpo.evaluate.sample import resolve_model
+    from xdpo.evaluate.pipeline import resolve_model
 
     path = s.out / "pairs.parquet"
     side = sidecar_path(path)
@@ -312,7 +312,8 @@ def sample_and_score(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict
     """`xdpo sample` the base and every final model at the same seeds and the base's sampling defaults
     (`sampling_defaults`: the digits plugin registers `digits` and `digits-flow`); score with the digits scorers."""
     from xdpo.evaluate.evaluate import score_folder
-    from xdpo.evaluate.sample import resolve_model, sample_images, sampling_defaults
+    from xdpo.evaluate.pipeline import resolve_model, sampling_defaults
+    from xdpo.evaluate.sample import sample_images
     from xdpo.evaluate.scorers import load_scorers
 
     prompts, seeds = eval_prompts_and_seeds(s.eval_seeds)

@@ -56,8 +56,8 @@ def register() -> None:
     """Register the digits scorers, the `digits` prompt set and `--model digits` / `digits-flow` sampling
     defaults (digits-flow's only where its folder is installed)."""
     from xdpo.apps.digits import DIGITS_SAMPLING, FLOW_BASE_DIR_NAME, flow_sampling
+    from xdpo.evaluate.pipeline import register_sampling_defaults
     from xdpo.evaluate.prompts import register_prompt_set
-    from xdpo.evaluate.sample import register_sampling_defaults
     from xdpo.evaluate.scorers import register_scorer
 
     register_scorer("digits-reward")(digits_reward)

@@ -32,7 +32,7 @@ the 49,408-token embedding): built in 46 min wall on a 2-core machine shared wit
 ~0.33 s/step on a free core, ~23 min). Prompted-digit accuracy (labeller classifier, canonical prompts,
 200 samples, seed 1234) at the defaults, 25 Euler steps and guidance 3.0: 1.000 (guidance 2.0 / 4.0: 1.000,
 5.0: 0.985); held-out phrasings 0.99. Load it with ``text_encoder_3=None, tokenizer_3=None``
-(xdpo's loader `xdpo.evaluate.sample.load_pipeline` does; `load_flow_pipeline` calls it).
+(xdpo's loader `xdpo.evaluate.pipeline.load_pipeline` does; `load_flow_pipeline` calls it).
 """
 
 from __future__ import annotations
@@ -267,10 +267,10 @@ def default_sampling(r: FlowRecipe | None = None) -> dict:
 
 
 def load_flow_pipeline(path: str | Path) -> Any:
-    """A digits-flow folder through xdpo's one loader (`xdpo.evaluate.sample.load_pipeline`): its own
+    """A digits-flow folder through xdpo's one loader (`xdpo.evaluate.pipeline.load_pipeline`): its own
     scheduler, CPU, float32, no progress bars. diffusers (0.42) loads the folder's null text_encoder_3 /
     tokenizer_3 only when they are passed as None too (`xdpo.models.load.null_components` does that)."""
-    from xdpo.evaluate.sample import load_pipeline
+    from xdpo.evaluate.pipeline import load_pipeline
 
     return load_pipeline(path, scheduler="default", device="cpu", dtype="fp32")
 
@@ -289,7 +289,7 @@ def measure_flow_accuracy(
     i-th draw of ``torch.Generator().manual_seed(seed)`` (independent of batching).
     """
     from xdpo.apps.digits.labeller import alignment
-    from xdpo.evaluate.sample import generate
+    from xdpo.evaluate.pipeline import generate
 
     path = Path(path)
     rec = json.loads((path / "xdpo_digits.json").read_text()).get("sampling", default_sampling())

@@ -50,7 +50,7 @@ def make_pairs(
     the pairs are written)."""
     from xdpo.apps.digits.sampling import generate, load_pipeline
     from xdpo.data import write_pairs_parquet
-    from xdpo.evaluate.sample import resolve_model
+    from xdpo.evaluate.pipeline import resolve_model
 
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")

@@ -14,7 +14,7 @@ from xdpo.apps.study.runner import _init_worker, run_jobs
 
 def _pairs(world: str, s: StudySettings) -> str:
     from xdpo.apps.digits.pairs import make_pairs, sidecar_path
-    from xdpo.evaluate.sample import resolve_model
+    from xdpo.evaluate.pipeline import resolve_model
 
     path = s.out / "pairs" / f"{world}.parquet"
     side = sidecar_path(path)
