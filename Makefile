@@ -32,8 +32,10 @@ $(STAMP): $(BASE)
 demo: $(BASE)
 	$(BIN)/xdpo demo $(ARGS)
 
+# JOBS test workers (pytest-xdist); each test runs one torch thread, so one worker per core
+JOBS ?= 2
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
