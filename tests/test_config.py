@@ -365,12 +365,18 @@ def test_the_key_page_writer_replaces_only_the_table(tmp_path):
     from xdpo.config.key_page import KEY_TABLE_END, KEY_TABLE_START, key_table_of
 
     page = tmp_path / "config.md"
-    page.write_text(f"# Keys\n\nprose\n\n{KEY_TABLE_START}\n| `stale.key` | int | 1 | gone |\n{KEY_TABLE_END}\n\nafter\n")
-    proc = subprocess.run([sys.executable, "-m", "xdpo.config.key_page", str(page)], capture_output=True, text=True)
+    page.write_text(
+        f"# Keys\n\nprose\n\n{KEY_TABLE_START}\n| `stale.key` | int | 1 | gone |\n{KEY_TABLE_END}\n\nafter\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "xdpo.config.key_page", str(page)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     text = page.read_text()
     assert key_table_of(text) == markdown_table() and "stale.key" not in text
     assert text.startswith("# Keys\n\nprose\n\n") and text.endswith(f"{KEY_TABLE_END}\n\nafter\n")
     (tmp_path / "bare.md").write_text("no markers\n")
-    bad = subprocess.run([sys.executable, "-m", "xdpo.config.key_page", str(tmp_path / "bare.md")], capture_output=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "xdpo.config.key_page", str(tmp_path / "bare.md")], capture_output=True
+    )
     assert bad.returncode != 0 and (tmp_path / "bare.md").read_text() == "no markers\n"

@@ -50,7 +50,10 @@ def anchors(page: Path) -> set[str]:
 
 def test_the_slug_is_githubs():
     assert slug("Encode once: the latent cache (`xdpo cache`)") == "encode-once-the-latent-cache-xdpo-cache"
-    assert slug("What the demo measured (one full run, 2 CPU cores)") == "what-the-demo-measured-one-full-run-2-cpu-cores"
+    assert (
+        slug("What the demo measured (one full run, 2 CPU cores)")
+        == "what-the-demo-measured-one-full-run-2-cpu-cores"
+    )
     assert slug("MaPO: reference-free") == "mapo-reference-free"
 
 
@@ -70,7 +73,9 @@ def test_the_readme_commands_are_the_ones_make_and_ci_run():
     assert "xdpo demo" in makefile_rule(makefile, "demo")
     assert "pytest" in makefile_rule(makefile, "test")
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert [line for line in ci if line.startswith("make ")] == [commands[1]], ".ci/run must run the README's test"
+    assert [line for line in ci if line.startswith("make ")] == [commands[1]], (
+        ".ci/run must run the README's test"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -119,6 +124,11 @@ def test_every_objective_divergence_and_outer_loss_is_named_in_the_readme():
 
 def test_nothing_cites_a_readme_section():
     """The README's sections moved into docs/: a citation such as README "Data" must name the page instead."""
-    files = [ROOT / "Makefile", *ROOT.joinpath("src").rglob("*.py"), *ROOT.joinpath("src").rglob("*.yaml"), *PAGES]
+    files = [
+        ROOT / "Makefile",
+        *ROOT.joinpath("src").rglob("*.py"),
+        *ROOT.joinpath("src").rglob("*.yaml"),
+        *PAGES,
+    ]
     stale = [str(f.relative_to(ROOT)) for f in files if re.search(r"README \(?\"", f.read_text())]
     assert not stale, f"citations of README sections: {stale}"

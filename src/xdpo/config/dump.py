@@ -59,4 +59,3 @@ def markdown_table() -> str:
             f"| `{key}` | {_cell(type_name(tp))} | {_cell(_default(f))} | {_cell(f.metadata['help'])} |"
         )
     return "\n".join(rows)
-

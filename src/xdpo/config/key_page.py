@@ -18,7 +18,9 @@ def with_key_table(page: str) -> str:
     `markdown_table()`; a page without both markers is refused (`ValueError`)."""
     start, end = page.find(KEY_TABLE_START), page.find(KEY_TABLE_END)
     if start < 0 or end < start:
-        raise ValueError(f"expected the markers {KEY_TABLE_START!r} and {KEY_TABLE_END!r} around the key table")
+        raise ValueError(
+            f"expected the markers {KEY_TABLE_START!r} and {KEY_TABLE_END!r} around the key table"
+        )
     head = page[: start + len(KEY_TABLE_START)]
     return f"{head}\n{markdown_table()}\n{page[end:]}"
 
