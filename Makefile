@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   - set up .venv with what the demo needs and run the digits demo (the embedded default world)
 #   make test   - set up .venv with the dev extras too and run the test suite
-# Set-up happens once (and again when pyproject.toml changes). GPU users: see README ("On GPUs").
+# Set-up happens once (and again when pyproject.toml changes). GPU users: see docs/gpus.md.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

@@ -151,10 +151,10 @@ def test_help_lists_every_key_with_its_default(capsys):
     assert "default 5000.0" in text  # loss.beta
 
 
-def test_readme_documents_every_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in all_keys() if f"| `{k}` |" not in readme]  # a row of the table
-    assert not missing, f"README config table lacks {missing}"
+def test_the_config_page_documents_every_key():
+    page = (ROOT / "docs" / "config.md").read_text()
+    missing = [k for k in all_keys() if f"| `{k}` |" not in page]  # a row of the table
+    assert not missing, f"docs/config.md's key table lacks {missing}"
 
 
 def _run(tmp_path, capsys, *args):
@@ -201,7 +201,7 @@ def test_undecodable_image_names_row_and_column(tmp_path, capsys, tiny_pipeline_
     assert rc == 2 and "row 0" in err and "jpg_" in err and "cannot decode" in err
 
 
-# ---- the config package: registries, declared sections, old names, YAML booleans, the README table ----
+# ---- the config package: registries, declared sections, old names, YAML booleans, the key table ----
 
 
 def test_importing_the_config_imports_no_torch():
@@ -347,13 +347,36 @@ def test_yaml_booleans_keep_their_text_for_string_keys(tmp_path):
         load_config(None, [*BASE, "train.mixed_precision=yes"])
 
 
-def test_the_readme_table_is_the_schema():
+def test_the_config_page_table_is_the_schema():
     from xdpo.config import markdown_table
+    from xdpo.config.key_page import key_table_of
 
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("| key | type | default | meaning |")
-    table = readme[start : readme.index("\n\n", start)]
-    assert table == markdown_table(), (
-        "README's key table differs from the schema; regenerate it with "
-        "`python -c 'from xdpo.config import markdown_table; print(markdown_table())'`"
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert key_table_of(page) == markdown_table(), (
+        "docs/config.md's key table differs from the schema; rewrite it with "
+        "`python -m xdpo.config.key_page docs/config.md`"
     )
+
+
+def test_the_key_page_writer_replaces_only_the_table(tmp_path):
+    """`python -m xdpo.config.key_page PAGE` puts the schema's table between the markers and keeps the rest;
+    a page without the markers is refused."""
+    from xdpo.config import markdown_table
+    from xdpo.config.key_page import KEY_TABLE_END, KEY_TABLE_START, key_table_of
+
+    page = tmp_path / "config.md"
+    page.write_text(
+        f"# Keys\n\nprose\n\n{KEY_TABLE_START}\n| `stale.key` | int | 1 | gone |\n{KEY_TABLE_END}\n\nafter\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "xdpo.config.key_page", str(page)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = page.read_text()
+    assert key_table_of(text) == markdown_table() and "stale.key" not in text
+    assert text.startswith("# Keys\n\nprose\n\n") and text.endswith(f"{KEY_TABLE_END}\n\nafter\n")
+    (tmp_path / "bare.md").write_text("no markers\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "xdpo.config.key_page", str(tmp_path / "bare.md")], capture_output=True
+    )
+    assert bad.returncode != 0 and (tmp_path / "bare.md").read_text() == "no markers\n"

@@ -8,7 +8,7 @@ them all). Unknown keys, wrong types and impossible values raise `ConfigError` n
 - `sections.py`: which sections components declare (`family`, one per objective with options);
 - `parse.py`: keys, coercion, YAML and overrides, old names;
 - `rules.py`: validation (each key's range, then the rules owned by the components);
-- `load.py`: `load_config`; `dump.py`: config.yaml, `--help` and the README's table.
+- `load.py`: `load_config`; `dump.py`: config.yaml, `--help` and the table of docs/config.md.
 Importing this package imports no component (and no torch): registries are read on first use.
 """
 

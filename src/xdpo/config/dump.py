@@ -1,5 +1,6 @@
 """The config written out: as a dict and YAML (a run's config.yaml, read back by `load_config`), and the
-key list (`xdpo train --help`, the README's table of keys: `markdown_table`)."""
+key list (`xdpo train --help`, and the table of keys in docs/config.md: `markdown_table`, which
+`xdpo.config.key_page` writes there)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of configuration keys (key, type, default, meaning), one row per key."""
+    """docs/config.md's table of configuration keys (key, type, default, meaning), one row per key."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, f, tp in iter_fields():
         rows.append(

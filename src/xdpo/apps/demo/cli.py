@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a small smoke run: fewer pairs, steps and samples (its time on 2 CPU cores: the README's "
+        help="a small smoke run: fewer pairs, steps and samples (its time on 2 CPU cores: docs/results.md, "
         '"What the demo measured")',
     )
     p.add_argument(
