@@ -50,5 +50,46 @@ def test_a_tiny_online_rl_demo_writes_its_report(tmp_path):
         assert [p["images"] for p in arm["points"]] == (
             [0, 16, 16] if arm["slug"] == "offline" else [0, 8, 16]
         )
-        assert arm["points"][-1]["seconds"] > 0 and np.isfinite(arm["reward"]["mean"])
-    assert "smoke-scale" in report.read_text() and (s.out / "curves.png").is_file()
+        assert arm["points"][-1]["seconds"] > 0 and np.isfinite(arm["reward"][0])
+        assert arm["per_seed"]["reward"][0] == pytest.approx(arm["reward"][0])  # one seed: its own mean
+    text = report.read_text()
+    assert "**one training seed**" in text and (s.out / "curves.png").is_file()
+    assert "No intervals" not in text  # one seed: the images' bootstrap interval
+
+
+def test_three_seeds_by_default_and_one_when_quick(tmp_path, capsys):
+    assert OnlineRLSettings.make_rl(tmp_path).train_seeds == (0, 1, 2)
+    assert OnlineRLSettings.make_rl(tmp_path, quick=True).train_seeds == (0,)
+    assert OnlineRLSettings.make_rl(tmp_path, seeds=5).train_seeds == (0, 1, 2, 3, 4)
+    assert main(["demo", "--online-rl", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "--seeds: expected a number of training seeds >= 1, got 0" in capsys.readouterr().err
+    assert main(["demo", "--seeds", "2", "--out", str(tmp_path)]) == 2
+    assert "--seeds applies to --online-rl only" in capsys.readouterr().err
+
+
+def _arm(name: str, rewards: list[float]) -> dict:
+    from xdpo.evaluate.stats import t_interval
+
+    return {"name": name, "reward": t_interval(rewards)}
+
+
+def test_verdicts_follow_the_intervals():
+    from scipy.stats import t
+
+    from xdpo.apps.demo.online_rl_report import verdicts
+
+    # seeds 2.0, 2.1, 2.2: mean 2.1, half-width t_{0.975,2} * 0.1 / sqrt 3 = 0.2484
+    a = _arm("A", [2.0, 2.1, 2.2])
+    assert a["reward"][1] == pytest.approx(2.1 - t.ppf(0.975, 2) * 0.1 / 3**0.5)
+    far, near = _arm("B", [1.0, 1.1, 1.2]), _arm("C", [1.85, 1.95, 2.05])
+    lead = verdicts([far, a], base_mean=0.5)
+    assert lead[0].startswith("- A ends highest (2.100") and "clears every other arm's" in lead[0]
+    assert lead[1] == "- Above the base (0.500) at the lower end of the interval: B, A."
+    tied = verdicts([a, near, far], base_mean=1.5)
+    assert (
+        tied[0]
+        == "- Highest mean final hidden reward: A (2.100), not separated from C (their intervals overlap its)."
+    )
+    assert tied[1].endswith("A, C; not shown above it: B.")
+    single = verdicts([{"name": "A", "reward": (2.0, float("nan"), float("nan"))}], base_mean=0.0)
+    assert single == ["- No intervals (one seed, one image): no arm is separated from another."]

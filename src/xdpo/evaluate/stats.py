@@ -1,10 +1,12 @@
-"""Summary statistics: mean, median, percentile-bootstrap intervals, same-seed win rates.
+"""Summary statistics: mean, median, percentile-bootstrap intervals, Student-t intervals over seeds, same-seed
+win rates.
 
 Everything is seeded numpy; bootstrap resamples are drawn in vectorised chunks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
@@ -110,3 +112,16 @@ def win_rate(
     if ci:
         result["ci95"] = list(bootstrap_ci(outcome, n_resamples=n_resamples, seed=seed))
     return result
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval over seeds (mean +- t_{n-1} sd / sqrt n); a single value has
+    no interval (nan)."""
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=float)
+    m = float(x.mean())
+    if x.size < 2:
+        return m, math.nan, math.nan
+    half = float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return m, m - half, m + half

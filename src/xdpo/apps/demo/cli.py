@@ -52,8 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--online-rl",
         action="store_true",
         help="offline Diffusion-DPO, online DPO, DiffusionNFT, AWM and DGPO at equal images sampled, trained on a "
-        "noisy labeller, evaluated on the hidden reward (a smoke-scale run; default out: outputs/digits-online-rl, "
+        "noisy labeller, evaluated on the hidden reward (default out: outputs/digits-online-rl, "
         "--family flow: outputs/digits-flow-online-rl)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="--online-rl: training seeds per arm (default 3, --quick 1); intervals are over these seeds",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.set_defaults(func=run)
@@ -73,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
 
         if args.ablation or args.online:
             raise ConfigError("--online-rl is its own demo: not with --online or --ablation")
-        run_online_rl(args.out or RL_OUT[args.family], quick=args.quick, family=args.family)
+        out = args.out or RL_OUT[args.family]
+        run_online_rl(out, quick=args.quick, family=args.family, seeds=args.seeds)
         return 0
+    if args.seeds is not None:
+        from xdpo.errors import ConfigError
+
+        raise ConfigError("--seeds applies to --online-rl only")
     if getattr(args, "online", False):
         from xdpo.apps.demo.online import DEFAULT_OUT as ONLINE_OUT
         from xdpo.apps.demo.online import run_online

@@ -15,8 +15,9 @@ flips). Arms:
 Each arm samples R x P x K images. Evaluation (run.py's stages): the hidden reward of the checkpoints at every
 round boundary (reward vs images sampled and vs compute seconds: the training steps' and the rounds'
 sampling wall time on one thread) and of the final models, with prompt alignment (the legibility
-classifier's reading of the prompted digit), at held-out prompts and seeds. A smoke-scale measurement: one
-training seed, few rounds, hyperparameters not tuned per method.
+classifier's reading of the prompted digit), at held-out prompts and seeds. Three training seeds per arm
+(`--seeds`; `--quick`: one): the intervals of the final reward and of the win rate are Student-t intervals
+over the seeds. Few rounds, hyperparameters not tuned per method.
 """
 
 from __future__ import annotations
@@ -89,13 +90,22 @@ class OnlineRLSettings(DemoSettings):
 
     @classmethod
     def make_rl(
-        cls, out: str | Path, *, quick: bool = False, family: str = "flow", **kw: Any
+        cls,
+        out: str | Path,
+        *,
+        quick: bool = False,
+        family: str = "flow",
+        seeds: int | None = None,
+        **kw: Any,
     ) -> OnlineRLSettings:
-        """Full: 4 rounds of 20 prompts x 4 images, 10 steps a round (40 steps, 320 images an arm). Quick: 2 rounds
-        of 8 prompts, 4 steps a round."""
+        """Full: 4 rounds of 20 prompts x 4 images, 10 steps a round (40 steps, 320 images an arm), 3 training
+        seeds. Quick: 2 rounds of 8 prompts, 4 steps a round, 1 seed. `seeds`: the number of training seeds."""
         if family not in CONFIG:
             raise ConfigError(f"--family: {family!r} is not one of {', '.join(CONFIG)}")
-        base: dict[str, Any] = dict(train_seeds=(0,), eval_seeds=4, curve_seeds=2)
+        n = seeds if seeds is not None else (1 if quick else 3)
+        if n < 1:
+            raise ConfigError(f"--seeds: expected a number of training seeds >= 1, got {n}")
+        base: dict[str, Any] = dict(train_seeds=tuple(range(n)), eval_seeds=4, curve_seeds=2)
         if quick:
             base |= dict(quick=True, rounds=2, prompts_per_round=8, every=4, eval_seeds=1, curve_seeds=1)
         s = cls(Path(out), family=family, **{**base, **kw})
@@ -113,36 +123,51 @@ def write_pool(s: OnlineRLSettings) -> Path:
     return s.prompts_file
 
 
+def seed_costs(s: OnlineRLSettings, out: Path) -> dict[str, Any]:
+    """One run's cost up to each checkpoint (images sampled; compute seconds = its steps' time + the wall time of
+    the rounds trained on before it) and its rounds' monitors."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rounds = [json.loads(f.read_text()) for f in sorted((out / "online").glob("round-*/round.json"))]
+    points = []
+    for st in range(0, s.max_steps + 1, s.every):
+        made = [r for r in rounds if r["step"] < st]  # the rounds trained on before this checkpoint
+        seconds = sum(r["step_time"] for r in rows if r["step"] <= st) + sum(max(r["seconds"]) for r in made)
+        points.append({"step": st, "images": sum(r["images"] for r in made), "seconds": round(seconds, 2)})
+    return {"points": points, "rounds": [
+        {k: r[k] for k in ("round", "step", "images", "score_mean", "images_per_second")} | r["monitors"]
+        for r in rounds]}  # fmt: skip
+
+
 def arm_costs(s: OnlineRLSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
-    """Per arm: images sampled and compute seconds (steps' + rounds' sampling wall time) up to each checkpoint."""
+    """Per arm: each seed's costs (`seed_costs`) and their mean points (the images are the same for every seed;
+    the seconds are averaged)."""
     costs: dict[str, Any] = {}
     for m in s.methods:
-        out = runs[(m.slug, s.train_seeds[0])]
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rounds = [json.loads(f.read_text()) for f in sorted((out / "online").glob("round-*/round.json"))]
-        points = []
-        for st in range(0, s.max_steps + 1, s.every):
-            made = [r for r in rounds if r["step"] < st]  # the rounds trained on before this checkpoint
-            seconds = sum(r["step_time"] for r in rows if r["step"] <= st) + sum(
-                max(r["seconds"]) for r in made
-            )
-            points.append(
-                {"step": st, "images": sum(r["images"] for r in made), "seconds": round(seconds, 2)}
-            )
-        costs[m.slug] = {"name": m.name, "points": points, "rounds": [
-            {k: r[k] for k in ("round", "step", "images", "score_mean", "images_per_second")} | r["monitors"]
-            for r in rounds]}  # fmt: skip
+        per_seed = {seed: seed_costs(s, runs[(m.slug, seed)]) for seed in s.train_seeds}
+        first = per_seed[s.train_seeds[0]]["points"]
+        points = [
+            {"step": p["step"], "images": p["images"],
+             "seconds": round(float(np.mean([c["points"][i]["seconds"] for c in per_seed.values()])), 2)}
+            for i, p in enumerate(first)
+        ]  # fmt: skip
+        costs[m.slug] = {"name": m.name, "points": points, "seeds": per_seed}
     return costs
 
 
 def run_online_rl(
-    out: str | Path, *, quick: bool = False, family: str = "flow", settings: OnlineRLSettings | None = None
+    out: str | Path,
+    *,
+    quick: bool = False,
+    family: str = "flow",
+    seeds: int | None = None,
+    settings: OnlineRLSettings | None = None,
 ) -> Path:
     """Run (or continue) the comparison into `out`; return the report path."""
-    s = settings or OnlineRLSettings.make_rl(out, quick=quick, family=family)
+    s = settings or OnlineRLSettings.make_rl(out, quick=quick, family=family, seeds=seeds)
     s.out.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.time(), os.getloadavg()[0]
-    with stage("1/4 training: offline DPO, online DPO, DiffusionNFT, AWM, DGPO (rounds sampled in each)", s):
+    arms = ", ".join(m.name for m in s.methods)
+    with stage(f"1/4 training: {arms}, {len(s.train_seeds)} seed(s) each (rounds sampled in each)", s):
         write_pool(s)
         runs = train_all(s, s.prompts_file)
         costs = arm_costs(s, runs)

@@ -1,30 +1,43 @@
 """The `xdpo demo --online-rl` report: report.md, results.json and curves.png (reward vs images sampled and vs
-compute seconds), from the arms' costs, checkpoint curves and final samples (online_rl.py)."""
+compute seconds), from the arms' costs, checkpoint curves and final samples (online_rl.py).
+
+With several training seeds, an arm's final reward and win rate are means over its seeds with Student-t 95%
+intervals over the seeds (`t_interval`); with one seed, the reward's interval is the percentile bootstrap over
+its evaluation images (`summarize`), which says nothing about the spread over training runs, and the report
+says so. Verdicts are computed from the intervals: an arm leads only where its interval clears the others'.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from xdpo.apps.demo import report as rep
 from xdpo.apps.demo.report import ALIGN, REWARD, drift_and_diversity
-from xdpo.evaluate.stats import summarize, win_rate
+from xdpo.evaluate.stats import summarize, t_interval, win_rate
 
 
-def _plot(path: Path, s: Any, costs: dict, curves: dict) -> None:
+def _plot(path: Path, s: Any, rows: list[dict], base_reward: float) -> None:
     plt = rep._plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    seed = s.train_seeds[0]
-    for m in s.methods:
-        rewards = [r for _, r, _ in curves["runs"][f"{m.slug}-s{seed}"]]
-        pts = costs[m.slug]["points"]
+    for r in rows:
+        curves = np.array([[rw for _, rw, _ in c] for c in r["curves"]])  # seeds x checkpoints
+        mean = curves.mean(axis=0)
         for ax, key in zip(axes, ("images", "seconds"), strict=True):
-            ax.plot([p[key] for p in pts], rewards, marker="o", label=m.name)
+            x = [p[key] for p in r["points"]]
+            (line,) = ax.plot(x, mean, marker="o", label=r["name"])
+            if len(curves) > 1:
+                ax.fill_between(x, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
     for ax, label in zip(
-        axes, ("images sampled", "compute seconds (steps + sampling, one thread)"), strict=True
+        axes,
+        ("images sampled", "compute seconds (steps + sampling, one thread; mean over seeds)"),
+        strict=True,
     ):
-        ax.axhline(curves["base"]["reward"], color="grey", ls="--", lw=1)
+        ax.axhline(base_reward, color="grey", ls="--", lw=1)
         ax.set(xlabel=label, ylabel="mean hidden reward (held-out prompts, fixed seeds)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -32,56 +45,130 @@ def _plot(path: Path, s: Any, costs: dict, curves: dict) -> None:
     plt.close(fig)
 
 
-def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) -> Path:
-    out, base, seed = s.out, tables["base"], s.train_seeds[0]
+def _interval(values: list[float], fallback: dict | None = None) -> tuple[float, float, float]:
+    """(mean, low, high) over seeds; with one seed, `fallback`'s bootstrap interval over images (if given)."""
+    m, lo, hi = t_interval(values)
+    if math.isnan(lo) and fallback is not None:
+        lo, hi = fallback["ci95"]
+    return m, lo, hi
+
+
+def arm_rows(s: Any, costs: dict, curves: dict, tables: dict) -> tuple[list[dict], dict, float]:
+    """Per arm: each seed's final mean reward, win rate vs the base, alignment, drift and diversity; their
+    intervals; the mean points and each seed's curve. Also the base's summary and diversity."""
+    out, base = s.out, tables["base"]
     base_px = rep._pixels(out / "samples" / "base", base)
     _, base_div = drift_and_diversity(out / "samples" / "base", base, base_px)
     rows = []
     for m in s.methods:
-        df = tables[f"{m.slug}-s{seed}"]
-        drift, div = drift_and_diversity(out / "samples" / f"{m.slug}-s{seed}", df, base_px)
-        won = win_rate(rep._keyed(df, REWARD), rep._keyed(base, REWARD))
-        rows.append({"slug": m.slug, "name": m.name, "reward": summarize(df[REWARD]), "alignment": float(df[ALIGN].mean()),
-                     "win_base": won, "drift": drift, "diversity": div, "points": costs[m.slug]["points"],
-                     "curve": curves["runs"][f"{m.slug}-s{seed}"], "rounds": costs[m.slug]["rounds"]})  # fmt: skip
-    _plot(out / "curves.png", s, costs, curves)
-    b = summarize(base[REWARD])
+        per: dict[str, list[float]] = {k: [] for k in ("reward", "win", "align", "drift", "div")}
+        pooled = []
+        for seed in s.train_seeds:
+            df = tables[f"{m.slug}-s{seed}"]
+            drift, div = drift_and_diversity(out / "samples" / f"{m.slug}-s{seed}", df, base_px)
+            won = win_rate(rep._keyed(df, REWARD), rep._keyed(base, REWARD), ci=False)
+            for k, v in zip(
+                per, (df[REWARD].mean(), won["win_rate"], df[ALIGN].mean(), drift, div), strict=True
+            ):
+                per[k].append(float(v))
+            pooled.extend(df[REWARD])
+        one_seed = summarize(pooled) if len(s.train_seeds) == 1 else None
+        rows.append({
+            "slug": m.slug, "name": m.name, "seeds": list(s.train_seeds), "per_seed": per,
+            "reward": _interval(per["reward"], one_seed), "win_base": t_interval(per["win"]),
+            "alignment": float(np.mean(per["align"])), "drift": float(np.mean(per["drift"])),
+            "diversity": float(np.mean(per["div"])), "points": costs[m.slug]["points"],
+            "curves": [curves["runs"][f"{m.slug}-s{seed}"] for seed in s.train_seeds],
+            "rounds": costs[m.slug]["seeds"][s.train_seeds[0]]["rounds"],
+        })  # fmt: skip
+    return rows, summarize(base[REWARD]), base_div
+
+
+def verdicts(rows: list[dict], base_mean: float) -> list[str]:
+    """Sentences that hold for these intervals: which arm leads (only if its interval clears every other arm's),
+    which arms' intervals overlap the leader's, and which arms beat the base (interval above its mean)."""
+    ranked = sorted(rows, key=lambda r: r["reward"][0], reverse=True)
+    lead, rest = ranked[0], ranked[1:]
+    lines = []
+    if any(math.isnan(r["reward"][1]) for r in rows):
+        lines.append("- No intervals (one seed, one image): no arm is separated from another.")
+        return lines
+    tied = [r["name"] for r in rest if r["reward"][2] >= lead["reward"][1]]
+    if tied:
+        lines.append(
+            f"- Highest mean final hidden reward: {lead['name']} ({lead['reward'][0]:.3f}), not separated from "
+            f"{', '.join(tied)} (their intervals overlap its)."
+        )
+    else:
+        lines.append(
+            f"- {lead['name']} ends highest ({lead['reward'][0]:.3f} [{lead['reward'][1]:.3f}, "
+            f"{lead['reward'][2]:.3f}]); its interval clears every other arm's."
+        )
+    above = [r["name"] for r in rows if r["reward"][1] > base_mean]
+    below = [r["name"] for r in rows if r["reward"][1] <= base_mean]
+    lines.append(
+        f"- Above the base ({base_mean:.3f}) at the lower end of the interval: {', '.join(above) or 'none'}"
+        + (f"; not shown above it: {', '.join(below)}." if below else ".")
+    )
+    return lines
+
+
+def _row(r: dict, per_seed_interval: bool) -> str:
+    m, lo, hi = r["reward"]
+    w = r["win_base"]
+    win = f"{w[0]:.2f} [{w[1]:.2f}, {w[2]:.2f}]" if per_seed_interval else f"{w[0]:.2f}"
+    seeds = ", ".join(f"{v:.3f}" for v in r["per_seed"]["reward"])
+    return (
+        f"| {r['name']} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {seeds} | {win} | {r['alignment']:.2f} | "
+        f"{r['drift']:.3f} | {r['diversity']:.3f} | {r['points'][-1]['seconds']:.0f} |"
+    )
+
+
+def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) -> Path:
+    out, n_seeds = s.out, len(s.train_seeds)
+    rows, b, base_div = arm_rows(s, costs, curves, tables)
+    _plot(out / "curves.png", s, rows, curves["base"]["reward"])
+    many = n_seeds > 1
+    scope = (
+        f"{n_seeds} training seeds per arm ({', '.join(map(str, s.train_seeds))}); the intervals are Student-t 95% "
+        "intervals over the seeds (the final reward and the win rate: one value per seed)"
+        if many
+        else "**one training seed**: the reward's interval resamples evaluation images, not training runs, so it "
+        "says nothing about the spread over seeds"
+    )
     lines = [
         f"# xdpo digits demo: online alignment on rollouts ({s.base}){' (quick)' if s.quick else ''}",
         "",
-        "**A smoke-scale measurement**: one training seed, "
-        f"{s.rounds} rounds, hyperparameters not tuned per method; the intervals resample evaluation images, not "
-        "training runs, so they say nothing about the spread over seeds.",
+        f"{scope}. {s.rounds} rounds, hyperparameters not tuned per method.",
         "",
         f"Every arm: `{s.methods[0].config}` (its model, lr, batch, {s.max_steps} optimizer steps), trained on the noisy "
         f"labeller (`noisy_reward`: hidden reward + Gumbel noise, scale 0.5), **{s.images} images sampled** "
         f"({s.rounds} x {s.prompts_per_round} prompts x {s.per_prompt}; offline: all from the base at step 0) at "
         f"{s.sample_steps} sampling steps; online arms: {s.rounds} rounds of {s.every} steps. Evaluation: the hidden "
-        f"reward and the legibility check (prompt alignment) of {len(base)} samples of the held-out prompts at fixed "
-        "seeds, the same for every model.",
+        f"reward and the legibility check (prompt alignment) of {len(tables['base'])} samples of the held-out prompts "
+        "at fixed seeds, the same for every model and seed.",
         "",
-        "| arm | hidden reward ↑ [95% CI] | win rate vs base | prompt alignment | drift from base | diversity | compute s |",
-        "|---|---|---|---|---|---|---|",
-        f"| base | {b['mean']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | — | {base[ALIGN].mean():.2f} | 0.000 | "
-        f"{base_div:.3f} | — |".replace("nan", "—"),
+        "| arm | hidden reward ↑ [95% CI] | per seed | win rate vs base | prompt alignment | drift from base | "
+        "diversity | compute s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| base | {b['mean']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] (images) | — | — | "
+        f"{tables['base'][ALIGN].mean():.2f} | 0.000 | {base_div:.3f} | — |".replace("nan", "—"),
+        *[_row(r, many).replace("nan", "—") for r in rows],
+        "",
+        "## Hidden reward at each round boundary (held-out prompts, fixed seeds; mean over seeds)",
+        "",
+        "| arm | " + " | ".join(f"step {p['step']}" for p in rows[0]["points"]) + " |",
+        "|---|" + "---|" * len(rows[0]["points"]),
     ]
     for r in rows:
-        ci, w = r["reward"]["ci95"], r["win_base"]
-        lines.append(
-            f"| {r['name']} | {r['reward']['mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {w['win_rate']:.2f} "
-            f"[{w['ci95'][0]:.2f}, {w['ci95'][1]:.2f}] | {r['alignment']:.2f} | {r['drift']:.3f} | {r['diversity']:.3f} | "
-            f"{r['points'][-1]['seconds']:.0f} |".replace("nan", "—")
-        )
-    lines += ["", "## Hidden reward at each round boundary (held-out prompts, fixed seeds)", "",
-              "| arm | " + " | ".join(f"step {p['step']}" for p in rows[0]["points"]) + " |",
-              "|---|" + "---|" * len(rows[0]["points"])]  # fmt: skip
-    for r in rows:
+        mean = np.array([[rw for _, rw, _ in c] for c in r["curves"]]).mean(axis=0)
         cells = [
-            f"{rw:.3f} ({p['images']} img, {p['seconds']:.0f} s)"
-            for (_, rw, _), p in zip(r["curve"], r["points"], strict=True)
+            f"{v:.3f} ({p['images']} img, {p['seconds']:.0f} s)"
+            for v, p in zip(mean, r["points"], strict=True)
         ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Each round's monitors (held-out: the hidden reward, never trained on, of the round's images and of 8 fixed-seed ones)", "",
+    lines += ["", f"## Each round's monitors, seed {s.train_seeds[0]} (held-out: the hidden reward, never trained on, "
+              "of the round's images and of 8 fixed-seed ones)", "",
               "| arm | round | images/s | noisy reward | held-out | held-out, fixed seeds | diversity | drift (fixed seeds) |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -91,27 +178,26 @@ def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) ->
                 f"{rep._fmt(q['heldout'])} | {rep._fmt(q['heldout_fixed'])} | {rep._fmt(q['diversity'])} | "
                 f"{rep._fmt(q['drift'])} |"
             )
-    best = max(rows, key=lambda r: r["reward"]["mean"])
     from xdpo.apps.demo.run import run_config
 
-    lr = run_config(s, s.methods[0], seed, s.prompts_file).train.learning_rate
+    lr = run_config(s, s.methods[0], s.train_seeds[0], s.prompts_file).train.learning_rate
     lines += [
         "",
         "## What this run says",
         "",
-        f"- Highest final hidden reward: {best['name']} ({best['reward']['mean']:.3f}; base {b['mean']:.3f}). Arms whose "
-        "intervals overlap are not separated by this run.",
+        *verdicts(rows, b["mean"]),
         "- Equal images sampled is not equal compute: the DPO arms train on one pair per group, the rollout arms on "
         "every image (NFT and AWM at several grid steps, with extra reference / initial forwards); the compute column "
         "and curves.png (right) show the cost.",
         f"- Every arm trains at its world's DPO config's learning rate ({lr:g}, full fine-tune), not the rollout "
         "papers' (3e-4 with LoRA); their losses have other scales than DPO's, so equal lr is not an equal step: a "
         "slower arm here is not shown to be a worse method.",
-        "- The papers' speed-ups are measured against likelihood-based RL (Flow-GRPO), which xdpo does not have yet "
-        "(part 2): this run cannot confirm or refute them.",
+        "- The papers' speed-ups are measured against likelihood-based RL (Flow-GRPO); no such arm is in this run, "
+        "so it cannot confirm or refute them.",
         "",
-        f"Figure: `curves.png`. Timings of this invocation (s; load average {load['start']} -> {load['end']}, "
-        f"{load['cpus']} CPUs): " + ", ".join(f"{k} {v}" for k, v in s.timings.items()),
+        f"Figure: `curves.png` (lines: mean over seeds; bands: min to max over seeds). Timings of this invocation "
+        f"(s; load average {load['start']} -> {load['end']}, {load['cpus']} CPUs): "
+        + ", ".join(f"{k} {v}" for k, v in s.timings.items()),
         "",
     ]
     results = {"settings": {k: getattr(s, k) for k in ("family", "quick", "rounds", "prompts_per_round", "per_prompt",

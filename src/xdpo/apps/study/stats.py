@@ -9,21 +9,9 @@ from typing import Any
 import numpy as np
 
 from xdpo.apps.demo.report import steps_to_reach
+from xdpo.evaluate.stats import t_interval
 
 Runs = list[dict[str, Any]]  # the results of one method's seeds, in seed order
-
-
-def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval over seeds (mean +- t_{n-1} sd / sqrt n); a single value has
-    no interval (nan)."""
-    from scipy.stats import t
-
-    x = np.asarray(values, dtype=float)
-    m = float(x.mean())
-    if x.size < 2:
-        return m, math.nan, math.nan
-    half = float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return m, m - half, m + half
 
 
 def by_seed(runs: Runs) -> dict[int, dict]:
