@@ -43,6 +43,9 @@ class TextLora:
     component: str
     targets: tuple[str, ...] = CLIP_ATTENTION
     kohya: str = ""
+    kohya_root: str = "text_model."
+    """The module path kohya's names start from: CLIP's `text_model.` (the layout of transformers < 5's
+    `CLIPTextModel`, which kohya, ComfyUI and diffusers' converters read); added where the model lacks it."""
 
 
 def same_state(state_dict: dict[str, Any]) -> dict[str, Any]:
