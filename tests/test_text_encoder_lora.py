@@ -111,6 +111,22 @@ def test_the_reference_conditions_on_the_base_text_encoder(tiny_pipeline_dir, pa
     assert (enc.cond["encoder_hidden_states"] - seen["ref"]["encoder_hidden_states"]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_at_initialisation_the_policy_equals_the_reference(
+    tmp_path, tiny_pipeline_dir, pairs_parquet, any_precision, quantize
+):
+    """B = 0: the adapted encoders are the base ones, so log z = 0 and the first loss is log 2 exactly (also
+    on int8 encoders under bf16, whose bitsandbytes layers would differ between train and eval mode)."""
+    import json
+
+    out = run_training(
+        tmp_path / quantize, tiny_pipeline_dir, pairs_parquet,
+        **{**RUN, "train.max_steps": 1, "train.mixed_precision": "bf16", "model.quantize_text_encoders": quantize},
+    )  # fmt: skip
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-6)
+
+
 def test_sdxl_trains_lora_on_both_clip_encoders(tiny_sdxl_pipeline_dir, pairs_parquet):
     from xdpo.train.setup import single_process
     from xdpo.train.step import train_step

@@ -150,7 +150,9 @@ def add_text_lora(family: Any, encoders: dict[str, Any], cfg: Any) -> dict[str, 
         except ValueError as e:
             raise ConfigError(f"model.lora_text_encoder: {spec.component}: {e}") from None
         cast_training_params(enc, dtype=torch.float32)
-        enc.train()
+        # eval mode kept: bitsandbytes' int8 layers compute differently in train mode, so the policy's
+        # encodings would differ from the base's at initialisation (the adapters' dropout is not applied)
+        enc.eval()
     return {name: enc for name, (_, enc) in trained.items()}
 
 
@@ -181,15 +183,12 @@ def load_text_adapter_state(encoders: dict[str, Any], state: dict[str, torch.Ten
 
 @contextmanager
 def text_adapters_disabled(encoders: dict[str, Any]):
-    """The base text encoders inside the block: every adapter off (`adapters_disabled`), dropout off."""
+    """The base text encoders inside the block: every adapter off (`adapters_disabled`)."""
     from contextlib import ExitStack
 
     with ExitStack() as stack:
         for enc in encoders.values():
             stack.enter_context(adapters_disabled(enc))
-            if enc.training:
-                enc.eval()
-                stack.callback(enc.train)
         yield
 
 
