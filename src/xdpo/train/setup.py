@@ -241,11 +241,13 @@ def describe(recipe: Any) -> str:
     world, zero = acc.num_processes, deepspeed_stage(acc)
     lora = cfg.model.lora_rank
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.params)
+    te = text_encoder_lr(cfg, world) if cfg.model.lora_text_encoder else None
+    text = "" if te is None else f" (+ text encoders, lr {te:.3g})"
     ref = f"reference {cfg.reference.strategy}" if obj.needs_reference else "no reference"
     weights = weight_tables(ts, recipe.models.process).describe(ts.weighting, ts.sampling)
     return (
         f"{recipe.data.about}; {fam.name} ({fam.pipeline_class}, {recipe.models.process.kind}); "
-        f"{'LoRA r=' + str(lora) if lora else 'full fine-tune'}, {trainable:,} trainable; effective batch "
+        f"{'LoRA r=' + str(lora) if lora else 'full fine-tune'}{text}, {trainable:,} trainable; effective batch "
         f"{t.batch_size * t.grad_accum * world} pairs, lr {recipe.lr:.3g}; {lc.objective}/{lc.divergence}/"
         f"{lc.outer} beta={lc.beta:g}; {ref}; {weights}; errors "
         f"{lc.error_space}/{lc.error_reduction}, beta schedule {lc.beta_schedule}; distributed: "
