@@ -307,3 +307,21 @@ def test_resuming_with_another_text_encoder_setting_is_refused(tmp_path):
     )
     with pytest.raises(XdpoError, match="model.lora_text_encoder=true"):
         st.check_setup({"world": 1, "batch_size": 2, "grad_accum": 1, "lora_rank": 4}, tmp_path, print)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor"])
+def test_every_optimizer_takes_the_text_encoder_group(optimizer):
+    from xdpo.train.optim import make_optimizer
+
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    cfg = load_config(None, ["data.path=x", "model.pretrained=x", f"train.optimizer={optimizer}"])
+    den, te = [torch.nn.Parameter(torch.ones(64, 64))], [torch.nn.Parameter(torch.ones(64, 64))]
+    opt = make_optimizer(cfg.train, den, 1e-3, ((te, 5e-2),))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-2]
+    assert opt.param_groups[1]["params"][0] is te[0]
+    for p in den + te:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = [float((1 - p.detach()).abs().mean()) for p in den + te]
+    assert moved[1] > 10 * moved[0] > 0  # each group at its own lr
