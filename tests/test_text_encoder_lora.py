@@ -325,3 +325,37 @@ def test_every_optimizer_takes_the_text_encoder_group(optimizer):
     opt.step()
     moved = [float((1 - p.detach()).abs().mean()) for p in den + te]
     assert moved[1] > 10 * moved[0] > 0  # each group at its own lr
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3_pipeline_dir", "tiny_flux_pipeline_dir"])
+def test_flow_families_save_their_clip_lora_and_flux_exports_lora_te1(
+    request, tmp_path, pairs_parquet, fixture
+):
+    """SD3 (CLIP-L, CLIP-G) and Flux (CLIP): final/ loads back with its text-encoder LoRA in diffusers; Flux's
+    kohya file names it `lora_te1_` and loads to the same encoder."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from xdpo.export.cli import export
+
+    pipe_dir = request.getfixturevalue(fixture)
+    out = run_training(tmp_path / "run", pipe_dir, pairs_parquet,
+                       **{**RUN, "data.resolution": 16, "train.max_steps": 2})  # fmt: skip
+
+    def clip_output(lora=None, **kw):
+        pipe = diffusers.DiffusionPipeline.from_pretrained(pipe_dir)
+        if lora is not None:
+            pipe.load_lora_weights(lora, **kw)
+        ids = pipe.tokenizer(["a bright picture"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            return pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+
+    tuned = clip_output(out / "final")
+    assert (tuned - clip_output()).abs().max() > 1e-5
+    if fixture == "tiny_flux_pipeline_dir":
+        exported = export(out, tmp_path / "export", formats=("kohya",), say=lambda *_: None)
+        kohya = load_file(exported / "run_kohya.safetensors")
+        assert any(k.startswith("lora_te1_text_model_") for k in kohya)
+        assert any(k.startswith("lora_transformer_") for k in kohya)
+        torch.testing.assert_close(clip_output(exported, weight_name="run_kohya.safetensors"), tuned)
