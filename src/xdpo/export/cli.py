@@ -62,11 +62,10 @@ def export(source: Path, out: Path | None = None, formats: tuple[str, ...] = FOR
 
             alpha, rank = cfg.model.lora_alpha or cfg.model.lora_rank, cfg.model.lora_rank
             scale = lora.lora_scale(meta, fam.denoiser, alpha, rank)
-            text = {t.component: (t.kohya, lora.lora_scale(meta, t.component, alpha, rank))
+            text = {t.component: (t.kohya, lora.lora_scale(meta, t.component, alpha, rank), t.kohya_root)
                     for t in fam.text_lora if t.component in trained_text}  # fmt: skip
             name = f"{run.name}_kohya.safetensors"
-            roots = {t.kohya_root for t in fam.text_lora} or {"text_model."}
-            kohya = lora.to_kohya(state, fam.name, fam.denoiser, scale, text, roots.pop())
+            kohya = lora.to_kohya(state, fam.name, fam.denoiser, scale, text)
             save_file(kohya, str(out / name), {"format": "pt"})
             files[name] = "kohya naming with alpha (ComfyUI, AUTOMATIC1111, Forge, InvokeAI: the LoRA folder)"
         if "merged" in formats:

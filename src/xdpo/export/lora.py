@@ -53,25 +53,24 @@ def lora_scale(meta: dict[str, Any], denoiser: str, fallback_alpha: float, rank:
 
 def to_kohya(
     state: dict[str, torch.Tensor], family: str, denoiser: str, scale: float,
-    text: dict[str, tuple[str, float]] | None = None, text_root: str = "text_model.",
+    text: dict[str, tuple[str, float, str]] | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """kohya-named LoRA weights (module docstring) from the pipeline's LoRA file's tensors. `text`: each
-    text encoder component in the file -> (its kohya prefix, its adapter's scale); their module paths
-    start from `text_root` (`TextLora.kohya_root`), added where the file's keys lack it."""
+    text encoder component in the file -> (its kohya prefix, its adapter's scale, the module path kohya's
+    names start from: `TextLora.kohya_root`, added where the file's keys lack it)."""
     if family not in KOHYA_PREFIX:
         raise ConfigError(
             f"export: no kohya naming for {family} LoRAs in diffusers (kohya formats: {', '.join(KOHYA_PREFIX)}); "
             "the diffusers file loads in ComfyUI"
         )
-    parts = {denoiser: (KOHYA_PREFIX[family], scale), **(text or {})}
+    parts = {denoiser: (KOHYA_PREFIX[family], scale, ""), **(text or {})}
     out: dict[str, torch.Tensor] = {}
     used = 0
-    for component, (prefix, s) in parts.items():
+    for component, (prefix, s, root) in parts.items():
         inner = {k[len(component) + 1 :]: v for k, v in state.items() if k.startswith(f"{component}.")}
         if not prefix and inner:
             raise ConfigError(f"export: no kohya naming for the {component} LoRA of {family} models")
-        if component != denoiser:
-            inner = {(k if k.startswith(text_root) else text_root + k): v for k, v in inner.items()}
+        inner = {(k if k.startswith(root) else root + k): v for k, v in inner.items()}
         out |= kohya_part(inner, prefix, s)
         used += len(inner)
     if used != len(state):
