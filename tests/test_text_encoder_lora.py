@@ -157,7 +157,7 @@ def test_text_encoder_lr_is_scaled_as_the_learning_rate():
     assert text_encoder_lr(cfg, 4) == pytest.approx(learning_rate(cfg.train, 4))
 
 
-RUN = {"model.lora_rank": 4, "model.lora_text_encoder": "true", "model.lora_text_encoder_lr": TE_LR,
+RUN = {"model.lora_rank": 4, "model.lora_alpha": 8, "model.lora_text_encoder": "true", "model.lora_text_encoder_lr": TE_LR,
        "train.max_steps": 4}  # fmt: skip
 
 
