@@ -53,6 +53,16 @@ class ModelConfig:
         "adapter kind (peft): lora; dora = LoRA with magnitude and direction apart (Liu et al. 2024); lokr, "
         "loha = LyCORIS' Kronecker / Hadamard products",
     )
+    lora_text_encoder: bool = _f(
+        False,
+        "LoRA (of model.lora_type, rank and alpha) also on the family's text encoders (CLIP attention: SD 1.x, "
+        "SDXL, SD3, Flux); encodings then carry gradients each step (no data.cache)",
+    )
+    lora_text_encoder_lr: float | None = _f(
+        None,
+        "learning rate of the text encoders' LoRA (scaled as train.learning_rate); empty = train.learning_rate",
+        **rule(lambda v: v is None or v > 0, "must be > 0 (or empty)"),
+    )
     quantize: Literal["none", "int8", "nf4", "fp8"] = _f(
         "none",
         "LoRA runs: the frozen denoiser's Linear weights in int8 or nf4 (bitsandbytes) or fp8 (float8 e4m3); "

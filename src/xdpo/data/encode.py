@@ -10,7 +10,9 @@ and `text_conditions`, what `encode` would compute from the same rows).
   one and resume stays exact. Latents are normalised into the denoiser's space (`family.to_latents`:
   scaling and shift, per-channel statistics, FLUX.2's patchified batch norm) and float32.
 - Text: the family's conditions of each caption (`family.encode_text`), or the cached ones; pairs share
-  their caption's conditions (repeated for [w; l]).
+  their caption's conditions (repeated for [w; l]). When text encoders train LoRA (`model.lora_text_encoder`,
+  `comps.text_lora`) the conditions are computed with autograd through them, and the reference's apart with
+  their adapters off (`Encoded.ref_cond`, the base encoders'); cached conditions are refused then.
 - Per-image conditions (SDXL's size ids) from the batch's recorded sizes (`family.image_conditions`).
 """
 
@@ -33,10 +35,17 @@ class Encoded:
     latents: Tensor
     cond: dict[str, Tensor]
     pairs: bool  # [w; l] halves (N = 2B) or independent images
+    ref_cond: dict[str, Tensor] | None = None  # the base text encoders' (their LoRA off); None = `cond`
+
+    @property
+    def reference_cond(self) -> dict[str, Tensor]:
+        """The conditions of the reference and the initial model: the base text encoders'."""
+        return self.cond if self.ref_cond is None else self.ref_cond
 
     def first(self, k: int) -> Encoded:
         """The first k images (for pairs: winners first) as independent images (the probe set)."""
-        return Encoded(self.latents[:k], {key: v[:k] for key, v in self.cond.items()}, pairs=False)
+        ref = None if self.ref_cond is None else {key: v[:k] for key, v in self.ref_cond.items()}
+        return Encoded(self.latents[:k], {key: v[:k] for key, v in self.cond.items()}, False, ref)
 
 
 @torch.no_grad()
@@ -72,8 +81,36 @@ def encode(comps: Any, batch: Batch, gen: torch.Generator, sample: bool = True) 
             ).float()
         else:
             latents = fam.to_latents(comps.vae, posterior_params(comps, pixels)[0]).float()
-    text = batch.cond if batch.cond is not None else text_conditions(comps, batch.captions, device)
-    cond = {k: (torch.cat([v, v]) if batch.pairs else v).to(device) for k, v in text.items()}
     extra = comps.family.image_conditions(comps, latents.shape[0], batch.pixel_size, batch.sizes)
-    cond.update({k: v.to(device) for k, v in extra.items()})
-    return Encoded(latents, cond, batch.pairs)
+
+    def conditions(text: dict[str, Tensor]) -> dict[str, Tensor]:
+        cond = {k: (torch.cat([v, v]) if batch.pairs else v).to(device) for k, v in text.items()}
+        return cond | {k: v.to(device) for k, v in extra.items()}
+
+    if getattr(comps, "text_lora", None):
+        policy, base = trained_text_conditions(comps, batch, device)
+        with torch.enable_grad():  # the pairs' repeat keeps the graph to the encoders' LoRA
+            cond = conditions(policy)
+        return Encoded(latents, cond, batch.pairs, conditions(base))
+    text = batch.cond if batch.cond is not None else text_conditions(comps, batch.captions, device)
+    return Encoded(latents, conditions(text), batch.pairs)
+
+
+def trained_text_conditions(
+    comps: Any, batch: Batch, device: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the policy's conditions, with autograd through the text encoders' LoRA; the base encoders', their
+    adapters off, without autograd) of the batch's captions."""
+    from xdpo.errors import XdpoError
+    from xdpo.models.lora import text_adapters_disabled
+
+    if batch.cond is not None:
+        raise XdpoError(
+            "model.lora_text_encoder: this batch carries precomputed text conditions (data.cache), but the "
+            "text encoders train; their encodings must be computed each step"
+        )
+    with torch.enable_grad():
+        policy = comps.family.encode_text(comps, batch.captions, device)
+    with torch.no_grad(), text_adapters_disabled(comps.text_lora):
+        base = comps.family.encode_text(comps, batch.captions, device)
+    return policy, base

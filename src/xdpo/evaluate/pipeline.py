@@ -170,10 +170,10 @@ def load_pipeline(
     fam = family_of_pipeline(pipe)
     if adapter is not None:
         folder, weight_name = adapter
-        from xdpo.models.lora import PEFT_WEIGHTS, load_adapter
+        from xdpo.models.lora import PEFT_WEIGHTS, load_peft_adapters
 
         if weight_name == PEFT_WEIGHTS and fam is not None:  # LoKr / LoHa in peft's format
-            load_adapter(getattr(pipe, fam.denoiser), folder)
+            load_peft_adapters(pipe, fam.denoiser, folder)
         else:
             pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
     if fam is not None:

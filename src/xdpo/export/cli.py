@@ -3,7 +3,7 @@ weights, a model card, and optionally the hub.
 
 Into `--out` (default RUN/export, RUN/export-best for best/): README.md (the model card, `xdpo.train.card`), and for a LoRA run
 `pytorch_lora_weights.safetensors` (diffusers/peft), `<run>_kohya.safetensors` (kohya/ComfyUI naming with
-alpha; SD, SDXL, Flux) and `merged/` (the LoRA fused into the base pipeline); for a full fine-tune
+alpha; SD, SDXL, Flux; text-encoder LoRA as lora_te_ / lora_te1_ / lora_te2_) and `merged/` (the LoRA fused into the base pipeline); for a full fine-tune
 `merged/` is final/'s pipeline itself. `--push-to-hub REPO` uploads the folder.
 """
 
@@ -50,6 +50,7 @@ def export(source: Path, out: Path | None = None, formats: tuple[str, ...] = FOR
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     if info.get("lora"):
+        trained_text = list(info.get("text_encoder_lora") or [])  # model.lora_text_encoder's encoders
         state, meta = lora.read_lora(model / lora.LORA_FILE)
         if "diffusers" in formats:
             shutil.copyfile(model / lora.LORA_FILE, out / lora.LORA_FILE)
@@ -59,14 +60,18 @@ def export(source: Path, out: Path | None = None, formats: tuple[str, ...] = FOR
         elif "kohya" in formats:
             from safetensors.torch import save_file
 
-            scale = lora.lora_scale(meta, fam.denoiser, cfg.model.lora_alpha or cfg.model.lora_rank,
-                                    cfg.model.lora_rank)  # fmt: skip
+            alpha, rank = cfg.model.lora_alpha or cfg.model.lora_rank, cfg.model.lora_rank
+            scale = lora.lora_scale(meta, fam.denoiser, alpha, rank)
+            text = {t.component: (t.kohya, lora.lora_scale(meta, t.component, alpha, rank), t.kohya_root)
+                    for t in fam.text_lora if t.component in trained_text}  # fmt: skip
             name = f"{run.name}_kohya.safetensors"
-            save_file(lora.to_kohya(state, fam.name, fam.denoiser, scale), str(out / name), {"format": "pt"})
+            kohya = lora.to_kohya(state, fam.name, fam.denoiser, scale, text)
+            save_file(kohya, str(out / name), {"format": "pt"})
             files[name] = "kohya naming with alpha (ComfyUI, AUTOMATIC1111, Forge, InvokeAI: the LoRA folder)"
         if "merged" in formats:
             kw = pipeline_kwargs(cfg.model, fam, cfg.family)
-            lora.merge(info["base_model"], model, out / "merged", fam.pipeline_cls(), kw)
+            lora.merge(info["base_model"], model, out / "merged", fam.pipeline_cls(), kw,
+                       [fam.denoiser, *trained_text])  # fmt: skip
             files["merged/"] = "the base pipeline with the LoRA fused in: `from_pretrained(folder/merged)`"
     elif "merged" in formats:
         shutil.copytree(model, out / "merged", dirs_exist_ok=True)

@@ -8,7 +8,11 @@ config, lora_alpha included, in the file's metadata). From it:
   names, `lora_unet_<module>` for the UNet families (SD, SDXL), `lora_transformer_<module>` for Flux (the
   names ComfyUI and diffusers' Flux loader read), with `.alpha` = the adapter's scale x rank (kohya's
   weight scale is alpha / rank); SD3 has no kohya naming in diffusers (its diffusers file loads in ComfyUI);
-- merged: the base pipeline with the LoRA fused into its weights (`fuse_lora`), saved as a full pipeline.
+  the text encoders' LoRA (`model.lora_text_encoder`) under their family's kohya prefixes (`Family.text_lora`:
+  `lora_te_` for SD 1.x's one encoder, `lora_te1_` / `lora_te2_` for SDXL's two, `lora_te1_` for Flux's CLIP,
+  the names diffusers' kohya converters read);
+- merged: the base pipeline with the LoRA fused into its weights (`fuse_lora`: the denoiser's and the text
+  encoders'), saved as a full pipeline.
 """
 
 from __future__ import annotations
@@ -48,26 +52,46 @@ def lora_scale(meta: dict[str, Any], denoiser: str, fallback_alpha: float, rank:
 
 
 def to_kohya(
-    state: dict[str, torch.Tensor], family: str, denoiser: str, scale: float
-) -> dict[str, torch.Tensor]:
-    """kohya-named LoRA weights (module docstring) from the pipeline's LoRA file's tensors."""
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-
+    state: dict[str, torch.Tensor], family: str, denoiser: str, scale: float,
+    text: dict[str, tuple[str, float, str]] | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """kohya-named LoRA weights (module docstring) from the pipeline's LoRA file's tensors. `text`: each
+    text encoder component in the file -> (its kohya prefix, its adapter's scale, the module path kohya's
+    names start from: `TextLora.kohya_root`, added where the file's keys lack it)."""
     if family not in KOHYA_PREFIX:
         raise ConfigError(
             f"export: no kohya naming for {family} LoRAs in diffusers (kohya formats: {', '.join(KOHYA_PREFIX)}); "
             "the diffusers file loads in ComfyUI"
         )
-    inner = {k.removeprefix(f"{denoiser}."): v for k, v in state.items() if k.startswith(f"{denoiser}.")}
-    if len(inner) != len(state):
-        raise ConfigError(f"export: the LoRA file holds weights outside the {denoiser} (text encoders?)")
+    parts = {denoiser: (KOHYA_PREFIX[family], scale, ""), **(text or {})}
+    out: dict[str, torch.Tensor] = {}
+    used = 0
+    for component, (prefix, s, root) in parts.items():
+        inner = {k[len(component) + 1 :]: v for k, v in state.items() if k.startswith(f"{component}.")}
+        if not prefix and inner:
+            raise ConfigError(f"export: no kohya naming for the {component} LoRA of {family} models")
+        inner = {(k if k.startswith(root) else root + k): v for k, v in inner.items()}
+        out |= kohya_part(inner, prefix, s)
+        used += len(inner)
+    if used != len(state):
+        raise ConfigError(
+            f"export: the LoRA file holds weights outside the {', '.join(parts)} (run config and file disagree)"
+        )
+    return out
+
+
+def kohya_part(inner: dict[str, torch.Tensor], prefix: str, scale: float) -> dict[str, torch.Tensor]:
+    """One component's LoRA (keys without the component's name) in kohya naming under `prefix`, with alpha."""
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    if not inner:
+        return {}
     peft = convert_all_state_dict_to_peft({f"unet.{k}": v for k, v in inner.items()})
-    kohya = convert_state_dict_to_kohya(
-        peft
-    )  # "unet.<module>.lora_A.weight" -> "lora_unet_<module>.lora_down.weight"
+    # "unet.<module>.lora_A.weight" -> "lora_unet_<module>.lora_down.weight"
+    kohya = convert_state_dict_to_kohya(peft)
     out = {}
     for key, value in kohya.items():
-        name = KOHYA_PREFIX[family] + key.removeprefix("lora_unet_")
+        name = prefix + key.removeprefix("lora_unet_")
         if key.endswith(".alpha"):
             rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
             value = torch.tensor(scale * rank, dtype=torch.float32)  # kohya scales by alpha / rank
@@ -75,11 +99,16 @@ def to_kohya(
     return out
 
 
-def merge(base: str, lora_folder: Path, out: Path, pipeline_cls: Any, load_kwargs: dict[str, Any]) -> Path:
-    """The base pipeline with the LoRA of `lora_folder` fused into its weights, saved in `out`."""
+def merge(
+    base: str, lora_folder: Path, out: Path, pipeline_cls: Any, load_kwargs: dict[str, Any],
+    components: list[str] | None = None,
+) -> Path:  # fmt: skip
+    """The base pipeline with the LoRA of `lora_folder` fused into its weights, saved in `out`;
+    `components`: those whose LoRA is fused (the denoiser and any trained text encoders; None = the
+    pipeline's default)."""
     pipe = pipeline_cls.from_pretrained(base, **load_kwargs)
     pipe.load_lora_weights(lora_folder, adapter_name="xdpo")
-    pipe.fuse_lora(adapter_names=["xdpo"])
+    pipe.fuse_lora(adapter_names=["xdpo"], **({"components": components} if components else {}))
     pipe.unload_lora_weights()
     pipe.save_pretrained(out)
     return out

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from xdpo.errors import ConfigError
 from xdpo.models.families import Family, family_of_class, get_family, pipeline_classes
-from xdpo.models.lora import adapters_disabled, add_lora, tuner_layers  # noqa: F401 (their home)
+from xdpo.models.lora import adapters_disabled, add_lora, add_text_lora, tuner_layers  # noqa: F401 (their home)
 from xdpo.models.named import resolve_named
 from xdpo.quiet import progress_bars_off
 
@@ -44,6 +44,9 @@ class Components:
     text_encoders: dict[str, Any] = field(default_factory=dict)
     tokenizers: dict[str, Any] = field(default_factory=dict)
     options: Any = None  # the config's `family` section: the family's own knobs (its `Option`s)
+    text_lora: dict[str, Any] = field(default_factory=dict)
+    """The text encoders whose LoRA adapters train (`model.lora_text_encoder`), by component: their
+    conditions are encoded with autograd each step, the reference's with the adapters off."""
 
     @property
     def unet(self) -> Any:  # SD-era name of the denoiser

@@ -11,6 +11,12 @@ LoRA and DoRA are saved as `pytorch_lora_weights.safetensors` in the family's fo
 `load_lora_weights` reads them); LoKr and LoHa, which diffusers' LoRA loaders do not read, in peft's own
 format: `adapter_config.json` + `adapter_model.safetensors`, which `load_adapter` puts back on a pipeline's
 denoiser with peft's public API (`inject_adapter_in_model`, `set_peft_model_state_dict`).
+
+`model.lora_text_encoder`: the same adapter kind, rank and alpha on the text encoders the family declares
+(`Family.text_lora`: CLIP attention, as diffusers' DreamBooth LoRA scripts' `--train_text_encoder`), trained
+at `model.lora_text_encoder_lr` in their own optimizer group; with their adapters off they are the base
+encoders (the reference's conditions). In final/ they sit beside the denoiser's in the pipeline's LoRA file
+(`text_encoder.*`, `text_encoder_2.*`), or, for LoKr / LoHa, in peft's format in `final/<component>/`.
 """
 
 from __future__ import annotations
@@ -63,14 +69,45 @@ def check(cfg: Any) -> None:
         "0.50); use model.quantize=nf4 or fp8 with dora",
         m.lora_type,
     )
+    check_text_encoder(cfg)
 
 
-def adapter_config(cfg: Any) -> Any:
-    """The peft config of `model.lora_type` with the run's rank, alpha, dropout and target modules."""
+def check_text_encoder(cfg: Any) -> None:
+    """`model.lora_text_encoder`'s rules: LoRA on the denoiser too, text encoded each step (no cache), and a
+    frozen reference (its conditions come from the base encoders: the adapters off)."""
+    m = cfg.model
+    require(
+        m.lora_text_encoder_lr is None or m.lora_text_encoder,
+        "model.lora_text_encoder_lr",
+        "has no effect without model.lora_text_encoder=true",
+        m.lora_text_encoder_lr,
+    )
+    if not m.lora_text_encoder:
+        return
+    require(m.lora_rank > 0, "model.lora_text_encoder", "needs model.lora_rank > 0 (LoRA training)", True)
+    require(
+        not cfg.data.cache,
+        "data.cache",
+        "holds text encodings of the base text encoders, but model.lora_text_encoder=true trains them: their "
+        "encodings must be computed each step; leave data.cache empty",
+        cfg.data.cache,
+    )
+    require(
+        cfg.reference.strategy == "frozen",
+        "reference.strategy",
+        "must be frozen with model.lora_text_encoder=true (the reference conditions on the base text "
+        "encoders; a moving reference would need their adapter snapshot too)",
+        cfg.reference.strategy,
+    )
+
+
+def adapter_config(cfg: Any, targets: tuple[str, ...] | list[str] | None = None) -> Any:
+    """The peft config of `model.lora_type` with the run's rank, alpha, dropout and target modules
+    (`targets`: a text encoder's, default `model.lora_targets`)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     alpha = cfg.lora_alpha or cfg.lora_rank
-    targets = list(cfg.lora_targets)
+    targets = list(cfg.lora_targets if targets is None else targets)
     if cfg.lora_type in ("lora", "dora"):
         return LoraConfig(
             r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
@@ -91,6 +128,68 @@ def add_lora(model: Any, cfg: Any) -> None:
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(model, dtype=torch.float32)
+
+
+def add_text_lora(family: Any, encoders: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """The adapters of `model.lora_type` on each text encoder the family declares (`Family.text_lora`) and
+    the run loaded, through peft's `inject_adapter_in_model` (transformers' models have no diffusers
+    `add_adapter`); only they train, in fp32. Returns the trained encoders by component."""
+    from diffusers.training_utils import cast_training_params
+    from peft import inject_adapter_in_model
+
+    trained = {t.component: (t, encoders[t.component]) for t in family.text_lora if t.component in encoders}
+    if not trained:
+        raise ConfigError(
+            f"config key `model.lora_text_encoder`: {family.name} declares no text encoder that trains LoRA "
+            "(its pipeline's LoRA loader reads none); set it to false"
+        )
+    for spec, enc in trained.values():
+        enc.requires_grad_(False)
+        try:
+            inject_adapter_in_model(adapter_config(cfg, spec.targets), enc)
+        except ValueError as e:
+            raise ConfigError(f"model.lora_text_encoder: {spec.component}: {e}") from None
+        cast_training_params(enc, dtype=torch.float32)
+        # eval mode kept: bitsandbytes' int8 layers compute differently in train mode, so the policy's
+        # encodings would differ from the base's at initialisation (the adapters' dropout is not applied)
+        enc.eval()
+    return {name: enc for name, (_, enc) in trained.items()}
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """A model's adapter weights under peft's key names (what `set_peft_model_state_dict` takes back)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def text_adapter_state(encoders: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every trained text encoder's adapter weights, keyed `<component>.<peft key>`."""
+    return {f"{name}.{k}": v for name, enc in encoders.items() for k, v in adapter_state(enc).items()}
+
+
+def load_text_adapter_state(encoders: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> None:
+    """Put `text_adapter_state`'s weights back, exactly; one line when they do not fit the encoders."""
+    from peft.utils import set_peft_model_state_dict
+
+    for name, enc in encoders.items():
+        mine = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        if not mine:
+            raise ConfigError(f"train.resume_from: {where} holds no LoRA weights of {name}")
+        result = set_peft_model_state_dict(enc, mine)
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"train.resume_from: {where} has {name} adapter keys this model lacks")
+
+
+@contextmanager
+def text_adapters_disabled(encoders: dict[str, Any]):
+    """The base text encoders inside the block: every adapter off (`adapters_disabled`)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for enc in encoders.values():
+            stack.enter_context(adapters_disabled(enc))
+        yield
 
 
 def tuner_layers(model: Any) -> list[Any]:
@@ -119,27 +218,40 @@ def adapters_disabled(model: Any):
             m.enable_adapters(True)
 
 
-def save_adapters(fam: Any, model: Any, out: Path, state_dict: dict[str, Any] | None = None) -> None:
+def save_adapters(
+    fam: Any, model: Any, out: Path, state_dict: dict[str, Any] | None = None,
+    text_encoders: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
     """`final/`'s adapter weights: LoRA / DoRA in the family pipeline's LoRA format, LoKr / LoHa in peft's.
-    `state_dict`: the whole (gathered) weights of a sharded model, None to read `model`'s."""
+    `state_dict`: the whole (gathered) weights of a sharded model, None to read `model`'s; `text_encoders`:
+    the trained text encoders by component (`model.lora_text_encoder`), saved beside the denoiser's."""
     from peft.utils import get_peft_model_state_dict
 
     config = model.peft_config["default"]
     state = get_peft_model_state_dict(model, state_dict=state_dict)
+    encoders = text_encoders or {}
     out.mkdir(parents=True, exist_ok=True)
     if adapter_type(config) in PEFT_FORMAT:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / PEFT_WEIGHTS))
-        (out / PEFT_CONFIG).write_text(json.dumps(_jsonable(config.to_dict()), indent=2))
+        save_peft(config, state, out)
+        for name, enc in encoders.items():
+            save_peft(enc.peft_config["default"], adapter_state(enc), out / name)
         return
-    metadata = config.to_dict()  # keeps lora_alpha != rank (and DoRA) right on loading
-    fam.pipeline_cls().save_lora_weights(
-        out,
-        **{f"{fam.denoiser}_lora_layers": fam.lora_state_for_saving(state),
-           f"{fam.denoiser}_lora_adapter_metadata": metadata},
-        safe_serialization=True,
-    )  # fmt: skip
+    layers = {f"{fam.denoiser}_lora_layers": fam.lora_state_for_saving(state),
+              f"{fam.denoiser}_lora_adapter_metadata": config.to_dict()}  # fmt: skip
+    for name, enc in encoders.items():  # the pipelines' keywords: text_encoder_lora_layers, ...
+        layers[f"{name}_lora_layers"] = fam.lora_state_for_saving(adapter_state(enc))
+        layers[f"{name}_lora_adapter_metadata"] = enc.peft_config["default"].to_dict()
+    # the metadata keeps lora_alpha != rank (and DoRA) right on loading
+    fam.pipeline_cls().save_lora_weights(out, **layers, safe_serialization=True)
+
+
+def save_peft(config: Any, state: dict[str, Any], out: Path) -> None:
+    """An adapter in peft's format: adapter_config.json + adapter_model.safetensors in `out`."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / PEFT_WEIGHTS))
+    (out / PEFT_CONFIG).write_text(json.dumps(_jsonable(config.to_dict()), indent=2))
 
 
 def adapter_type(config: Any) -> str:
@@ -168,3 +280,12 @@ def load_adapter(denoiser: Any, folder: Path) -> Any:
         raise ConfigError(f"lora: {folder} holds adapter weights this model has no layers for")
     param = next(denoiser.parameters())
     return denoiser.to(device=param.device)
+
+
+def load_peft_adapters(pipe: Any, denoiser: str, folder: Path) -> None:
+    """A peft-format final/ (LoKr, LoHa) onto a pipeline: the denoiser's adapter, and each text encoder's
+    from its subfolder (`final/<component>/`, `model.lora_text_encoder`)."""
+    load_adapter(getattr(pipe, denoiser), folder)
+    for name, component in pipe.components.items():
+        if name.startswith("text_encoder") and component is not None and is_peft_adapter(Path(folder) / name):
+            load_adapter(component, Path(folder) / name)

@@ -64,6 +64,8 @@ def hyperparameters(cfg: Any) -> dict[str, Any]:
     if m.lora_rank:
         found["LoRA alpha"] = m.lora_alpha or m.lora_rank
         found["LoRA targets"] = ", ".join(m.lora_targets)
+    if m.lora_text_encoder:
+        found["LoRA on the text encoders, lr"] = m.lora_text_encoder_lr or t.learning_rate
     if getattr(cfg, "sections", None):
         found |= {f"{name}.{k}": v for name, sec in cfg.sections.items() if name == lo.objective
                   for k, v in vars(sec).items()}  # fmt: skip

@@ -5,6 +5,7 @@ Layout of `output_dir/checkpoints/step-N/`:
   optimizer.bin, custom_checkpoint_0.pkl (lr scheduler), random_states_*.pkl   (accelerate)
   trainer_state.json                                           (step, pairs_seen, reference state, ...)
   reference.safetensors       (periodic/ema reference: its denoiser weights, or its LoRA snapshot)
+  text_encoder_adapters.safetensors   (model.lora_text_encoder: the text encoders' LoRA, `<component>.<peft key>`)
 FSDP writes pytorch_model_fsdp_0/ and optimizer_0/ (sharded) instead of the denoiser and optimizer.bin;
 DeepSpeed writes pytorch_model/ (the engine's checkpoint: module weights, each process's optimizer shard).
 A checkpoint is written to `step-N.tmp` and renamed when complete, so a crash never leaves a
@@ -34,6 +35,7 @@ from xdpo.train.state import STATE_FILE
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
 REFERENCE_FILE = "reference.safetensors"
+TEXT_ADAPTER_FILE = "text_encoder_adapters.safetensors"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder for the DeepSpeed engine's checkpoint
 
 
@@ -135,10 +137,12 @@ def register_model_hooks(accelerator: Any, lora: bool, denoiser: str = "unet") -
 
 
 def save_checkpoint(
-    accelerator: Any, output_dir: str | Path, step: int, state: Any, keep: int, tensors: dict | None = None
-) -> Path:
+    accelerator: Any, output_dir: str | Path, step: int, state: Any, keep: int, tensors: dict | None = None,
+    text_adapters: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
     """accelerate state + trainer_state.json (`state`, a `TrainerState`) (+ `tensors` as
-    reference.safetensors) into checkpoints/step-N (atomically), then prune to `keep`."""
+    reference.safetensors, + the LoRA weights of the trained `text_adapters` encoders) into
+    checkpoints/step-N (atomically), then prune to `keep`."""
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     if accelerator.is_main_process:
@@ -152,6 +156,12 @@ def save_checkpoint(
             from safetensors.torch import save_file
 
             save_file(tensors, str(tmp / REFERENCE_FILE))
+        if text_adapters:
+            from safetensors.torch import save_file
+
+            from xdpo.models.lora import text_adapter_state
+
+            save_file(text_adapter_state(text_adapters), str(tmp / TEXT_ADAPTER_FILE))
         (tmp / STATE_FILE).write_text(state.to_json())
         old = root / f"step-{step}.old"
         if (
@@ -175,6 +185,19 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, torch.Tensor]:
 
     accelerator.load_state(str(path))
     return load_file(str(path / REFERENCE_FILE)) if (path / REFERENCE_FILE).is_file() else {}
+
+
+def load_text_adapters(encoders: dict[str, Any], path: Path) -> None:
+    """The text encoders' LoRA weights of checkpoint `path` back into `encoders` (none: nothing to do)."""
+    if not encoders:
+        return
+    from safetensors.torch import load_file
+
+    from xdpo.models.lora import load_text_adapter_state
+
+    if not (path / TEXT_ADAPTER_FILE).is_file():
+        raise ConfigError(f"train.resume_from: {path} has no {TEXT_ADAPTER_FILE} (model.lora_text_encoder)")
+    load_text_adapter_state(encoders, load_file(str(path / TEXT_ADAPTER_FILE)), str(path))
 
 
 def resume_point(accelerator: Any, output_dir: Path, resume_from: str) -> Path | None:
@@ -256,7 +279,7 @@ def save_final(
     if cfg.model.lora_rank > 0:
         from xdpo.models.lora import save_adapters
 
-        save_adapters(fam, model, out, whole)
+        save_adapters(fam, model, out, whole, text_encoders=getattr(comps, "text_lora", None))
     else:
         if whole is not None:  # an unsharded copy of the model's own diffusers class
             cls = next(c for c in type(model).__mro__ if c.__module__.startswith("diffusers."))
@@ -274,6 +297,7 @@ def save_final(
         "step": step,
         "lora": cfg.model.lora_rank > 0,
         "lora_type": cfg.model.lora_type if cfg.model.lora_rank > 0 else None,
+        "text_encoder_lora": sorted(getattr(comps, "text_lora", {})),  # text encoders with LoRA in final/
         "vae": cfg.model.vae or None,
     }
     (out / "xdpo.json").write_text(json.dumps(info, indent=2))

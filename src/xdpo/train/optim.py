@@ -16,10 +16,25 @@ def learning_rate(train_cfg: Any, world: int) -> float:
     return t.learning_rate * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
 
 
-def make_optimizer(train_cfg: Any, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def text_encoder_lr(cfg: Any, world: int) -> float:
+    """The text encoders' LoRA learning rate: `model.lora_text_encoder_lr` (empty = `train.learning_rate`),
+    scaled by the effective batch as `learning_rate` scales the denoiser's (`train.scale_lr`)."""
+    t = cfg.train
+    base = cfg.model.lora_text_encoder_lr or t.learning_rate
+    return learning_rate(t, world) * base / t.learning_rate
+
+
+def make_optimizer(
+    train_cfg: Any, params: list[torch.nn.Parameter], lr: float,
+    extra: tuple[tuple[list[torch.nn.Parameter], float], ...] = (),
+) -> torch.optim.Optimizer:  # fmt: skip
     """AdamW (torch, foreach), 8-bit AdamW (bitsandbytes: its two moments in 8 bits with block-wise
-    scales, Dettmers et al. 2022) or Adafactor (transformers, fixed lr as Diffusion-DPO's SDXL runs)."""
+    scales, Dettmers et al. 2022) or Adafactor (transformers, fixed lr as Diffusion-DPO's SDXL runs), on
+    `params` at `lr`; each of `extra` = (parameters, lr) is a param group of its own after them (the text
+    encoders' LoRA at `model.lora_text_encoder_lr`)."""
     t = train_cfg
+    if extra:
+        params = [{"params": params, "lr": lr}, *({"params": p, "lr": r} for p, r in extra)]
     if t.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

@@ -68,6 +68,8 @@ class Recipe:
         self.family = check_pipeline(cfg.model.pretrained, cfg.model.family, cfg.model.revision)  # fail fast
         setup = {"world": acc.num_processes, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                  "lora_rank": cfg.model.lora_rank}  # fmt: skip
+        if cfg.model.lora_text_encoder:
+            setup["lora_text_encoder"] = True
         if self.resume is not None:  # read once: the set-up check, then every counter from it
             self.state = TrainerState.read(self.resume)
             self.state.check_setup(setup, self.resume, acc.print)
@@ -78,6 +80,8 @@ class Recipe:
         set_seed(cfg.seed)  # LoRA initialisation and anything else drawing from the global RNGs
         self.models, self.policy, self.optimizer, self.lr_scheduler = prepare_models(cfg, acc, self.objective)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 shards replaced them
+        self.params += self.models.text_params  # the text encoders' LoRA (model.lora_text_encoder): clipped,
+        # averaged by the EMA and saved with the denoiser's
         self.lr = learning_rate(t, acc.num_processes)
         acc.register_for_checkpointing(self.lr_scheduler)
         self.ema = ckpt.make_ema(self.params, t.ema_decay)  # train.ema_decay > 0: diffusers' EMAModel
@@ -118,6 +122,7 @@ class Recipe:
     def restore(self, path: Path) -> None:
         """Weights, optimizer, schedule and RNGs (accelerate), then the reference and the objective's state."""
         tensors = ckpt.load_checkpoint(self.acc, path)
+        ckpt.load_text_adapters(self.models.comps.text_lora, path)
         if self.models.reference is not None and self.state.reference:
             self.models.reference.load(self.state.reference, tensors)
         if self.obj_state is not None:
@@ -215,6 +220,10 @@ class Recipe:
             st.nonfinite_in_a_row = in_a_row
             return None
         st.nonfinite_in_a_row = 0
+        if self.models.text_params and self.acc.num_processes > 1:  # outside DDP's wrapper: average by hand
+            for p in self.models.text_params:
+                if p.grad is not None:
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
         norm = clip_grad_norm(self.acc, self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer_step(self.acc, self.optimizer)
         return norm
@@ -224,7 +233,7 @@ class Recipe:
         ref = self.models.reference
         path = ckpt.save_checkpoint(
             self.acc, self.out, self.state.step, self.state, self.cfg.train.checkpoints_keep,
-            {} if ref is None else ref.tensors(),
+            {} if ref is None else ref.tensors(), text_adapters=self.models.comps.text_lora,
         )  # fmt: skip
         self.last_saved = self.state.step
         return path

@@ -57,12 +57,12 @@ def rollout_step(m: StepContext, batch: Batch, gen: torch.Generator) -> StepOutp
     ref_pred = ref = init_pred = init_err = None
     if obj.needs_reference:
         with m.frozen(), m.autocast():
-            ref_pred = ref_model.predict(noisy, model_t, enc.cond)
+            ref_pred = ref_model.predict(noisy, model_t, enc.reference_cond)
         ref_pred = ref_pred.clone()  # leave inference mode: a normal tensor
         ref = errors(ref_pred)
     if obj.initial(m.params):
         with m.frozen(), m.autocast():
-            init_pred = ref_model.initial_predict(noisy, model_t, enc.cond)
+            init_pred = ref_model.initial_predict(noisy, model_t, enc.reference_cond)
         init_pred = init_pred.clone()
         init_err = errors(init_pred)
     pred = m.comps.family.predict(m.policy, noisy, model_t, enc.cond)

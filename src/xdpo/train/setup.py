@@ -4,7 +4,7 @@ reference's probe set and the run's summary line."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from xdpo.models.load import (
     DTYPES,
     Components,
     add_lora,
+    add_text_lora,
     check_data_shape,
     half_precision,
     load_components,
@@ -31,7 +32,7 @@ from xdpo.train.batches import mix_seed
 from xdpo.train.checkpoint import register_model_hooks
 from xdpo.train.distributed import deepspeed_stage, is_partitioned, local_fraction
 from xdpo.train.memory import estimate, format_estimate, sharding_of
-from xdpo.train.optim import learning_rate, make_optimizer, make_scheduler
+from xdpo.train.optim import learning_rate, make_optimizer, make_scheduler, text_encoder_lr
 from xdpo.train.reference import Probe, Reference
 from xdpo.train.step import StepContext
 
@@ -43,6 +44,7 @@ class Models:
     policy: Any  # the trained denoiser (with LoRA adapters when model.lora_rank > 0), unwrapped
     reference: Reference | None  # None when the objective runs no reference
     params: list[torch.nn.Parameter]  # the trainable ones
+    text_params: list[torch.nn.Parameter] = field(default_factory=list)  # the text encoders' LoRA weights
 
 
 def resolve_timesteps(cfg: Config, process_kind: str) -> None:
@@ -122,7 +124,11 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
         model.requires_grad_(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return Models(comps, process, model, reference, params)
+    text_params = []
+    if cfg.model.lora_text_encoder:  # LoRA on the family's text encoders, beside the denoiser's
+        comps.text_lora = add_text_lora(comps.family, comps.text_encoders, cfg.model)
+        text_params = [p for enc in comps.text_lora.values() for p in enc.parameters() if p.requires_grad]
+    return Models(comps, process, model, reference, params, text_params)
 
 
 def lambda_table(cfg: Config, process: Any) -> torch.Tensor | None:
@@ -181,11 +187,18 @@ def prepare_models(cfg: Config, acc: Any, objective: Objective) -> tuple[Models,
     """(models, the policy and optimizer as accelerate prepared them, the lr schedule). Prints the memory
     estimate and, under FSDP2 / ZeRO-3, how many parameters this process holds."""
     t = cfg.train
+    if cfg.model.lora_text_encoder and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise XdpoError(
+            f"model.lora_text_encoder: not under {acc.distributed_type.name}, which wraps the denoiser only (the "
+            "text encoders' LoRA would stay outside it); use DDP (no FSDP / DeepSpeed config) or one process"
+        )
     models = load_models(cfg, acc.device, objective)
     comps, denoiser = models.comps, models.comps.family.denoiser
     parts = {denoiser: models.policy, **({} if cfg.data.cache else {"vae": comps.vae}), **comps.text_encoders}
     acc.print(format_estimate(estimate(parts, denoiser, cfg, sharding_of(acc))))
-    optimizer = make_optimizer(t, models.params, learning_rate(t, acc.num_processes))
+    # the text encoders' LoRA: a param group of its own, at model.lora_text_encoder_lr
+    text = ((models.text_params, text_encoder_lr(cfg, acc.num_processes)),) if models.text_params else ()
+    optimizer = make_optimizer(t, models.params, learning_rate(t, acc.num_processes), text)
     scheduler = make_scheduler(t, optimizer)  # on the torch optimizer, before accelerate wraps it
     if acc.distributed_type.name not in ("FSDP", "DEEPSPEED"):  # those save their shards themselves
         register_model_hooks(acc, cfg.model.lora_rank > 0, denoiser)
@@ -228,11 +241,13 @@ def describe(recipe: Any) -> str:
     world, zero = acc.num_processes, deepspeed_stage(acc)
     lora = cfg.model.lora_rank
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.params)
+    te = text_encoder_lr(cfg, world) if cfg.model.lora_text_encoder else None
+    text = "" if te is None else f" (+ text encoders, lr {te:.3g})"
     ref = f"reference {cfg.reference.strategy}" if obj.needs_reference else "no reference"
     weights = weight_tables(ts, recipe.models.process).describe(ts.weighting, ts.sampling)
     return (
         f"{recipe.data.about}; {fam.name} ({fam.pipeline_class}, {recipe.models.process.kind}); "
-        f"{'LoRA r=' + str(lora) if lora else 'full fine-tune'}, {trainable:,} trainable; effective batch "
+        f"{'LoRA r=' + str(lora) if lora else 'full fine-tune'}{text}, {trainable:,} trainable; effective batch "
         f"{t.batch_size * t.grad_accum * world} pairs, lr {recipe.lr:.3g}; {lc.objective}/{lc.divergence}/"
         f"{lc.outer} beta={lc.beta:g}; {ref}; {weights}; errors "
         f"{lc.error_space}/{lc.error_reduction}, beta schedule {lc.beta_schedule}; distributed: "

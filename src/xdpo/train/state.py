@@ -37,12 +37,17 @@ class TrainerState:
         return cls(**known)
 
     def check_setup(self, setup: dict[str, int], checkpoint: Path, warn: Any) -> None:
-        """Refuse another LoRA rank (the adapters would not load); warn when the data order changes."""
+        """Refuse another LoRA rank or text-encoder LoRA setting (the adapters would not load); warn when the data order changes."""
         saved = self.setup or setup
         if saved.get("lora_rank") != setup["lora_rank"]:
             raise XdpoError(
                 f"train.resume_from: {checkpoint} was trained with model.lora_rank={saved.get('lora_rank')}, "
                 f"not {setup['lora_rank']}"
+            )
+        if saved.get("lora_text_encoder", False) != setup.get("lora_text_encoder", False):
+            raise XdpoError(
+                f"train.resume_from: {checkpoint} was trained with model.lora_text_encoder="
+                f"{str(saved.get('lora_text_encoder', False)).lower()}; set it so to resume"
             )
         if saved != setup:
             warn(f"Warning: resuming with {setup} instead of {saved}: the data order changes")

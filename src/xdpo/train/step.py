@@ -97,7 +97,7 @@ def train_step(m: StepContext, batch: Batch, gen: torch.Generator) -> StepOutput
     ref = None
     if obj.needs_reference:
         with m.frozen(), m.autocast():
-            ref = errors(m.reference.predict(noisy, model_t, enc.cond))
+            ref = errors(m.reference.predict(noisy, model_t, enc.reference_cond))
         ref = ref.clone()  # leave inference mode: a normal tensor for autograd
     err = errors(m.comps.family.predict(m.policy, noisy, model_t, enc.cond))
     weight = step_weight(m, t[:draws])

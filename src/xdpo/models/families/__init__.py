@@ -8,7 +8,8 @@ A `Family` (spec.py) says how a diffusers pipeline of that family is trained:
 - `options`: its knobs, the config's `family.<name>` keys (`Option`, `xdpo.config.options`: type, default,
   help, check);
 - `load_kwargs(options)`: component overrides when loading (and saving) the pipeline (default: none);
-- `encode_text(comps, captions, device)`: the prompt conditions, a dict of batch-first tensors [B, ...];
+- `encode_text(comps, captions, device)`: the prompt conditions, a dict of batch-first tensors [B, ...]
+  (autograd as the caller sets it: a family with `text_lora` must not disable it, its encoders may train);
 - `image_conditions(comps, n, pixel_size, sizes)`: per-image conditions of n images (SDXL's time ids), or {};
 - `predict(model, noisy, t, cond)`: the only place a denoiser is called; returns the prediction in
   the latent layout [N, C, h, w] whatever the model's own layout (Flux packs and unpacks inside);
@@ -17,6 +18,7 @@ A `Family` (spec.py) says how a diffusers pipeline of that family is trained:
 - `lora_state_for_saving(state_dict)`: peft LoRA weights -> the key names its pipeline's LoRA loader reads;
 - `prepare_sampling(pipe)`: changes to a loaded pipeline before sampling (SD3 without T5: zero padding once);
 - `sampling`: the pipeline's own sampling defaults (steps, guidance, scheduler), None = the SD papers';
+- `text_lora`: the text encoders that can train LoRA (`TextLora`: component, target modules, kohya prefix);
 - `embeddings`: the condition keys that are float embeddings (the only ones cast to a half-precision
   reference's dtype; ids, sizes and guidance never are).
 

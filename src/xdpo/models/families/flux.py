@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, Option, sequence_length
+from xdpo.models.families.spec import Family, Option, TextLora, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 
@@ -32,7 +32,6 @@ OPTIONS = (
 )
 
 
-@torch.no_grad()
 def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[str, Tensor]:
     embeds, pooled, _ = comps.pipe.encode_prompt(
         prompt=captions,
@@ -92,4 +91,5 @@ FAMILY = Family(
     latent_patch=2,  # latents packed in 2x2 patches
     packed_latents=True,
     embeddings=("encoder_hidden_states", "pooled_projections"),
+    text_lora=(TextLora("text_encoder", kohya="lora_te1_"),),  # CLIP (FluxPipeline's loader reads no T5 LoRA)
 )

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, diffusers_lora_state
+from xdpo.models.families.spec import Family, TextLora, diffusers_lora_state
 
 
 def load_kwargs(options: Any) -> dict[str, Any]:
@@ -15,7 +15,6 @@ def load_kwargs(options: Any) -> dict[str, Any]:
     return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-@torch.no_grad()
 def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[str, Tensor]:
     """CLIP last hidden states [B, 77, D], as SD 1.x/2.x condition on them."""
     tok, enc = comps.tokenizers["tokenizer"], comps.text_encoders["text_encoder"]
@@ -48,4 +47,5 @@ FAMILY = Family(
     about="SD 1.x/2.x: UNet, one CLIP encoder, DDPM (eps or v)",
     lora_state_for_saving=diffusers_lora_state,
     embeddings=("encoder_hidden_states",),
+    text_lora=(TextLora("text_encoder", kohya="lora_te_"),),
 )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, Option, sequence_length
+from xdpo.models.families.spec import Family, Option, TextLora, sequence_length
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
 
@@ -37,7 +37,6 @@ def load_kwargs(options: Any) -> dict[str, Any]:
     return {} if options.text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
 
 
-@torch.no_grad()
 def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[str, Tensor]:
     embeds, _, pooled, _ = comps.pipe.encode_prompt(
         prompt=captions,
@@ -98,4 +97,5 @@ FAMILY = Family(
     latent_patch=2,  # the transformer's patch embedding (patch_size 2)
     prepare_sampling=prepare_sampling,
     embeddings=("encoder_hidden_states", "pooled_projections"),
+    text_lora=(TextLora("text_encoder"), TextLora("text_encoder_2")),  # CLIP-L, CLIP-G; not T5
 )

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdpo.models.families.spec import Family, diffusers_lora_state
+from xdpo.models.families.spec import Family, TextLora, diffusers_lora_state
 
 
-@torch.no_grad()
 def encode_text(comps: Any, captions: list[str], device: torch.device) -> dict[str, Tensor]:
     embeds, _, pooled, _ = comps.pipe.encode_prompt(
         prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -65,4 +64,5 @@ FAMILY = Family(
     lora_state_for_saving=diffusers_lora_state,
     sampling={"steps": 50, "guidance": 7.5, "scheduler": "default"},  # the pipeline's own (Euler)
     embeddings=("encoder_hidden_states", "text_embeds"),
+    text_lora=(TextLora("text_encoder", kohya="lora_te1_"), TextLora("text_encoder_2", kohya="lora_te2_")),
 )

@@ -14,8 +14,10 @@ from xdpo.config.options import Option
 from xdpo.errors import ConfigError
 
 __all__ = [
+    "CLIP_ATTENTION",
     "Family",
     "Option",
+    "TextLora",
     "accept_index",
     "diffusers_lora_state",
     "guidance_scale",
@@ -24,6 +26,26 @@ __all__ = [
     "scaled_latents",
     "vae_posterior",
 ]
+
+
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+"""The attention projections of a transformers CLIP text model, the modules diffusers' DreamBooth LoRA
+scripts (`--train_text_encoder`) give adapters."""
+
+
+@dataclass(frozen=True)
+class TextLora:
+    """A text encoder that can train LoRA (`model.lora_text_encoder`): its pipeline component, the modules
+    that get adapters, and the kohya name prefix of its keys (`lora_te_`, `lora_te1_`, `lora_te2_`; "" when
+    the family has no kohya naming). Only encoders whose adapters the family pipeline's
+    `save_lora_weights` / `load_lora_weights` round-trip are declared."""
+
+    component: str
+    targets: tuple[str, ...] = CLIP_ATTENTION
+    kohya: str = ""
+    kohya_root: str = "text_model."
+    """The module path kohya's names start from: CLIP's `text_model.` (the layout of transformers < 5's
+    `CLIPTextModel`, which kohya, ComfyUI and diffusers' converters read); added where the model lacks it."""
 
 
 def same_state(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +139,9 @@ class Family:
     """A sampler's guidance -> the pipeline call's keywords (Qwen-Image's CFG is `true_cfg_scale`)."""
     check_index: Callable[[dict[str, Any]], None] = accept_index
     """Refuses a model_index.json of the family's class that xdpo cannot train, with one line."""
+    text_lora: tuple[TextLora, ...] = ()
+    """The text encoders that can train LoRA beside the denoiser (`model.lora_text_encoder`); () = none (the
+    family pipeline's LoRA loader reads no text-encoder adapters)."""
     video: bool = False
     """The family makes videos: its data are clips of `data.num_frames` frames (pixels [N, 3, F, H, W]),
     its latents [N, C, F', h, w], its samples videos."""
