@@ -352,11 +352,20 @@ def _stale(folder: Path, model: Path, manifest: Path | None = None) -> bool:
     return newest > manifest.stat().st_mtime
 
 
-def run_demo(out: str | Path, *, quick: bool = False, ablation: bool = False, family: str = "sd") -> Path:
-    """Run (or continue) the demo of `family` (sd or flow) into `out`; return the report path."""
+def run_demo(
+    out: str | Path,
+    *,
+    quick: bool = False,
+    ablation: bool = False,
+    family: str = "sd",
+    settings: DemoSettings | None = None,
+) -> Path:
+    """Run (or continue) the demo of `family` (sd or flow) into `out` (or as `settings` say); return the report
+    path."""
     from xdpo.apps.demo.report import write_report
 
-    s = DemoSettings.make(out, quick=quick, ablation=ablation, family=family)
+    s = settings or DemoSettings.make(out, quick=quick, ablation=ablation, family=family)
+    family = s.family
     s.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = "the digits base" if family == "sd" else f"the {s.base} base"
