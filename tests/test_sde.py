@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from xdpo.models.sde import ddim_coefficients, flow_coefficients, gaussian_kl, log_prob, step_mean
+from xdpo.models.sde import ddim_coefficients, flow_coefficients, log_prob, step_mean
+from xdpo.objectives.likelihood import gaussian_kl
 
 
 def test_flow_sde_step_mean_and_std_are_flow_grpo_eq_12():

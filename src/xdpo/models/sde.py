@@ -78,12 +78,3 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
     s = _col(std, mean)
     lp = -((x_next.detach() - mean) ** 2) / (2 * s**2) - torch.log(s) - LOG_SQRT_2PI
     return lp.mean(dim=tuple(range(1, lp.ndim)))
-
-
-def gaussian_kl(mean: Tensor, other: Tensor, std: Tensor | float) -> Tensor:
-    """KL(N(mean, std^2) || N(other, std^2)) per element, averaged over the non-batch dimensions:
-    mean_d (mean - other)^2 / (2 std^2) (Flow-GRPO's KL term; `other` detached)."""
-    d = mean.float() - other.detach().float()
-    s = _col(std, d)
-    kl = d**2 / (2 * s**2)
-    return kl.mean(dim=tuple(range(1, kl.ndim)))

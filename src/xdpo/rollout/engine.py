@@ -14,6 +14,7 @@ With a `StochasticPlan` (the likelihood-based objectives) the pipeline samples w
 `xdpo.rollout.stochastic` and `Samples.steps` holds the recorded transitions (latents before and after,
 log-probabilities, the Gaussian's coefficients) of the steps that are trained; `Samples.cfg` is the
 guidance scale when the pipeline ran classifier-free guidance (the training step reruns it), else None.
+`call_kwargs`: more keywords for every pipeline call (online rounds: the text length the run trains with).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class RolloutEngine:
         progress: bool = False,
         desc: str = "rollout",
         stochastic: StochasticPlan | None = None,
+        call_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from xdpo.models.families import family_of_pipeline
 
@@ -92,6 +94,7 @@ class RolloutEngine:
         self.pipe, self.steps, self.guidance, self.batch_images = pipe, steps, guidance, batch_images
         self.size, self.sampling, self.keep_latents = size, sampling or torch.inference_mode, keep_latents
         self.progress, self.desc, self.stochastic = progress, desc, stochastic
+        self.call_kwargs = call_kwargs or {}
         self.family = family_of_pipeline(pipe)
         self.inner = None if stochastic is None else stochastic_inner(pipe.scheduler)
         pipe.set_progress_bar_config(disable=True)
@@ -128,6 +131,7 @@ class RolloutEngine:
                     callback_on_step_end=on_step_end if self.keep_latents else None,
                     callback_on_step_end_tensor_inputs=["latents"],
                     **size,
+                    **self.call_kwargs,
                 )
         finally:
             object.__setattr__(self.pipe, "scheduler", own)
