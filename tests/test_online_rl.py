@@ -1,4 +1,4 @@
-"""Online training on rollouts (DiffusionNFT, AWM, DGPO): exact resume in the middle of a round and between
+"""Online training on rollouts (DiffusionNFT, AWM, DGPO, GRPO): exact resume in the middle of a round and between
 rounds, groups never split across two processes (their scores gathered before the advantages), the reference
 that samples NFT's rounds, the monitors and online.stop_on with the best round's model."""
 
@@ -40,6 +40,9 @@ CASES = {  # objective: (pipeline, overrides)
         {"data.resolution": 32},
     ),  # full fine-tune, DDPM, whole groups per micro-batch
     "awm": ("tiny_sd3_pipeline_dir", {**SD3, "online.scheduler": "dpm++", "online.reward_norm": "gdpo"}),
+    # recorded SDE steps (DDIM eta 1), CFG rerun at training, MixGRPO's window moving every round
+    "grpo": ("tiny_pipeline_dir", {"data.resolution": 32, "online.guidance": 3.0, "grpo.window": 2,
+                                   "grpo.window_every": 1}),  # fmt: skip
 }
 
 
@@ -103,6 +106,9 @@ def test_rollout_training_resumes_exactly_mid_round_and_between_rounds(
     assert record["samples_with"] == ("reference" if objective == "nft" else "policy")
     m = record["monitors"]
     assert m["heldout"] == pytest.approx(-record["raw_mean"][0]) and m["drift"] > 0 and m["diversity"] > 0
+    if objective == "grpo":  # the window moved one step a round, clamped at the end of the 3-step grid
+        sde = [json.loads((fresh / "online" / n / "round.json").read_text())["sde"]["sde"] for n in names]
+        assert sde == [[0, 1], [1, 2], [1, 2]] and rows[0]["ratio_at_start"] < 1e-5
 
 
 def test_the_rounds_train_on_the_gathered_advantages_and_the_reference_samples_nft(
