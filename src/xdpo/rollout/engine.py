@@ -108,9 +108,9 @@ class RolloutEngine:
 
     def _call(self, jobs: Sequence[Job]) -> tuple[list, Tensor | None, list[float], dict[str, Tensor]]:
         captured: dict[str, Any] = {"grid": []}
-        own = self.pipe.scheduler
-        sched = None
+        own = sched = None
         if self.stochastic is not None:  # this call's scheduler: the pipeline's attribute, not its config
+            own = self.pipe.scheduler
             sched = StochasticScheduler(self.inner, self.stochastic, [sde_generator(j.seed) for j in jobs])
             object.__setattr__(self.pipe, "scheduler", sched)
 
@@ -134,7 +134,8 @@ class RolloutEngine:
                     **self.call_kwargs,
                 )
         finally:
-            object.__setattr__(self.pipe, "scheduler", own)
+            if sched is not None:
+                object.__setattr__(self.pipe, "scheduler", own)
         images = out.images
         latents = captured.get("latents")
         if latents is not None:
