@@ -116,3 +116,21 @@ def test_engine_records_the_trained_steps_and_is_the_ode_without_sde_steps(reque
     # only given the model's output, so check the recorded log-prob against the recorded pair instead
     assert torch.isfinite(s["logp"]).all()
     assert s["next"].shape == s["x"].shape and not torch.equal(s["next"], s["x"])
+
+
+def test_stochastic_samplers_are_euler_on_flow_and_ddim_without_clipping_on_ddpm():
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    from xdpo.errors import ConfigError
+    from xdpo.rollout.stochastic import stochastic_inner
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert stochastic_inner(euler) is euler
+    ddim = stochastic_inner(DDPMScheduler(clip_sample=True, prediction_type="v_prediction"))
+    assert type(ddim).__name__ == "DDIMScheduler" and not ddim.config.clip_sample
+    assert ddim.config.prediction_type == "v_prediction" and not ddim.config.thresholding
+    flow_dpm = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(
+        ConfigError, match="online.scheduler: stochastic rollouts on flow models use the Euler"
+    ):
+        stochastic_inner(flow_dpm)
