@@ -58,6 +58,12 @@ class Rounds:
 
         o = cfg.online
         self.cfg, self.comps, self.accelerator, self.out = cfg, comps, accelerator, Path(out)
+        if reward is None and o.labels:  # a person's labels (D3PO's human-feedback setting)
+            from xdpo.rollout.labels import HumanLabels
+
+            if accelerator.num_processes > 1:
+                raise XdpoError("online.labels: a labelling file is read and written by one process only")
+            reward = HumanLabels(o.labels)
         self.reward = as_reward(reward or load_reward(o.scorer, device=str(accelerator.device)))
         if heldout is None and o.heldout_scorer:
             heldout = load_reward(o.heldout_scorer, device=str(accelerator.device))
