@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import INK_REWARD
 from test_train import read_metrics, run
@@ -79,9 +80,15 @@ def test_a_short_online_run_trains_on_the_recorded_steps(tmp_path, monkeypatch, 
           "online.scorer": "rewards:ink", "online.sample_steps": 3, "online.monitor_images": 0,
           "online.prompts": tmp_path / "prompts.txt", "train.batch_size": 2, "train.max_steps": 2,
           "train.learning_rate": 1e-3, "data.path": "", "data.resolution": 32}  # fmt: skip
-    rows = read_metrics(run(tmp_path, tiny_pipeline_dir, "", **kw))
+    out = run(tmp_path, tiny_pipeline_dir, "", **kw)
+    rows = read_metrics(out)
     assert rows[0]["ratio_at_start"] < 1e-5 and all(math.isfinite(r["loss"]) for r in rows)
+    t = load_file(str(out / "online" / "round-0000" / "rollouts.safetensors"))
+    x, nxt = t["sde_x"][:, 0], t["sde_next"][:, 0]  # the first step: from the initial noise
     if objective == "d3po":  # at the first update the policy is the reference: every log-ratio is 0
         assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        # a pair starts from one initial noise and parts by the sampler's noise (the authors' code)
+        assert torch.equal(x[0], x[1]) and torch.equal(x[2], x[3]) and not torch.equal(nxt[0], nxt[1])
     else:
+        assert not torch.equal(x[0], x[1])
         assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-10) and rows[1]["kl"] > 0

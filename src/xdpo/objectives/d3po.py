@@ -12,8 +12,8 @@ reference (the pre-trained model: `reference.strategy=frozen`, a frozen copy in 
 (Eq. 13 of the paper with the code's clip). Groups whose best and worst score alike contribute log 2 and
 no gradient (the code's `compare` gives [0, 0]). Every image of a group carries the group's loss, so the
 mean over images is the mean over groups. Defaults: the code's beta = 0.1, eps = 0.1, DDIM eta = 1,
-timestep_fraction 1 (config/base.py); per_prompt = 2 is the paper's pair. Where D3PO starts both
-trajectories from the same initial noise, xdpo's groups draw each image at its own seed.
+timestep_fraction 1 (config/base.py); per_prompt = 2 is the paper's pair. As in the code, a group's
+trajectories start from the same initial noise (`Likelihood.shared_start`) and part by the sampler's noise.
 """
 
 from __future__ import annotations
@@ -90,6 +90,6 @@ D3PO = Objective(
     noise="group",
     data=("rollouts",),
     options=OPTIONS,
-    likelihood=Likelihood(steps=window_steps, noise=noise_of, reference=lambda p: True),
+    likelihood=Likelihood(steps=window_steps, noise=noise_of, reference=lambda p: True, shared_start=True),
     scale=lambda cfg: ("d3po.beta", float(cfg.d3po.beta)),
 )

@@ -34,11 +34,13 @@ class Likelihood:
 
     `steps(n, params, r)`: (SDE positions, trained positions) of round r's sampler of n steps;
     `noise(params)`: (flow noise level a, DDPM eta); `reference(params)`: whether the step computes the
-    reference's mean and log-probability (KL terms, DPO's reference)."""
+    reference's mean and log-probability (KL terms, DPO's reference); `shared_start`: a group's images
+    start from the same initial noise and part only by the sampler's noise (D3PO's pairs)."""
 
     steps: Callable[[int, dict[str, Any], int], tuple[tuple[int, ...], tuple[int, ...]]]
     noise: Callable[[dict[str, Any]], tuple[float, float]]
     reference: Callable[[dict[str, Any]], bool]
+    shared_start: bool = False
 
 
 def window_steps(n: int, params: dict[str, Any], r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

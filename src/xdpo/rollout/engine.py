@@ -47,6 +47,7 @@ class Job:
     seed: int
     group: int = 0
     index: int = 0  # the image's index in the round (group * K + k)
+    start: int | None = None  # the seed of its initial noise, when not `seed` (a stochastic sampler's pairs)
 
 
 @dataclass
@@ -124,7 +125,10 @@ class RolloutEngine:
             with self.sampling():
                 out = self.pipe(
                     prompt=[j.prompt for j in jobs],
-                    generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
+                    generator=[
+                        torch.Generator("cpu").manual_seed(j.seed if j.start is None else j.start)
+                        for j in jobs
+                    ],
                     num_inference_steps=self.steps,
                     guidance_scale=self.guidance,
                     output_type="pil",

@@ -110,10 +110,12 @@ class Rounds:
 
         o, seed = self.cfg.online, self.cfg.seed
         records = resolve_prompt_records(o.prompts)
-        return plan_round(
+        plan = plan_round(
             records, o.per_prompt, mix_seed(seed, r, 0x0DE) % (2**31), prompts_per_round=o.prompts_per_round,
             choose_seed=mix_seed(seed, r, 0xC40),
         )  # fmt: skip
+        lik = self.objective.likelihood
+        return dataclasses.replace(plan, shared_start=lik is not None and lik.shared_start)
 
     def sampler(self, model: Any) -> Any:
         """A context holding the model that samples: the policy, or the reference (`samples_with`)."""
