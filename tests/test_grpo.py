@@ -98,3 +98,19 @@ def test_ratio_is_one_at_the_first_update_and_moves_after_it(request, tmp_path, 
     t = load_file(str(out / "online" / "round-0000" / "rollouts.safetensors"))
     steps = 2 if "grpo.window" in kw else int(4 * 0.99)
     assert t["sde_x"].shape[:2] == (4, steps) and t["sde_logp"].shape == (4, steps)
+
+
+@pytest.mark.parametrize("strategy", ["stable", "ema"])
+def test_grpo_composes_with_the_reference_strategies(request, tmp_path, monkeypatch, strategy):
+    """Kang et al.'s stable update (its probe drawn from round 0's recorded steps; D = pred_mse: `kang` reads
+    preferred images, which rollouts have not) and an EMA reference: the KL term's reference moves."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards.py").write_text(INK_REWARD)
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kw = {**RUN, "online.prompts": tmp_path / "prompts.txt", "data.resolution": 32, "train.max_steps": 3,
+          "reference.strategy": strategy, "reference.update_every": 1, "reference.max_divergence": 10,
+          "reference.divergence": "pred_mse"}  # fmt: skip
+    rows = read_metrics(run(tmp_path, request.getfixturevalue("tiny_pipeline_dir"), "", **kw))
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["ref_updates"] >= 1
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
