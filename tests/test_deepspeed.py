@@ -186,3 +186,18 @@ def test_deepspeed_config_follows_the_xdpo_config():
         configure_deepspeed(_Accelerator(_Plugin(0, {})), cfg)
     with pytest.raises(XdpoError, match="remove its `optimizer`"):
         configure_deepspeed(_Accelerator(_Plugin(3, {"optimizer": {"type": "AdamW"}})), cfg)
+
+
+@pytest.mark.slow
+def test_zero3_lora_grpo_recomputes_the_recorded_log_probs(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """ZeRO-3 with LoRA, GRPO with CFG: the round's stochastic steps are sampled by the partitioned policy and
+    their log-probs recomputed by the training step on the same weights (ratio 1 at the first update); the
+    KL to the reference (adapters off) is 0 there and grows after the update."""
+    extra, env = online_args(tmp_path)
+    out = tmp_path / "grpo"
+    kw = {"model.lora_rank": 4, "loss.objective": "grpo", "online.guidance": 3.0, "train.max_steps": 2,
+          "train.learning_rate": 1e-3}  # fmt: skip
+    launch(3, [*train_overrides(out, tiny_pipeline_dir, pairs_parquet, **kw), *extra], env)
+    rows = logged(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["ratio_at_start"] < 1e-4
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-12) and rows[1]["kl"] > 0

@@ -1,4 +1,4 @@
-"""Online training on rollouts (DiffusionNFT, AWM, DGPO): exact resume in the middle of a round and between
+"""Online training on rollouts (DiffusionNFT, AWM, DGPO, GRPO): exact resume in the middle of a round and between
 rounds, groups never split across two processes (their scores gathered before the advantages), the reference
 that samples NFT's rounds, the monitors and online.stop_on with the best round's model."""
 
@@ -40,6 +40,11 @@ CASES = {  # objective: (pipeline, overrides)
         {"data.resolution": 32},
     ),  # full fine-tune, DDPM, whole groups per micro-batch
     "awm": ("tiny_sd3_pipeline_dir", {**SD3, "online.scheduler": "dpm++", "online.reward_norm": "gdpo"}),
+    # recorded SDE steps (DDIM eta 1), CFG rerun at training, MixGRPO's window moving every round
+    "grpo": (
+        "tiny_pipeline_dir",
+        {"data.resolution": 32, "online.guidance": 3.0, "grpo.window": 2, "grpo.window_every": 1},
+    ),  # fmt: skip
 }
 
 
@@ -103,6 +108,9 @@ def test_rollout_training_resumes_exactly_mid_round_and_between_rounds(
     assert record["samples_with"] == ("reference" if objective == "nft" else "policy")
     m = record["monitors"]
     assert m["heldout"] == pytest.approx(-record["raw_mean"][0]) and m["drift"] > 0 and m["diversity"] > 0
+    if objective == "grpo":  # the window moved one step a round, clamped at the end of the 3-step grid
+        sde = [json.loads((fresh / "online" / n / "round.json").read_text())["sde"]["sde"] for n in names]
+        assert sde == [[0, 1], [1, 2], [1, 2]] and rows[0]["ratio_at_start"] < 1e-5
 
 
 def test_the_rounds_train_on_the_gathered_advantages_and_the_reference_samples_nft(
@@ -200,3 +208,31 @@ def test_fsdp_nft_lora_samples_with_the_sharded_old_policy_and_resumes(tmp_path,
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["ref_updates"] == 2
     assert sorted(p.name for p in (out / "online").iterdir()) == ["round-0000", "round-0001", "round-0002"]
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_grpo_lora_records_and_recomputes_log_probs_on_sharded_weights_and_resumes(
+    tmp_path, tiny_pipeline_dir
+):
+    """FSDP2 on 2 processes, LoRA, GRPO: each process samples its groups with the stochastic sampler (as many
+    pipeline calls on every process), the recorded steps of all processes are merged, the log-probs recomputed
+    on the sharded policy equal the recorded ones at the first update, and a resume mid-round continues."""
+    from test_fsdp import FSDP_ENV
+
+    (tmp_path / "rewards.py").write_text(INK_REWARD)
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green dot\n")
+    out = tmp_path / "fsdp"
+    kw = {**ROLLOUTS, "online.prompts": tmp_path / "prompts.txt", "model.pretrained": tiny_pipeline_dir,
+          "output_dir": out, "data.resolution": 32, "loss.objective": "grpo", "model.lora_rank": 4,
+          "reference.strategy": "frozen", "online.guidance": 3.0, "train.learning_rate": 1e-3,
+          "train.warmup_steps": 0, "train.scale_lr": False}  # fmt: skip
+    env = {**FSDP_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 3}.items()], env=env)
+    log = torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 5, "train.resume_from": "latest"}.items()],
+                   env=env)  # fmt: skip
+    assert "Resuming from" in log
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(rows[i]["ratio_at_start"] < 1e-4 for i in (0, 2, 4))
+    t = load_file(str(out / "online" / "round-0000" / "rollouts.safetensors"))
+    assert t["sde_x"].shape[:2] == (9, 2) and torch.isfinite(t["sde_logp"]).all()

@@ -30,6 +30,8 @@ PAPER_LR = {
     "sdxl-pickapic-mapo.yaml": (8, 1e-5),
     # DiffusionNFT (App. C), AWM and DGPO (their codes' config/base.py): AdamW 3e-4, not scaled; FLUX: the same
     **{f"{m}-{o}-lora.yaml": (8, 3e-4) for m in ("sd35", "flux-dev") for o in ("nft", "awm", "dgpo")},
+    # Flow-GRPO (config/base.py): AdamW 3e-4, not scaled
+    "sd35-grpo-lora.yaml": (8, 3e-4),
     # Flow-DPO's LoRA recipe on the 2025 families (lr 5e-6 at batch 64, not scaled); full fine-tunes at 1e-6 (ours)
     "qwenimage-flowdpo-lora.yaml": (8, 5e-6),
     "flux2-dev-flowdpo-lora.yaml": (8, 5e-6),
@@ -135,3 +137,12 @@ def test_recent_family_configs_fit_their_family(name):
     fam.check_resolution(cfg.data.resolution, 8)
     fam.check_frames(cfg.data.num_frames, 4)
     assert (cfg.data.num_frames > 0) == fam.video
+
+
+def test_the_grpo_configs_take_two_updates_a_round_over_every_recorded_step():
+    """Flow-GRPO updates twice per epoch over every (image, trained step) item of it."""
+    for name, world in (("sd35-grpo-lora.yaml", 8), ("digits-grpo.yaml", 1)):
+        cfg = load_config(CONFIGS / name, ["online.prompts=p.txt"])
+        o, t = cfg.online, cfg.train
+        items = o.prompts_per_round * o.per_prompt * int(o.sample_steps * cfg.grpo.train_fraction)
+        assert o.every == 2 and items == 2 * t.batch_size * t.grad_accum * world, name

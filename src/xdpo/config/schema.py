@@ -417,6 +417,11 @@ class OnlineConfig:
     keep_images: bool = _f(
         False, "rollout rounds: also write every sampled image as PNG into the round folder"
     )
+    labels: str = _f(
+        "",
+        "a labelling file that scores the rounds instead of online.scorer: a person's numbers per image, "
+        "the missing ones written for labelling (xdpo.rollout.labels; one process)",
+    )
     heldout_scorer: str = _f(
         "", "monitor only, never trained on: a reward whose mean over each round's images is logged"
     )

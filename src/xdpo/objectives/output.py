@@ -8,7 +8,7 @@ accuracy show progress).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ class LossOutput:
     clamped: Tensor  # [2R] bool: exponent argument clamped (w then l)
     delta_w: Tensor  # [R] e_theta(w) - e_ref(w), detached
     delta_l: Tensor  # [R]
+    extra: dict[str, Tensor] = field(default_factory=dict)  # more per-row quantities, logged as their means
 
     @property
     def reward_margin(self) -> Tensor:

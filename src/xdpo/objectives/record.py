@@ -22,6 +22,9 @@ The recipe reads only these traits (docs/design.md §2):
   draw unit (an image, or a group for `noise="group"`) is trained at in its round, or None (the run's
   timestep sampler, one draw per unit);
 - `samples_with`: the model that samples its rollouts: "policy" or "reference" (DiffusionNFT's old policy).
+- `likelihood`: for objectives on per-step log-probabilities of a stochastic sampler (grpo, dpok, d3po),
+  which sampler steps are stochastic and trained, its noise, and whether the reference's step is needed
+  (`xdpo.objectives.likelihood.Likelihood`); None for the others.
 - `scale(cfg)`: (the key, its value) of the factor that turns its reward difference into logits
   (default `loss.beta`; MaPO's kappa), logged as the effective beta = scale x mean lambda(t); None
   when its loss has none (SFT).
@@ -37,6 +40,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from xdpo.config.options import Option
+from xdpo.objectives.likelihood import Likelihood
 from xdpo.objectives.output import LossOutput
 
 
@@ -85,6 +89,13 @@ class LossInput:
     init_pred: Tensor | None = None  # the initial model's (no autograd), when `Objective.initial` says so
     init_err: Tensor | None = None  # [N] its errors e_initial
     x0_scale: Tensor | None = None  # [N] c with x0_hat - x0 = -c (pred - target) (flow: sigma)
+    # `Objective.likelihood`: rows = (image, recorded sampler step), the step's Gaussian transition
+    log_prob: Tensor | None = None  # [N] log p_theta(x' | x), with autograd (xdpo.models.sde.log_prob)
+    old_log_prob: Tensor | None = None  # [N] as recorded when sampling (the old policy's)
+    ref_log_prob: Tensor | None = None  # [N] the reference's, when `Likelihood.reference` says so
+    step_mean: Tensor | None = None  # [N, ...] the policy's Gaussian mean, with autograd
+    ref_step_mean: Tensor | None = None  # [N, ...] the reference's
+    step_std: Tensor | None = None  # [N] the transition's std
 
     @property
     def rows(self) -> int:
@@ -115,3 +126,4 @@ class Objective:
     timesteps: Callable[[int, dict[str, Any], Any], Sequence[int]] | None = None
     samples_with: str = "policy"
     scale: Callable[[Any], tuple[str, float]] | None = beta_scale
+    likelihood: Likelihood | None = None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from xdpo.errors import ConfigError
 from xdpo.objectives.awm import AWM
+from xdpo.objectives.d3po import D3PO
 from xdpo.objectives.dgpo import DGPO
+from xdpo.objectives.dpok import DPOK
+from xdpo.objectives.grpo import GRPO
 from xdpo.objectives.kto import KTO
 from xdpo.objectives.mapo import MAPO
 from xdpo.objectives.nft import NFT
@@ -12,7 +15,9 @@ from xdpo.objectives.preference import PAIR
 from xdpo.objectives.record import Objective
 from xdpo.objectives.sft import SFT
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (PAIR, SFT, KTO, MAPO, NFT, AWM, DGPO)}
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o for o in (PAIR, SFT, KTO, MAPO, NFT, AWM, DGPO, GRPO, DPOK, D3PO)
+}
 
 
 def objective_names() -> tuple[str, ...]:

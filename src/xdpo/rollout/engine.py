@@ -10,6 +10,11 @@ are unpacked with the pipeline's own helper), and the sampler's timestep grid (t
 steps, which the decoupled objectives train on). Guidance <= 1 runs the pipeline without classifier-free
 guidance (diffusers' rule). `calls` pads the number of pipeline calls (a sharded model's forwards are
 collectives: every process makes as many). Images per second are measured around the pipeline calls.
+With a `StochasticPlan` (the likelihood-based objectives) the pipeline samples with the stochastic steps of
+`xdpo.rollout.stochastic` and `Samples.steps` holds the recorded transitions (latents before and after,
+log-probabilities, the Gaussian's coefficients) of the steps that are trained; `Samples.cfg` is the
+guidance scale when the pipeline ran classifier-free guidance (the training step reruns it), else None.
+`call_kwargs`: more keywords for every pipeline call (online rounds: the text length the run trains with).
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xdpo.rollout.stochastic import (
+    StochasticPlan,
+    StochasticScheduler,
+    sde_generator,
+    stack_records,
+    stochastic_inner,
+)
+
+PER_IMAGE = ("x", "next", "logp")
+
 
 @dataclass(frozen=True)
 class Job:
@@ -32,6 +47,7 @@ class Job:
     seed: int
     group: int = 0
     index: int = 0  # the image's index in the round (group * K + k)
+    start: int | None = None  # the seed of its initial noise, when not `seed` (a stochastic sampler's pairs)
 
 
 @dataclass
@@ -41,6 +57,8 @@ class Samples:
     grid: list[float] = field(default_factory=list)  # the sampler's model timesteps, first step first
     seconds: float = 0.0  # wall time of the pipeline calls
     calls: int = 0
+    steps: dict[str, Tensor] = field(default_factory=dict)  # stochastic sampling: `stochastic.stack_records`
+    cfg: float | None = None  # the classifier-free guidance scale the pipeline ran, or None
 
     @property
     def images_per_second(self) -> float:
@@ -67,6 +85,8 @@ class RolloutEngine:
         keep_latents: bool = True,
         progress: bool = False,
         desc: str = "rollout",
+        stochastic: StochasticPlan | None = None,
+        call_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from xdpo.models.families import family_of_pipeline
 
@@ -74,12 +94,26 @@ class RolloutEngine:
             raise ValueError(f"batch_images must be >= 1, got {batch_images}")
         self.pipe, self.steps, self.guidance, self.batch_images = pipe, steps, guidance, batch_images
         self.size, self.sampling, self.keep_latents = size, sampling or torch.inference_mode, keep_latents
-        self.progress, self.desc = progress, desc
+        self.progress, self.desc, self.stochastic = progress, desc, stochastic
+        self.call_kwargs = call_kwargs or {}
         self.family = family_of_pipeline(pipe)
+        self.inner = None if stochastic is None else stochastic_inner(pipe.scheduler)
         pipe.set_progress_bar_config(disable=True)
 
-    def _call(self, jobs: Sequence[Job]) -> tuple[list, Tensor | None, list[float]]:
+    def _unpack(self, latents: Tensor, images: list) -> Tensor:
+        """Packed latents [n, tokens, 4C] -> [n, C, h, w] with the pipeline's helper (else as they are)."""
+        if self.family is not None and self.family.packed_latents:
+            w, h = images[0].size
+            return type(self.pipe)._unpack_latents(latents, h, w, self.pipe.vae_scale_factor)
+        return latents
+
+    def _call(self, jobs: Sequence[Job]) -> tuple[list, Tensor | None, list[float], dict[str, Tensor]]:
         captured: dict[str, Any] = {"grid": []}
+        own = sched = None
+        if self.stochastic is not None:  # this call's scheduler: the pipeline's attribute, not its config
+            own = self.pipe.scheduler
+            sched = StochasticScheduler(self.inner, self.stochastic, [sde_generator(j.seed) for j in jobs])
+            object.__setattr__(self.pipe, "scheduler", sched)
 
         def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
             captured["latents"] = kwargs["latents"]
@@ -87,25 +121,33 @@ class RolloutEngine:
             return kwargs
 
         size = {} if self.size is None else {"height": self.size, "width": self.size}
-        with self.sampling():
-            out = self.pipe(
-                prompt=[j.prompt for j in jobs],
-                generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
-                num_inference_steps=self.steps,
-                guidance_scale=self.guidance,
-                output_type="pil",
-                callback_on_step_end=on_step_end if self.keep_latents else None,
-                callback_on_step_end_tensor_inputs=["latents"],
-                **size,
-            )
+        try:
+            with self.sampling():
+                out = self.pipe(
+                    prompt=[j.prompt for j in jobs],
+                    generator=[
+                        torch.Generator("cpu").manual_seed(j.seed if j.start is None else j.start)
+                        for j in jobs
+                    ],
+                    num_inference_steps=self.steps,
+                    guidance_scale=self.guidance,
+                    output_type="pil",
+                    callback_on_step_end=on_step_end if self.keep_latents else None,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    **size,
+                    **self.call_kwargs,
+                )
+        finally:
+            if sched is not None:
+                object.__setattr__(self.pipe, "scheduler", own)
         images = out.images
         latents = captured.get("latents")
         if latents is not None:
-            if self.family is not None and self.family.packed_latents:  # [n, tokens, 4C] -> [n, C, h, w]
-                w, h = images[0].size
-                latents = type(self.pipe)._unpack_latents(latents, h, w, self.pipe.vae_scale_factor)
-            latents = latents.detach().float().cpu()
-        return images, latents, captured["grid"]
+            latents = self._unpack(latents, images).detach().float().cpu()
+        steps = (
+            {} if sched is None else stack_records(sched.records, lambda x: self._unpack(x, images).float())
+        )
+        return images, latents, captured["grid"], steps
 
     def sample(self, jobs: Sequence[Job], calls: int | None = None) -> Samples:
         """Images (and latents) of `jobs` in order; `calls`: make this many pipeline calls (>= the chunks
@@ -114,11 +156,11 @@ class RolloutEngine:
 
         chunks = [list(jobs[i : i + self.batch_images]) for i in range(0, len(jobs), self.batch_images)]
         pad = max(0, (calls or 0) - len(chunks))
-        out, latents = Samples(), []
+        out, latents, parts = Samples(), [], []
         bar = tqdm(total=len(jobs), desc=self.desc, unit="img", disable=not self.progress, dynamic_ncols=True)
         for chunk in chunks + [None] * pad:
             t0 = time.perf_counter()
-            images, lat, grid = self._call(chunk or [Job(prompt="", seed=0)])
+            images, lat, grid, steps = self._call(chunk or [Job(prompt="", seed=0)])
             out.seconds += time.perf_counter() - t0
             out.calls += 1
             if chunk is None:
@@ -127,10 +169,17 @@ class RolloutEngine:
             out.grid = out.grid or grid
             if lat is not None:
                 latents.append(lat)
+            if steps:
+                parts.append(steps)
             bar.update(len(chunk))
             bar.set_postfix(img_per_s=f"{out.images_per_second:.2f}", refresh=False)
         bar.close()
         out.latents = torch.cat(latents) if latents else None
+        if parts:  # per image: concatenated; per step: the same in every call
+            out.steps = {
+                k: torch.cat([p[k] for p in parts]) if k in PER_IMAGE else parts[0][k] for k in parts[0]
+            }
+        out.cfg = self.guidance if getattr(self.pipe, "do_classifier_free_guidance", False) else None
         return out
 
 

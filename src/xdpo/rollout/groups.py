@@ -26,6 +26,7 @@ class RoundPlan:
     prompt_index: tuple[int, ...]  # per group: its prompt's index in the prompt set
     per_prompt: int
     seed: int
+    shared_start: bool = False  # a group's images start from one initial noise (its first seed's; D3PO)
 
     @property
     def n_groups(self) -> int:
@@ -37,7 +38,13 @@ class RoundPlan:
     def jobs(self, groups: Sequence[int]) -> list[Job]:
         K = self.per_prompt
         return [
-            Job(self.captions[g], self.seed_of(g, k), group=g, index=g * K + k)
+            Job(
+                self.captions[g],
+                self.seed_of(g, k),
+                group=g,
+                index=g * K + k,
+                start=self.seed_of(g, 0) if self.shared_start else None,
+            )
             for g in groups
             for k in range(K)
         ]

@@ -18,6 +18,7 @@ from xdpo.rollout.pairing import merge_parts, pair_columns, write_columns
 from xdpo.train.online import PAIRS, RECORD, ROLLOUTS
 
 MONITOR = "monitor.safetensors"
+PER_STEP = ("sde_position", "sde_a", "sde_b", "sde_std", "sde_t")  # one value per recorded sampler step
 
 
 def start(folder: Path, accelerator: Any) -> Path:
@@ -67,13 +68,15 @@ def write_pairs(
 def write_rollouts(
     tmp: Path, plan: RoundPlan, got: Scored, grid_index: list[int], accelerator: Any, keep_images: bool
 ) -> None:
-    """Rollouts: this process's latents (and PNGs), then one `rollouts.safetensors` over all N images."""
+    """Rollouts: this process's latents (and PNGs), then one `rollouts.safetensors` over all N images; with a
+    stochastic sampler also the recorded steps (`sde_*`, `xdpo.rollout.stochastic.stack_records`)."""
     from safetensors.torch import load_file, save_file
 
     rank = accelerator.process_index
     index = torch.tensor([j.index for j in got.jobs], dtype=torch.long)
+    steps = {f"sde_{k}": v.contiguous() for k, v in got.samples.steps.items()}  # stochastic sampling
     save_file(
-        {"latents": got.samples.latents.contiguous(), "index": index},
+        {"latents": got.samples.latents.contiguous(), "index": index, **steps},
         str(tmp / f"part-{rank:04d}.safetensors"),
     )
     if keep_images:
@@ -84,14 +87,19 @@ def write_rollouts(
     if accelerator.is_main_process:
         parts = [load_file(str(p)) for p in sorted(tmp.glob("part-*.safetensors"))]
         n = plan.n_groups * plan.per_prompt
-        first = parts[0]["latents"]
-        latents = torch.empty((n, *first.shape[1:]), dtype=first.dtype)
-        for p in parts:
-            latents[p["index"]] = p["latents"]
+        merged = {}
+        for key in [k for k in parts[0] if k != "index"]:
+            if key in PER_STEP:  # the same on every process
+                merged[key] = parts[0][key]
+                continue
+            first = parts[0][key]
+            merged[key] = torch.empty((n, *first.shape[1:]), dtype=first.dtype)
+            for p in parts:
+                merged[key][p["index"]] = p[key]
         K = plan.per_prompt
         save_file(
             {
-                "latents": latents,
+                **merged,
                 "group": torch.arange(n) // K,
                 "seed": torch.tensor([plan.seed_of(i // K, i % K) for i in range(n)], dtype=torch.long),
                 "raw": torch.from_numpy(np.ascontiguousarray(got.raw)),

@@ -116,6 +116,25 @@ def summarize(
     return row
 
 
+RATIO_TOLERANCE = 1e-3
+"""max |ratio - 1| allowed at the first update of a round (fp32 numerics of a batched vs a split CFG pass are
+~1e-6; bf16 sampling can exceed it, which is what the warning is for)."""
+
+
+def summarize_extra(accelerator: Any, records: list) -> dict[str, float]:
+    """Means over the step's rows (all micro-batches, all processes) of each objective's `LossOutput.extra`
+    quantity, and the max of `ratio_dev` as `ratio_dev_max`; one gather, only when there are any."""
+    if not records or not records[0][0].extra:
+        return {}
+    keys = sorted(records[0][0].extra)
+    local = torch.cat([torch.stack([r[0].extra[k].float() for k in keys], dim=1) for r in records])
+    g = accelerator.gather(local)
+    row = dict(zip(keys, g.mean(dim=0).tolist(), strict=True))
+    if "ratio_dev" in row:
+        row["ratio_dev_max"] = float(g[:, keys.index("ratio_dev")].max())
+    return row
+
+
 class Diagnostics:
     """What explains a run beyond the loss, added to every step's row by `row()`:
     - `implicit_acc` / `reward_margin` per timestep bucket (`train.timestep_buckets`, `summarize`);
@@ -133,6 +152,8 @@ class Diagnostics:
         self.scale = objective.scale(cfg) if objective.scale is not None else None
         self.window: deque[float] = deque(maxlen=max(self.at - self.at // 2, 1))
         self.checked = self.at == 0 or self.scale is None
+        self.ratio_note: str | None = None
+        self.ratio_warned = False
 
     def about(self) -> str:
         """One line for the run's start: what the effective beta is made of."""
@@ -141,15 +162,33 @@ class Diagnostics:
         key, value = self.scale
         return f"effective beta (beta_eff in metrics.jsonl) = {key} ({value:g}) x mean lambda(t)"
 
-    def row(self, accelerator: Any, records: list, keep_deltas: bool = False) -> dict[str, Any]:
-        """`summarize` of the step, with the buckets and `beta_eff`."""
+    def row(
+        self, accelerator: Any, records: list, keep_deltas: bool = False, fresh: bool = False
+    ) -> dict[str, Any]:
+        """`summarize` of the step, with the buckets, `beta_eff` and the objective's extra quantities
+        (`summarize_extra`). `fresh`: the step is the first of an online round (the policy still is the
+        model that sampled it), where the likelihood ratio must be 1: `ratio_at_start` = max |ratio - 1|."""
         row = summarize(accelerator, records, keep_deltas, self.buckets, self.num_steps)
         if self.scale is not None:
             row["beta_eff"] = self.scale[1] * row["lambda_mean"]
+        row |= summarize_extra(accelerator, records)
+        if fresh and "ratio_dev_max" in row:
+            row["ratio_at_start"] = row["ratio_dev_max"]
+            if row["ratio_at_start"] > RATIO_TOLERANCE and self.ratio_note is None:
+                self.ratio_note = (
+                    f"Warning: the log-probabilities recomputed at training time differ from those recorded "
+                    f"when sampling, on the same weights: max |ratio - 1| = {row['ratio_at_start']:.3g} > "
+                    f"{RATIO_TOLERANCE:g} at the first update of a round (docs/math.md §12.2). PPO's clipping is "
+                    f"then biased: check mixed precision, LoRA dropout (model.lora_dropout) and the sampler."
+                )
         return row
 
     def chance_warning(self, step: int, row: dict[str, Any]) -> str | None:
-        """The warning line, once, at the first step >= `train.chance_warning_steps` (None otherwise)."""
+        """The warning line, once, at the first step >= `train.chance_warning_steps` (None otherwise); the
+        ratio-at-start warning, once, at the step that found it."""
+        if self.ratio_note and not self.ratio_warned:
+            self.ratio_warned = True
+            return self.ratio_note
         if self.checked:
             return None
         if step > self.at // 2:

@@ -179,7 +179,8 @@ class Recipe:
         st.reference = {} if ref is None else ref.state()
         st.objective_state = None if self.obj_state is None else self.obj_state.state()
         st.nonfinite_total += 0 if all_finite else 1
-        row = {"step": st.step, **self.diag.row(acc, records, keep_deltas=t.log_deltas), "lr": lr_now,
+        fresh = cfg.online.enabled and (st.step - 1) % cfg.online.every == 0  # the round's first update
+        row = {"step": st.step, **self.diag.row(acc, records, keep_deltas=t.log_deltas, fresh=fresh), "lr": lr_now,
                "grad_norm": None if grad_norm is None else float(grad_norm), "pairs_seen": st.pairs_seen,
                "epoch": st.pairs_seen / self.data.n_items, "step_time": time.perf_counter() - t0,
                **(ref.metrics(divergence) if ref else {})}  # fmt: skip

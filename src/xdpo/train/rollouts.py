@@ -8,6 +8,12 @@ indices. A draw unit is an image, or a whole group when the objective shares one
 on every process and after a resume), one item per (unit, position); an objective without `timesteps`
 has one item per unit and the step draws t from the run's sampler. Items are indexed by `(index, seed)`
 keys, as the pair datasets, so the run's deterministic order (`xdpo.train.batches`) reads them.
+
+A round sampled with a stochastic sampler (the likelihood objectives, `Objective.likelihood`) also holds
+the recorded sampler steps (`sde_*`: the latents before and after each trained step, its log-probability,
+the Gaussian's coefficients, the model timestep) and the guidance the pipeline ran (`cfg`): its items are
+(unit, recorded step), every recorded step of every unit, and a batch's latents are the latents before
+the step (`xdpo.train.likelihood_step`).
 """
 
 from __future__ import annotations
@@ -40,8 +46,13 @@ class RolloutItems(torch.utils.data.Dataset):
         self.pixel_size = tuple(record["pixel_size"])
         units = len(self.captions) if objective.noise == "group" else self.latents.shape[0]
         self.by_group = objective.noise == "group"
+        self.sde = {k[4:]: v for k, v in t.items() if k.startswith("sde_")}
+        self.cfg = float(record.get("cfg") or 0.0)
         items = []
         for u in range(units):
+            if self.sde:
+                items += [(u, s) for s in range(self.sde["x"].shape[1])]
+                continue
             if objective.timesteps is None:
                 items.append((u, -1))
                 continue
@@ -67,8 +78,27 @@ class RolloutItems(torch.utils.data.Dataset):
         group = torch.tensor([u for u, it in enumerate(items) for _ in it["images"]], dtype=torch.long)
         steps = torch.tensor([it["timestep"] for it in items for _ in it["images"]], dtype=torch.long)
         captions = [self.captions[int(self.group[i])] for i in idx]
+        if self.sde:
+            return self.collate_steps(items, idx, group, captions)
         return Batch(
             captions=captions, label=torch.ones(len(idx)), pairs=False, pixel_size=self.pixel_size,
             latents=self.latents[idx], extras={"advantage": self.advantage[idx], "group": group, "timestep": steps},
             rows=torch.tensor(idx, dtype=torch.long),
+        )  # fmt: skip
+
+    def collate_steps(
+        self, items: list[dict[str, Any]], idx: list[int], group: torch.Tensor, captions: list[str]
+    ) -> Batch:
+        """A micro-batch of recorded sampler steps: latents before the step, and its record in `extras`."""
+        s = torch.tensor([it["timestep"] for it in items for _ in it["images"]], dtype=torch.long)
+        i = torch.tensor(idx, dtype=torch.long)
+        d = self.sde
+        extras = {
+            "advantage": self.advantage[idx], "group": group, "timestep": self.grid[d["position"][s]],
+            "sde_next": d["next"][i, s], "sde_logp": d["logp"][i, s], "sde_a": d["a"][s], "sde_b": d["b"][s],
+            "sde_std": d["std"][s], "sde_t": d["t"][s], "cfg": torch.full((len(idx),), self.cfg, dtype=torch.float64),
+        }  # fmt: skip
+        return Batch(
+            captions=captions, label=torch.ones(len(idx)), pairs=False, pixel_size=self.pixel_size,
+            latents=d["x"][i, s], extras=extras, rows=i,
         )  # fmt: skip

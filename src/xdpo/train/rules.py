@@ -42,9 +42,9 @@ def check_source(cfg: Any) -> None:
     d, o = cfg.data, cfg.online
     require(bool(d.path) or o.enabled, "data.path", "required (Pick-a-Pic v2 format pairs)", d.path)
     require(
-        not o.enabled or (bool(o.prompts) and bool(o.scorer)),
+        not o.enabled or (bool(o.prompts) and bool(o.scorer or o.labels)),
         "online.enabled",
-        "needs online.prompts and online.scorer",
+        "needs online.prompts and online.scorer (or online.labels)",
         o.enabled,
     )
     require(

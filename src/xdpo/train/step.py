@@ -70,6 +70,10 @@ def step_weight(m: StepContext, t: Tensor) -> Tensor | None:
 
 def train_step(m: StepContext, batch: Batch, gen: torch.Generator) -> StepOutput:
     """Latents and conditions -> (t, eps) -> reference and policy errors -> the objective's loss."""
+    if batch.extras and "sde_next" in batch.extras:  # recorded sampler steps: per-step log-probabilities
+        from xdpo.train.likelihood_step import likelihood_step
+
+        return likelihood_step(m, batch, gen)
     if batch.extras:  # a rollout batch (online groups with advantages): its own step
         from xdpo.train.rollout_step import rollout_step
 
