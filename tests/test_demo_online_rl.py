@@ -20,6 +20,8 @@ def test_every_arm_samples_the_same_number_of_images(tmp_path):
     images = {k: c.online.prompts_per_round * c.online.per_prompt * (s.max_steps // c.online.every)
               for k, c in cfgs.items()}  # fmt: skip
     assert set(images.values()) == {s.images} == {320}
+    assert [m.slug for m in s.methods][-4:] == ["grpo", "grpo-window", "dpok", "d3po"]
+    assert cfgs["grpo-window"].grpo.window == 4 and cfgs["d3po"].reference.strategy == "frozen"
     assert cfgs["offline"].online.every == s.max_steps and cfgs["nft"].loss.objective == "nft"
     assert {c.online.scorer for c in cfgs.values()} == {"xdpo.apps.demo.online_rl:noisy_reward"}
 
@@ -43,9 +45,12 @@ def test_online_rl_is_its_own_demo(capsys):
 @pytest.mark.slow
 def test_a_tiny_online_rl_demo_writes_its_report(tmp_path):
     s = OnlineRLSettings.make_rl(tmp_path / "rl", quick=True, family="flow", prompts_per_round=2, every=2)
+    s.methods = tuple(
+        m for m in s.methods if m.slug in ("offline", "online-dpo", "nft", "grpo-window", "d3po")
+    )
     report = run_online_rl(s.out, settings=s)
     res = json.loads((s.out / "results.json").read_text())
-    assert [a["slug"] for a in res["arms"]] == ["offline", "online-dpo", "nft", "awm", "dgpo"]
+    assert [a["slug"] for a in res["arms"]] == ["offline", "online-dpo", "nft", "grpo-window", "d3po"]
     for arm in res["arms"]:
         assert [p["images"] for p in arm["points"]] == (
             [0, 16, 16] if arm["slug"] == "offline" else [0, 8, 16]
@@ -55,6 +60,7 @@ def test_a_tiny_online_rl_demo_writes_its_report(tmp_path):
     text = report.read_text()
     assert "**one training seed**" in text and (s.out / "curves.png").is_file()
     assert "No intervals" not in text  # one seed: the images' bootstrap interval
+    assert "One seed: the decoupled and the likelihood-based arms are not separated" in text
 
 
 def test_three_seeds_by_default_and_one_when_quick(tmp_path, capsys):
@@ -93,3 +99,24 @@ def test_verdicts_follow_the_intervals():
     assert tied[1].endswith("A, C; not shown above it: B.")
     single = verdicts([{"name": "A", "reward": (2.0, float("nan"), float("nan"))}], base_mean=0.0)
     assert single == ["- No intervals (one seed, one image): no arm is separated from another."]
+
+
+def test_the_speedup_line_follows_the_intervals():
+    from xdpo.apps.demo.online_rl_report import speedup
+
+    def arm(slug: str, rewards: list[float], seconds: float) -> dict:
+        return {**_arm(slug.upper(), rewards), "slug": slug, "points": [{"seconds": seconds}]}
+
+    rows = [
+        arm("nft", [2.0, 2.1, 2.2], 30),
+        arm("awm", [1.0, 1.1, 1.2], 30),
+        arm("grpo", [1.0, 1.05, 1.1], 40),
+    ]
+    line = speedup(rows)[0]
+    assert line.startswith(
+        "- Best decoupled arm NFT (2.100) vs best likelihood-based arm GRPO (1.050), compute 30 s"
+    )
+    assert "the decoupled arm ends higher at equal images sampled" in line
+    rows.append(arm("d3po", [1.9, 2.0, 2.1], 50))
+    assert "their intervals overlap" in speedup(rows)[0]
+    assert "says nothing" in speedup(rows[:2])[0]

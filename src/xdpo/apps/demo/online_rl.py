@@ -1,5 +1,6 @@
-"""`xdpo demo --online-rl`: offline Diffusion-DPO, online DPO, DiffusionNFT, AWM and DGPO at equal numbers of
-sampled images and equal optimizer steps, trained on a noisy labeller, evaluated on the hidden reward.
+"""`xdpo demo --online-rl`: offline Diffusion-DPO, online DPO, the decoupled methods (DiffusionNFT, AWM, DGPO)
+and likelihood-based RL (GRPO with and without MixGRPO's window, DPOK, D3PO) at equal numbers of sampled images
+and equal optimizer steps, trained on a noisy labeller, evaluated on the hidden reward.
 
 Every arm is an `online.enabled` run of the digits config of its world (digits-dpo.yaml / digits-flow-dpo.yaml:
 model, lr, batch, steps), with the same prompt pool (the 60 training captions, twice), K images per prompt at
@@ -11,7 +12,10 @@ flips). Arms:
   all R x E steps;
 - online DPO: R rounds of P prompts (E steps each) from the current policy;
 - nft, awm, dgpo: R rounds of P groups, the rollout objectives with their papers' defaults except the run's
-  lr, batch and steps, the soft reference updated once a round.
+  lr, batch and steps, the soft reference updated once a round;
+- grpo (every step stochastic; and with MixGRPO's window of 4 SDE steps moved each round), dpok, d3po: R rounds
+  of P groups sampled stochastically (DDIM eta 1 / Flow-GRPO's SDE), the papers' defaults except the run's lr,
+  batch and steps, the frozen base as the reference of their KL / DPO terms.
 Each arm samples R x P x K images. Evaluation (run.py's stages): the hidden reward of the checkpoints at every
 round boundary (reward vs images sampled and vs compute seconds: the training steps' and the rounds'
 sampling wall time on one thread) and of the final models, with prompt alignment (the legibility
@@ -78,6 +82,8 @@ class OnlineRLSettings(DemoSettings):
                   f"online.sample_steps={self.sample_steps}", "online.monitor_images=8", "online.batch_images=16")  # fmt: skip
         rl = (*common, f"online.prompts_per_round={P}", f"online.every={E}", "reference.strategy=soft",
               f"reference.update_every={E}")  # fmt: skip
+        # likelihood-based RL: the papers' defaults (docs/math.md), the KL's / DPO's reference the frozen base
+        lk = (*common, f"online.prompts_per_round={P}", f"online.every={E}", "reference.strategy=frozen")
         return (
             Method("offline Diffusion-DPO", "offline", config,
                    (*common, f"online.prompts_per_round={R * P}", f"online.every={R * E}")),
@@ -86,6 +92,11 @@ class OnlineRLSettings(DemoSettings):
             Method("AWM", "awm", config, (*rl, "loss.objective=awm", "reference.soft_max=0.3")),
             Method("DGPO", "dgpo", config, (*rl, "loss.objective=dgpo", "reference.soft_max=0.3",
                                             f"train.batch_size={max(1, 16 // self.per_prompt)}")),
+            Method("GRPO (Flow-GRPO)", "grpo", config, (*lk, "loss.objective=grpo")),
+            Method("GRPO + MixGRPO window", "grpo-window", config,
+                   (*lk, "loss.objective=grpo", "grpo.window=4", "grpo.window_every=1")),
+            Method("DPOK", "dpok", config, (*lk, "loss.objective=dpok")),
+            Method("D3PO", "d3po", config, (*lk, "loss.objective=d3po")),
         )  # fmt: skip
 
     @classmethod
