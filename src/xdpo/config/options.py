@@ -107,3 +107,13 @@ def within(low: float, high: float, closed: str = "[]") -> dict[str, Any]:
 
 def required(what: str = "") -> dict[str, Any]:
     return rule(bool, f"required ({what})" if what else "required")
+
+
+def key(default: Any, help: str, **kw: Any) -> Any:
+    """A schema key: its default (lists and dicts copied per instance) and field metadata (`help`, and `check`,
+    `rule`, `choices`, `formerly`, ... as `xdpo.config.schema` describes)."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **kw}
+        )
+    return dataclasses.field(default=default, metadata={"help": help, **kw})

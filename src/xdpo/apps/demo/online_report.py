@@ -99,8 +99,6 @@ def write_online_report(s: OnlineSettings, facts: dict, curves: dict, tables: di
     rep._plot_training(out / "training.png", s, runs)
     rep._grid(out / "grid.png", s, tables)
 
-    from xdpo.apps.demo.online import CONFIG  # (online.py imports this module)
-
     n_prompts = s.prompt_text.count("\n")
     off, on = facts["offline"], facts["online"]
     n_off = float(np.mean([r[0]["pairs"] for r in off["rounds"]]))
@@ -110,7 +108,7 @@ def write_online_report(s: OnlineSettings, facts: dict, curves: dict, tables: di
     lines = [
         f"# xdpo digits demo: {s.rounds} on-policy rounds vs one offline round{' (quick)' if s.quick else ''}",
         "",
-        f"Base: `{s.base}`. Both arms: `{CONFIG[s.family]}` ({cfg.loss.objective} loss, beta {cfg.loss.beta:g}, lr "
+        f"Base: `{s.base}`. Both arms: `{s.methods[1].config}` ({cfg.loss.objective} loss, beta {cfg.loss.beta:g}, lr "
         f"{t.learning_rate:g}, {t.batch_size} pairs a step), **{s.max_steps} optimizer steps each** (measured: "
         f"{sorted(set(off['steps'] + on['steps']))}), reference **{cfg.reference.strategy}** (the base) in both. "
         f"Pairs: {n_prompts} training captions a round ({s.prompt_repeats} x each of the "
