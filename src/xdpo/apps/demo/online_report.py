@@ -1,10 +1,10 @@
-"""The report of `xdpo demo --online` (online.py): the reward curves of both arms, the tables and the verdict."""
+"""The report of `xdpo demo --online` (online.py; `s` is its OnlineSettings): the reward curves of both arms, the tables and the verdict."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -13,11 +13,8 @@ from xdpo.apps.demo.report import ALIGN, REWARD, drift_and_diversity
 from xdpo.apps.demo.run import run_config
 from xdpo.evaluate.stats import summarize, win_rate
 
-if TYPE_CHECKING:
-    from xdpo.apps.demo.online import OnlineSettings
 
-
-def _plot(path: Path, s: OnlineSettings, curves: dict) -> None:
+def _plot(path: Path, s: Any, curves: dict) -> None:
     plt = rep._plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, color in zip(s.methods, ("tab:blue", "tab:orange"), strict=True):
@@ -57,7 +54,7 @@ def _verdict(pooled: dict, diffs: list[float]) -> str:
     return f"No clear winner: on-policy rounds neither beat nor lost to one offline round here {tail}."
 
 
-def write_online_report(s: OnlineSettings, facts: dict, curves: dict, tables: dict, load: dict) -> Path:
+def write_online_report(s: Any, facts: dict, curves: dict, tables: dict, load: dict) -> Path:
     """report.md, results.json, curves.png, training.png, grid.png; return report.md."""
     out, base = s.out, tables["base"]
     base_px = rep._pixels(out / "samples" / "base", base)
