@@ -193,7 +193,8 @@ class ReferenceConfig:
         "frozen",
         "frozen = the initial model; stable = Kang et al. 2025's guarded update (hard copy by default; alpha, "
         "anchor); periodic = its earlier form (pred_mse guard); ema; soft = the online methods' old policy "
-        "(DiffusionNFT, AWM, DGPO: eta ramped in optimizer steps)",
+        "(DiffusionNFT, AWM, DGPO: eta ramped in optimizer steps); checkpoints = SePPO's previous checkpoints of "
+        "the policy (the objective's section picks one, e.g. seppo.select)",
         choices=names("xdpo.train.reference:STRATEGIES"),
     )
     update_every: int = _f(

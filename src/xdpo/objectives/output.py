@@ -25,6 +25,7 @@ class LossOutput:
     clamped: Tensor  # [2R] bool: exponent argument clamped (w then l)
     delta_w: Tensor  # [R] e_theta(w) - e_ref(w), detached
     delta_l: Tensor  # [R]
+    counts: dict[str, Tensor] | None = None  # per-row 0/1 flags an objective counts (logged as step totals)
 
     @property
     def reward_margin(self) -> Tensor:

@@ -22,6 +22,8 @@ The recipe reads only these traits (docs/design.md §2):
   draw unit (an image, or a group for `noise="group"`) is trained at in its round, or None (the run's
   timestep sampler, one draw per unit);
 - `samples_with`: the model that samples its rollouts: "policy" or "reference" (DiffusionNFT's old policy).
+- `losers`: where the losing image of each pair comes from: "data" (the batch's own), or "reference" (a
+  sample the reference model draws for the caption at the step, SePPO: the data's preferred images only);
 - `scale(cfg)`: (the key, its value) of the factor that turns its reward difference into logits
   (default `loss.beta`; MaPO's kappa), logged as the effective beta = scale x mean lambda(t); None
   when its loss has none (SFT).
@@ -114,4 +116,5 @@ class Objective:
     initial: Callable[[dict[str, Any]], bool] = _never
     timesteps: Callable[[int, dict[str, Any], Any], Sequence[int]] | None = None
     samples_with: str = "policy"
+    losers: str = "data"
     scale: Callable[[Any], tuple[str, float]] | None = beta_scale

@@ -10,9 +10,10 @@ from xdpo.objectives.mapo import MAPO
 from xdpo.objectives.nft import NFT
 from xdpo.objectives.preference import PAIR
 from xdpo.objectives.record import Objective
+from xdpo.objectives.seppo import SEPPO
 from xdpo.objectives.sft import SFT
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (PAIR, SFT, KTO, MAPO, NFT, AWM, DGPO)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (PAIR, SFT, KTO, MAPO, NFT, AWM, DGPO, SEPPO)}
 
 
 def objective_names() -> tuple[str, ...]:
