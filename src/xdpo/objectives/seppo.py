@@ -21,7 +21,7 @@ The outer losses of `loss.outer` apply to the logits as for the pair objective (
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,7 +32,6 @@ from xdpo.objectives.preference import check_outer, soft_outer
 from xdpo.objectives.record import LossInput, Objective
 
 FLIPPERS = ("sign", "indicator")
-SELECTIONS = ("random", "latest", "initial")
 
 
 def aaf_flip(e_w: Tensor, e_ref_w: Tensor, flipper: str = "sign") -> Tensor:
@@ -112,12 +111,12 @@ def _positive(v: int) -> bool:
 
 
 OPTIONS = (
-    Option("flipper", str, "sign", "the anchor criterion: sign (Eq. 8: a reference sample is a loser, a "
-           "winner or, on a tie, skipped) or indicator (the paper's ablation: a loser or skipped)",
-           check=lambda v: v in FLIPPERS, rule=f"must be one of {', '.join(FLIPPERS)}"),
-    Option("select", str, "random", "which candidate checkpoint becomes the reference: random (the paper's "
-           "choice, uniform over the initial model and the saved checkpoints), latest, or initial",
-           check=lambda v: v in SELECTIONS, rule=f"must be one of {', '.join(SELECTIONS)}"),
+    Option("flipper", Literal["sign", "indicator"], "sign", "the anchor criterion: sign (Eq. 8: a reference "
+           "sample is a loser, a winner or, on a tie, skipped) or indicator (the paper's ablation: a loser or "
+           "skipped)"),
+    Option("select", Literal["random", "latest", "initial"], "random", "which candidate checkpoint becomes the "
+           "reference: random (the paper's choice, uniform over the initial model and the saved checkpoints), "
+           "latest, or initial"),
     Option("save_every", int, 30, "optimizer steps between two policy checkpoints added to the candidates "
            "(the paper: every 30 updates)", check=_positive, rule="must be >= 1"),
     Option("keep", int, 7, "candidate checkpoints kept besides the initial model, oldest dropped first (the "
