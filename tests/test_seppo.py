@@ -222,3 +222,35 @@ def test_resume_keeps_the_candidate_references(tmp_path, tiny_pipeline_dir, pair
             b["aaf_loser"],
         )
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_a_flow_family_with_lora_trains(tmp_path, tiny_sd3_pipeline_dir, pairs_parquet):
+    """SD3 (flow matching) with LoRA: the reference is an adapter snapshot swapped into the policy to sample."""
+    kw = {**SEPPO_RUN, "model.lora_rank": 4, "train.max_steps": 2}
+    rows = _rows(run_training(tmp_path / "run", tiny_sd3_pipeline_dir, pairs_parquet, **kw))
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["ref_candidates"] == 3
+
+
+def test_sampled_latents_are_the_denoisers_layout():
+    """The rollout engine's last-step latents of the packed 2025 families, unpacked by the family, are the
+    latents their pipelines' own helpers give (FLUX.2: `_unpack_latents_with_ids`; Qwen-Image: packing)."""
+    from types import SimpleNamespace
+
+    from diffusers import Flux2Pipeline, QwenImagePipeline
+
+    from xdpo.models.families import flux2, qwenimage, zimage
+
+    x = torch.randn(2, 16, 4, 6)
+    tokens = Flux2Pipeline._pack_latents(x)
+    ids = Flux2Pipeline._prepare_latent_ids(x)
+    got = flux2.sampled_latents(SimpleNamespace(vae_scale_factor=8), tokens, 4 * 16, 6 * 16)
+    assert torch.equal(got, Flux2Pipeline._unpack_latents_with_ids(tokens, ids))
+
+    class Qwen:
+        vae_scale_factor = 8
+        _unpack_latents = staticmethod(QwenImagePipeline._unpack_latents)
+
+    y = torch.randn(2, 4, 8, 12)
+    assert torch.equal(qwenimage.sampled_latents(Qwen(), qwenimage.pack(y), 8 * 8, 12 * 8), y)
+    assert zimage.sampled_latents(None, y, 64, 96) is y

@@ -117,6 +117,10 @@ class Family:
     """A sampler's guidance -> the pipeline call's keywords (Qwen-Image's CFG is `true_cfg_scale`)."""
     check_index: Callable[[dict[str, Any]], None] = accept_index
     """Refuses a model_index.json of the family's class that xdpo cannot train, with one line."""
+    sampled_latents: Callable[[Any, Any, int, int], Any] | None = None
+    """(pipeline, its latents at the last sampling step, image height, width in px) -> the denoiser's latents
+    [N, C, h, w] (what `to_latents` gives); None: the pipeline's own `_unpack_latents` for packed
+    families, the latents as they are otherwise (the rollout engine's samples)."""
     video: bool = False
     """The family makes videos: its data are clips of `data.num_frames` frames (pixels [N, 3, F, H, W]),
     its latents [N, C, F', h, w], its samples videos."""
