@@ -83,7 +83,7 @@ def test_config_refuses_what_seppo_cannot_do():
 
 
 class _Reference:
-    """A stand-in reference whose sampling model is a marker; the pipeline factory reads it."""
+    """A stand-in reference: `sampling()` hands out the denoiser `model()` returns now."""
 
     def __init__(self, model):
         self.model = model
@@ -91,20 +91,24 @@ class _Reference:
     def sampling(self):
         from contextlib import nullcontext
 
-        return nullcontext(self.model)
+        return nullcontext(self.model if isinstance(self.model, torch.nn.Module) else self.model())
 
 
-def test_reference_samples_come_from_the_selected_checkpoint(monkeypatch):
-    """The sampler draws with the denoiser the reference hands out (swapped in: one that paints a known
-    image), one seed per caption, and returns the pipeline's clean latents."""
+class Painter(torch.nn.Module):
+    """A denoiser whose pipeline paints every latent with `value`."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    """The family's pipeline replaced by one that returns latents full of its denoiser's `value` (through the
+    rollout engine's step-end callback); returns the list of its calls."""
     from types import SimpleNamespace
 
     from xdpo.rollout import reference_samples
-
-    class Painter(torch.nn.Module):
-        def __init__(self, value):
-            super().__init__()
-            self.value = value
 
     calls = []
 
@@ -126,18 +130,33 @@ def test_reference_samples_come_from_the_selected_checkpoint(monkeypatch):
     monkeypatch.setattr("xdpo.models.families.family_of_pipeline", lambda pipe: None)
     monkeypatch.setattr("xdpo.evaluate.sample.sampling_defaults", lambda m: {"steps": 9, "guidance": 3.0,
                                                                              "scheduler": "default"})  # fmt: skip
+    return calls
+
+
+def _sampler(reference):
+    from xdpo.rollout.reference_samples import ReferenceSampler
+
     cfg = load_config(None, ["model.pretrained=m", "data.path=d", "loss.objective=seppo", "data.resolution=16",
                              "reference.strategy=checkpoints", "seppo.steps=2", "seppo.batch_images=2"])  # fmt: skip
-    sampler = reference_samples.ReferenceSampler(cfg, None, _Reference(Painter(7.0)))
+    return ReferenceSampler(cfg, None, reference)
+
+
+def test_the_sampler_draws_with_the_references_denoiser(fake_pipeline):
+    """The sampler draws with the denoiser the reference hands out (swapped in: one that paints a known
+    image), at the section's settings, batched, and returns the pipeline's clean latents."""
+    sampler = _sampler(_Reference(Painter(7.0)))
     lat = sampler(["a", "b", "c"], [1, 2, 3])
     assert lat.shape == (3, 4, 2, 2) and bool((lat == 7.0).all())
-    assert calls == [
+    sampler.reference = _Reference(Painter(3.0))  # another denoiser: its samples, not the cached pipe's
+    assert bool((sampler(["d"], [4]) == 3.0).all())
+    assert fake_pipeline == [
         (["a", "b"], 2, 3.0, {"height": 16, "width": 16}),
         (["c"], 2, 3.0, {"height": 16, "width": 16}),
+        (["d"], 2, 3.0, {"height": 16, "width": 16}),
     ]
 
 
-def test_the_pool_draws_and_swaps_candidates(tmp_path):
+def test_the_pool_draws_and_swaps_candidates(tmp_path, fake_pipeline):
     """Checkpoints: candidates saved every save_every steps (at most keep), a draw per resample_every; the
     reference storage holds the drawn candidate's weights exactly (LoRA-like snapshot storage)."""
     from types import SimpleNamespace
@@ -181,8 +200,18 @@ def test_the_pool_draws_and_swaps_candidates(tmp_path):
         and torch.equal(store.snapshot["w"], torch.full((2,), 6.0))
     )
     assert candidate_path(tmp_path, 2).is_file()  # written once, dropped from the pool only
+    painter = Painter(0.0)
+
+    def drawn():  # the reference's denoiser paints its weights' value (0: the initial model)
+        painter.value = 0.0 if store.snapshot is None else float(store.snapshot["w"][0])
+        return painter
+
+    sampler = _sampler(_Reference(drawn))
+    assert bool((sampler(["a"], [0]) == 6.0).all())  # the selected checkpoint's samples
+    strat.use(4, store)  # another candidate, read back from its file
+    assert bool((sampler(["a"], [0]) == 4.0).all())
     strat.select = "initial"
-    strat.update(7, store, check)
+    strat.update(8, store, check)
     assert store.snapshot is None and strat.current == 0
     draws = {draw("random", [0, 4, 6], seed=0, step=s) for s in range(50)}
     assert draws == {0, 4, 6} and draw("random", [0, 4, 6], 0, 9) == draw("random", [0, 4, 6], 0, 9)

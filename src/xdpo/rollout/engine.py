@@ -101,10 +101,12 @@ class RolloutEngine:
         images = out.images
         latents = captured.get("latents")
         if latents is not None:
-            w, h = images[0].size
-            if self.family is not None and self.family.sampled_latents is not None:  # the family's layout
-                latents = self.family.sampled_latents(self.pipe, latents, h, w)
-            elif self.family is not None and self.family.packed_latents:  # [n, tokens, 4C] -> [n, C, h, w]
+            fam = self.family
+            if fam is not None and fam.sampled_latents is not None:  # the family's own layout
+                w, h = images[0].size
+                latents = fam.sampled_latents(self.pipe, latents, h, w)
+            elif fam is not None and fam.packed_latents:  # [n, tokens, 4C] -> [n, C, h, w]
+                w, h = images[0].size
                 latents = type(self.pipe)._unpack_latents(latents, h, w, self.pipe.vae_scale_factor)
             latents = latents.detach().float().cpu()
         return images, latents, captured["grid"]

@@ -8,6 +8,8 @@ objective's sampler settings (`seppo.steps`, `seppo.guidance`, `seppo.scheduler`
 family's sampling defaults) and at `data.resolution`. Each image has its own seed (drawn by the step from
 its generator), so the losers are the same whatever the batching and a resumed run draws the same ones.
 The sampler returns the clean latents the pipeline decoded, in the denoiser's space (what the step trains on).
+The pipeline is built once per sampling denoiser (the reference copy, or the LoRA policy module, whose
+weights change in place) and reused every step.
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ class ReferenceSampler:
         self.guidance = d["guidance"] if section.guidance < 0 else section.guidance
         self.scheduler = section.scheduler if section.scheduler != "default" else d["scheduler"]
         self.batch_images, self.size = section.batch_images, cfg.data.resolution
+        self.pipe: Any = None
+        self.pipe_model: Any = None
 
     def __call__(self, captions: list[str], seeds: list[int]) -> Tensor:
         with self.reference.sampling() as model:
             was_training = model.training
             model.eval()
             try:
-                pipe = pipeline_with(self.comps, model, self.scheduler)
+                if self.pipe is None or self.pipe_model is not model:  # built once per sampling denoiser
+                    self.pipe, self.pipe_model = pipeline_with(self.comps, model, self.scheduler), model
                 engine = RolloutEngine(
-                    pipe, steps=self.steps, guidance=self.guidance, batch_images=self.batch_images,
+                    self.pipe, steps=self.steps, guidance=self.guidance, batch_images=self.batch_images,
                     size=self.size, sampling=self.sampling, keep_latents=True, desc="reference samples",
                 )  # fmt: skip
                 got = engine.sample([Job(c, s) for c, s in zip(captions, seeds, strict=True)])
