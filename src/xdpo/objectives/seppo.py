@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from xdpo.config.options import Option
+from xdpo.errors import ConfigError
 from xdpo.objectives.output import LossOutput, loss_output, no_clamps
 from xdpo.objectives.preference import check_outer, soft_outer
 from xdpo.objectives.record import LossInput, Objective
@@ -85,11 +86,15 @@ def _loss(
     return out
 
 
+def require(ok: bool, key: str, what: str, value: Any) -> None:
+    """One line naming `key` (the config's own form: "config key `key`: what, got value")."""
+    if not ok:
+        raise ConfigError(f"config key `{key}`: {what}, got {value!r}")
+
+
 def check(cfg: Any) -> None:
     """SePPO's rules: Diffusion-DPO's reverse-KL log-ratios (the flip acts on them), its reference strategy,
     a dataset of images at one square size (the reference sampler draws data.resolution squares)."""
-    from xdpo.config import require
-
     check_outer(cfg)
     lo, r, d = cfg.loss, cfg.reference, cfg.data
     require(lo.divergence == "reverse_kl", "loss.divergence", "seppo flips the reference sample's log-ratio "
