@@ -236,6 +236,27 @@ def test_a_tiny_run_trains_and_logs_the_flipper(tmp_path, tiny_pipeline_dir, pai
     ]
 
 
+def test_a_winner_only_table_trains_through_a_column_mapping(tmp_path, tiny_pipeline_dir, pairs_parquet):
+    """A table of preferred images and captions only (no label, its own column names), read as
+    data.format=images with data.columns: every image is a winner, each step's losers are sampled."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(pairs_parquet)
+    rows = [(c, a if lab == 1.0 else b) for c, a, b, lab in zip(*(t.column(n).to_pylist() for n in
+            ("caption", "jpg_0", "jpg_1", "label_0")), strict=True) if lab != 0.5]  # fmt: skip
+    table = __import__("pyarrow").table({"chosen": [r[1] for r in rows], "prompt": [r[0] for r in rows]})
+    pq.write_table(table, tmp_path / "winners.parquet")
+    kw = {
+        **SEPPO_RUN,
+        "data.format": "images",
+        "data.columns": "image:chosen,caption:prompt",
+        "train.max_steps": 2,
+    }
+    out = run_training(tmp_path / "run", tiny_pipeline_dir, tmp_path / "winners.parquet", **kw)
+    rows = _rows(out)
+    assert len(rows) == 2 and all(r["aaf_loser"] + r["aaf_winner"] + r["aaf_skipped"] == 2 for r in rows)
+
+
 def test_resume_keeps_the_candidate_references(tmp_path, tiny_pipeline_dir, pairs_parquet):
     """A run stopped at step 2 and resumed to 4 logs what an uninterrupted run logs (pool, draws, losses)."""
     kw = {**SEPPO_RUN, "train.max_steps": 4, "train.checkpoint_every": 2}

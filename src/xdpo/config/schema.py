@@ -87,7 +87,8 @@ class DataConfig:
     columns: dict[str, str] = _f(
         {},
         "xdpo name -> the dataset's column, e.g. caption:prompt,jpg_0:chosen,jpg_1:rejected (pairs: caption, "
-        "jpg_0, jpg_1, label_0; images: image, caption, label); without label_0, jpg_0 is preferred",
+        "jpg_0, jpg_1, label_0; images: image, caption, label); without label_0, jpg_0 is preferred; without label, "
+        "every image is preferred (winner-only data, e.g. image:chosen,caption:prompt for loss.objective=seppo)",
     )
     streaming: bool = _f(
         False,
