@@ -82,7 +82,7 @@ class DataConfig:
     format: Literal["pairs", "images"] = _f(
         "pairs",
         "pairs = (caption, preferred, dispreferred) rows; images = (image, caption, label 1 desirable / "
-        "0 undesirable) rows, Diffusion-KTO's data (needs loss.objective=kto)",
+        "0 undesirable) rows, Diffusion-KTO's data (loss.objective=kto), or winner-only rows (loss.objective=seppo)",
     )
     columns: dict[str, str] = _f(
         {},
