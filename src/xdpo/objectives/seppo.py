@@ -39,7 +39,7 @@ def aaf_flip(e_w: Tensor, e_ref_w: Tensor, flipper: str = "sign") -> Tensor:
     """s per pair from the errors on the anchor (the winner): sign(x) or 1(x > 0), x = e_ref(w) - e_theta(w)."""
     if flipper not in FLIPPERS:
         raise ValueError(f"unknown flipper {flipper!r}; choose from {', '.join(FLIPPERS)}")
-    x = e_ref_w.detach().float() - e_w.detach().float()
+    x = e_ref_w.detach() - e_w.detach()
     return torch.sign(x) if flipper == "sign" else (x > 0).float()
 
 
