@@ -96,7 +96,7 @@ def test_per_image_columns_labels_and_errors(tmp_path):
     cfg = cfg_for(path, "data.columns=image:jpg,caption:prompt,label:thumbs_up")
     _, images, n = open_data(cfg)
     assert isinstance(images, PreferenceImages) and images.labels.tolist() == [1.0, 0.0, 1.0]
-    with pytest.raises(DataError, match=r"missing column\(s\) image, label; data.format=images needs image"):
+    with pytest.raises(DataError, match=r"missing column\(s\) image; data.format=images needs image"):
         load_preference_table(str(path), fmt="images", columns={"caption": "prompt"})
     with pytest.raises(DataError, match=r"missing column\(s\) picture named by data.columns=image:picture"):
         load_preference_table(str(path), fmt="images", columns={"image": "picture"})
@@ -111,7 +111,7 @@ def test_per_image_columns_labels_and_errors(tmp_path):
 
 def test_per_image_config_rules(tmp_path):
     with pytest.raises(
-        ConfigError, match="config key `data.format`: images needs loss.objective=kto, not pair"
+        ConfigError, match="config key `data.format`: images needs loss.objective=kto or seppo, not pair"
     ):
         load_config(None, ["model.pretrained=m", "data.path=d", "data.format=images"])
     with pytest.raises(

@@ -51,7 +51,7 @@ def test_no_source_outside_the_objectives_compares_an_objective_name():
 
 def test_config_rules_come_from_the_record():
     base = ["model.pretrained=m", "data.path=d"]
-    with pytest.raises(ConfigError, match="data.format`: images needs loss.objective=kto, not sft"):
+    with pytest.raises(ConfigError, match="data.format`: images needs loss.objective=kto or seppo, not sft"):
         load_config(None, [*base, "data.format=images", "loss.objective=sft"])
     with pytest.raises(
         ConfigError, match="data.ties`: keep trains ties as soft labels, which loss.objective=sft"

@@ -26,6 +26,8 @@ PAPER_LR = {
     # Flow-DPO (Liu et al. 2025): lr 5e-6 at batch 64, not scaled
     "sd35-flowdpo-lora.yaml": (8, 5e-6),
     "flux-dev-dpo-lora.yaml": (8, 5e-6),
+    # SePPO (arXiv 2410.05255v1): 8 GPUs x 256 accumulation = 2048; it states no lr: Diffusion-DPO's, scaled
+    "sd15-pickapic-seppo.yaml": (8, 1e-8 * 2048),
     # MaPO's released code (mapo-t2i/mapo README): 1e-5 constant at batch 8 x 2 per GPU, not scaled
     "sdxl-pickapic-mapo.yaml": (8, 1e-5),
     # DiffusionNFT (App. C), AWM and DGPO (their codes' config/base.py): AdamW 3e-4, not scaled; FLUX: the same

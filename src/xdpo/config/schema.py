@@ -87,12 +87,13 @@ class DataConfig:
     format: Literal["pairs", "images"] = key(
         "pairs",
         "pairs = (caption, preferred, dispreferred) rows; images = (image, caption, label 1 desirable / "
-        "0 undesirable) rows, Diffusion-KTO's data (needs loss.objective=kto)",
+        "0 undesirable) rows, Diffusion-KTO's data (loss.objective=kto), or winner-only rows (loss.objective=seppo)",
     )
     columns: dict[str, str] = key(
         {},
         "xdpo name -> the dataset's column, e.g. caption:prompt,jpg_0:chosen,jpg_1:rejected (pairs: caption, "
-        "jpg_0, jpg_1, label_0; images: image, caption, label); without label_0, jpg_0 is preferred",
+        "jpg_0, jpg_1, label_0; images: image, caption, label); without label_0, jpg_0 is preferred; without label, "
+        "every image is preferred (winner-only data, e.g. image:chosen,caption:prompt for loss.objective=seppo)",
     )
     streaming: bool = key(
         False,
@@ -198,7 +199,8 @@ class ReferenceConfig:
         "frozen",
         "frozen = the initial model; stable = Kang et al. 2025's guarded update (hard copy by default; alpha, "
         "anchor); periodic = its earlier form (pred_mse guard); ema; soft = the online methods' old policy "
-        "(DiffusionNFT, AWM, DGPO: eta ramped in optimizer steps)",
+        "(DiffusionNFT, AWM, DGPO: eta ramped in optimizer steps); checkpoints = SePPO's previous checkpoints of "
+        "the policy (the objective's section picks one, e.g. seppo.select)",
         choices=names("xdpo.train.reference:STRATEGIES"),
     )
     update_every: int = key(

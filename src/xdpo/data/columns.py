@@ -3,7 +3,8 @@
 The mapping goes from xdpo's names (`caption`, `jpg_0`, `jpg_1`, `label_0` for pairs; `image`, `caption`,
 `label` for per-image data) to the dataset's columns; unmapped names are looked up as they are. Pairs
 without a `label_0` column, mapped or not, are chosen/rejected data: `jpg_0` is the preferred image
-(label_0 = 1 on every row). Bad rows are reported under the dataset's own column names.
+(label_0 = 1 on every row); per-image data without a `label` column are winner-only data: every image is
+preferred (label = 1 on every row; SePPO trains on such a table). Bad rows are reported under the dataset's own column names.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import datasets
 
-from xdpo.data.schema import ORIGIN_COLUMNS, SCHEMAS
+from xdpo.data.schema import LABEL_COLUMN, ORIGIN_COLUMNS, SCHEMAS
 from xdpo.errors import ConfigError, DataError
 
 
@@ -67,7 +68,8 @@ def missing_columns(
 def apply_columns(
     table: datasets.Dataset, columns: Mapping[str, str] | None, source: str, fmt: str = "pairs"
 ) -> datasets.Dataset:
-    """`table` with its columns renamed to xdpo's names (and label_0 = 1 for chosen/rejected pairs).
+    """`table` with its columns renamed to xdpo's names (and label_0 = 1 for chosen/rejected pairs, label = 1
+    for winner-only images).
 
     Without a mapping the table is returned as it is when it already has every column."""
     columns = check_mapping(columns, fmt)
@@ -77,6 +79,7 @@ def apply_columns(
     if rename:
         clash = [c for c in table.column_names if c in rename.values() and c not in rename]
         table = table.remove_columns(clash).rename_columns(rename)
-    if fmt == "pairs" and "label_0" not in table.column_names and "label_0" not in columns:
-        table = table.add_column("label_0", [1.0] * len(table))
+    label = LABEL_COLUMN[fmt]
+    if label not in table.column_names and label not in columns:
+        table = table.add_column(label, [1.0] * len(table))
     return table

@@ -15,7 +15,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from xdpo.data.columns import apply_columns, missing_columns
-from xdpo.data.schema import SCHEMAS, check_columns, parquet_files, undecoded_images
+from xdpo.data.schema import LABEL_COLUMN, SCHEMAS, check_columns, parquet_files, undecoded_images
 from xdpo.data.tarshards import load_tar_table, tar_files
 from xdpo.errors import DataError
 
@@ -98,8 +98,9 @@ def _check_names(names: Sequence[str], source: str, columns: Mapping[str, str] |
     missing_columns(names, columns, source, fmt)
     cols = dict(columns or {})
     present = [n for n in SCHEMAS[fmt] if cols.get(n, n) in names]
-    if fmt == "pairs" and "label_0" not in cols and "label_0" not in present:
-        present.append("label_0")  # chosen/rejected data: jpg_0 preferred
+    label = LABEL_COLUMN[fmt]
+    if label not in cols and label not in present:
+        present.append(label)  # chosen/rejected pairs (jpg_0 preferred), winner-only images (all preferred)
     check_columns(present, source, fmt, found=names)
 
 

@@ -167,7 +167,7 @@ def _usable_rows(
 ) -> Iterable[dict[str, Any]]:
     names = SCHEMAS[fmt]
     label_col = LABEL_COLUMN[fmt]
-    implicit = fmt == "pairs" and "label_0" not in columns
+    implicit = label_col not in columns  # chosen/rejected pairs, winner-only images: label 1
     files = local_files(source)
     root = None if files is None else data_root(source) or files[0].parent
     kept = 0
@@ -176,12 +176,12 @@ def _usable_rows(
             found = list(rec)
             missing_columns(found, columns, source, fmt)
             present = [n for n in names if columns.get(n, n) in rec]
-            if implicit and "label_0" not in present:
-                present.append("label_0")
+            if implicit and label_col not in present:
+                present.append(label_col)
             check_columns(present, source, fmt, found=found)
         row = {n: rec.get(columns.get(n, n)) for n in names}
-        if implicit and columns.get("label_0", "label_0") not in rec:
-            row["label_0"] = 1.0
+        if implicit and label_col not in rec:
+            row[label_col] = 1.0
         where = f"{source} (streamed): row {i}"
         try:
             row = _check(row, fmt, label_col, root, where, i, columns)

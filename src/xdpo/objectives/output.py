@@ -26,6 +26,7 @@ class LossOutput:
     delta_w: Tensor  # [R] e_theta(w) - e_ref(w), detached
     delta_l: Tensor  # [R]
     extra: dict[str, Tensor] = field(default_factory=dict)  # more per-row quantities, logged as their means
+    counts: dict[str, Tensor] | None = None  # per-row 0/1 flags an objective counts (logged as step totals)
 
     @property
     def reward_margin(self) -> Tensor:

@@ -25,6 +25,8 @@ The recipe reads only these traits (docs/design.md §2):
 - `likelihood`: for objectives on per-step log-probabilities of a stochastic sampler (grpo, dpok, d3po),
   which sampler steps are stochastic and trained, its noise, and whether the reference's step is needed
   (`xdpo.objectives.likelihood.Likelihood`); None for the others.
+- `losers`: where the losing image of each pair comes from: "data" (the batch's own), or "reference" (a
+  sample the reference model draws for the caption at the step, SePPO: the data's preferred images only);
 - `scale(cfg)`: (the key, its value) of the factor that turns its reward difference into logits
   (default `loss.beta`; MaPO's kappa), logged as the effective beta = scale x mean lambda(t); None
   when its loss has none (SFT).
@@ -125,5 +127,6 @@ class Objective:
     initial: Callable[[dict[str, Any]], bool] = _never
     timesteps: Callable[[int, dict[str, Any], Any], Sequence[int]] | None = None
     samples_with: str = "policy"
+    losers: str = "data"
     scale: Callable[[Any], tuple[str, float]] | None = beta_scale
     likelihood: Likelihood | None = None

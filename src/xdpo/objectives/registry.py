@@ -13,10 +13,11 @@ from xdpo.objectives.mapo import MAPO
 from xdpo.objectives.nft import NFT
 from xdpo.objectives.preference import PAIR
 from xdpo.objectives.record import Objective
+from xdpo.objectives.seppo import SEPPO
 from xdpo.objectives.sft import SFT
 
 OBJECTIVES: dict[str, Objective] = {
-    o.name: o for o in (PAIR, SFT, KTO, MAPO, NFT, AWM, DGPO, GRPO, DPOK, D3PO)
+    o.name: o for o in (PAIR, SFT, KTO, MAPO, NFT, AWM, DGPO, GRPO, DPOK, D3PO, SEPPO)
 }
 
 

@@ -101,8 +101,13 @@ class RolloutEngine:
         pipe.set_progress_bar_config(disable=True)
 
     def _unpack(self, latents: Tensor, images: list) -> Tensor:
-        """Packed latents [n, tokens, 4C] -> [n, C, h, w] with the pipeline's helper (else as they are)."""
-        if self.family is not None and self.family.packed_latents:
+        """The pipeline's latents -> the denoiser's [n, C, h, w]: the family's own `sampled_latents`, else packed
+        latents [n, tokens, 4C] through the pipeline's `_unpack_latents`, else as they are."""
+        fam = self.family
+        if fam is not None and fam.sampled_latents is not None:  # the family's own layout
+            w, h = images[0].size
+            return fam.sampled_latents(self.pipe, latents, h, w)
+        if fam is not None and fam.packed_latents:
             w, h = images[0].size
             return type(self.pipe)._unpack_latents(latents, h, w, self.pipe.vae_scale_factor)
         return latents

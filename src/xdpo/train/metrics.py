@@ -135,6 +135,17 @@ def summarize_extra(accelerator: Any, records: list) -> dict[str, float]:
     return row
 
 
+def count_totals(accelerator: Any, outs: list[LossOutput]) -> dict[str, int]:
+    """The objective's per-row flags (`LossOutput.counts`, e.g. SePPO's aaf_loser / aaf_winner / aaf_skipped)
+    summed over the step's micro-batches and processes (one gather); {} when it counts nothing."""
+    if not outs or outs[0].counts is None:
+        return {}
+    names = list(outs[0].counts)
+    local = torch.stack([sum(o.counts[k].float().sum() for o in outs) for k in names])
+    totals = accelerator.gather(local.unsqueeze(0)).sum(dim=0).tolist()
+    return {k: int(round(v)) for k, v in zip(names, totals, strict=True)}
+
+
 class Diagnostics:
     """What explains a run beyond the loss, added to every step's row by `row()`:
     - `implicit_acc` / `reward_margin` per timestep bucket (`train.timestep_buckets`, `summarize`);

@@ -36,7 +36,8 @@ from xdpo.train.distributed import (
     optimizer_step,
     policy_autocast,
 )  # fmt: skip
-from xdpo.train.metrics import Diagnostics, MetricsLog
+from xdpo.train.losers import loser_sampler, sampling_context
+from xdpo.train.metrics import Diagnostics, MetricsLog, count_totals
 from xdpo.train.optim import learning_rate
 from xdpo.train.setup import describe, make_probe, prepare_models, step_context
 from xdpo.train.sources import RoundFactory, TrainData, default_rounds, open_train_data
@@ -97,6 +98,10 @@ class Recipe:
             cfg, self.models, self.objective, policy=self.policy, autocast=policy_autocast(self.acc, self.policy), gather=acc.gather,
             rank=acc.process_index, frozen=torch.no_grad if is_partitioned(acc) else torch.inference_mode,
             state=self.obj_state,
+        )  # fmt: skip
+        self.ctx.losers = loser_sampler(
+            self.objective, cfg, self.models.comps, self.models.reference,
+            sampling=lambda: sampling_context(acc, is_partitioned(acc)),
         )  # fmt: skip
         if self.resume is not None:
             self.restore(self.resume)
@@ -183,7 +188,7 @@ class Recipe:
         row = {"step": st.step, **self.diag.row(acc, records, keep_deltas=t.log_deltas, fresh=fresh), "lr": lr_now,
                "grad_norm": None if grad_norm is None else float(grad_norm), "pairs_seen": st.pairs_seen,
                "epoch": st.pairs_seen / self.data.n_items, "step_time": time.perf_counter() - t0,
-               **(ref.metrics(divergence) if ref else {})}  # fmt: skip
+               **(ref.metrics(divergence) if ref else {}), **count_totals(acc, [r[0] for r in records])}  # fmt: skip
         if not all_finite:
             row["nonfinite_skipped"] = st.nonfinite_total
         if acc.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients

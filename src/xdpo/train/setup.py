@@ -119,6 +119,7 @@ def load_models(cfg: Config, device: torch.device, objective: Objective) -> Mode
     if objective.needs_reference:
         ref_dtype = weight_dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
         reference = Reference(cfg.reference, comps.family, model, lora=lora, dtype=ref_dtype, device=device)
+        reference.bind(cfg)
     if not lora:
         model.to(device)
         model.requires_grad_(True)

@@ -1,6 +1,6 @@
 """One micro-step of training, for every model family and objective (docs/design.md §2, §8).
 
-  Batch -> Encoded (latents, conditions) -> (t, eps): one per pair, shared by w and l, or one per image,
+  Batch -> Encoded (latents, conditions) [-> losers sampled by the reference, `train/losers.py`] -> (t, eps): one per pair, shared by w and l, or one per image,
   as the objective declares -> reference errors (only if the objective needs them, no autograd) ->
   policy errors (one batched call) -> lambda(t) -> the objective's loss (times the dense loss weight w(t)).
 e(x) = mean_{C,H,W} (prediction - target)^2 per image (`errors.py`).
@@ -50,6 +50,7 @@ class StepContext:
     frozen: Callable = torch.inference_mode
     sample_posterior: bool = True  # data.sample_posterior: z ~ the VAE posterior, or its mean
     noise_offset: float = 0.0  # train.noise_offset: eps + offset * n, n ~ N(0, 1) per image and channel
+    losers: Callable | None = None  # Objective.losers != "data": (captions, seeds) -> losers' latents
 
 
 @dataclass
@@ -80,6 +81,10 @@ def train_step(m: StepContext, batch: Batch, gen: torch.Generator) -> StepOutput
         return rollout_step(m, batch, gen)
     ts, proc, obj = m.timesteps, m.process, m.objective
     enc = encode(m.comps, batch, gen, m.sample_posterior)
+    if m.losers is not None:  # the step's own losers (SePPO: the reference's samples of the captions)
+        from xdpo.train.losers import with_sampled_losers
+
+        enc = with_sampled_losers(m.losers, batch, enc, gen)
     latents, n = enc.latents, enc.latents.shape[0]
     draws = n // 2 if enc.pairs and obj.noise == "pair" else n
     t = sample_timesteps(

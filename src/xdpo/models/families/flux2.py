@@ -89,6 +89,13 @@ def predict(model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Te
     return out[:, : h * w].permute(0, 2, 1).reshape(n, c, h, w)
 
 
+def sampled_latents(pipe: Any, latents: Tensor, height: int, width: int) -> Tensor:
+    """The pipeline's tokens [N, h w, 4 z] (normalised patches, row-major) -> [N, 4 z, h, w], h = H / (2 s)."""
+    n, _, c = latents.shape
+    h, w = height // (2 * pipe.vae_scale_factor), width // (2 * pipe.vae_scale_factor)
+    return latents[:, : h * w].permute(0, 2, 1).reshape(n, c, h, w)
+
+
 def batch_norm_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
     """The VAE's batch-norm running mean and sqrt(var + eps), [1, 4 z, 1, 1], as the pipeline reads them."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
@@ -128,6 +135,7 @@ FAMILY = Family(
     sampling={"steps": DEFAULT_STEPS, "guidance": 4.0, "scheduler": "default"},  # Flux2Pipeline's own
     latent_patch=2,  # the VAE's latents patchified 2x2 (one token per patch)
     packed_latents=True,
+    sampled_latents=sampled_latents,
     embeddings=("encoder_hidden_states",),
     to_latents=to_latents,
     shift_mu=shift_mu,

@@ -77,6 +77,11 @@ def unpack(x: Tensor, c: int, h: int, w: int) -> Tensor:
     return x.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
 
 
+def sampled_latents(pipe: Any, latents: Tensor, height: int, width: int) -> Tensor:
+    """The pipeline's packed latents [N, tokens, 4C] -> [N, C, h, w] (its `_unpack_latents`, frame axis dropped)."""
+    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor).squeeze(2)
+
+
 def predict(model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
     n, c, h, w = noisy.shape
     text, mask = trimmed_text(cond)
@@ -130,6 +135,7 @@ FAMILY = Family(
     sampling={"steps": 50, "guidance": 4.0, "scheduler": "default"},  # QwenImagePipeline's (true_cfg_scale 4)
     latent_patch=2,  # latents packed in 2x2 patches
     packed_latents=True,
+    sampled_latents=sampled_latents,
     embeddings=("encoder_hidden_states",),
     posterior=posterior,
     to_latents=to_latents,

@@ -142,6 +142,10 @@ class Family:
     text_lora: tuple[TextLora, ...] = ()
     """The text encoders that can train LoRA beside the denoiser (`model.lora_text_encoder`); () = none (the
     family pipeline's LoRA loader reads no text-encoder adapters)."""
+    sampled_latents: Callable[[Any, Any, int, int], Any] | None = None
+    """(pipeline, its latents at the last sampling step, image height, width in px) -> the denoiser's latents
+    [N, C, h, w] (what `to_latents` gives); None: the pipeline's own `_unpack_latents` for packed
+    families, the latents as they are otherwise (the rollout engine's samples)."""
     video: bool = False
     """The family makes videos: its data are clips of `data.num_frames` frames (pixels [N, 3, F, H, W]),
     its latents [N, C, F', h, w], its samples videos."""

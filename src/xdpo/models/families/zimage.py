@@ -55,6 +55,11 @@ def predict(model: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Te
     return -torch.stack(out).squeeze(2)
 
 
+def sampled_latents(pipe: Any, latents: Tensor, height: int, width: int) -> Tensor:
+    """The pipeline's latents are already [N, C, h, w] in the denoiser's space (its decode scales them back)."""
+    return latents
+
+
 FAMILY = Family(
     name="zimage",
     pipeline_class="ZImagePipeline",
@@ -73,5 +78,6 @@ FAMILY = Family(
     },  # Z-Image-Turbo (ZImagePipeline's example)
     latent_patch=2,  # the transformer's 2x2 patches
     packed_latents=True,
+    sampled_latents=sampled_latents,
     embeddings=("encoder_hidden_states",),
 )

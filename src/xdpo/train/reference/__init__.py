@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from xdpo.errors import ConfigError
+from xdpo.train.reference.checkpoints import Checkpoints
 from xdpo.train.reference.probe import Probe
 from xdpo.train.reference.soft import Soft
 from xdpo.train.reference.stable import Stable
@@ -24,6 +25,7 @@ from xdpo.train.reference.strategy import EMA, Frozen, Periodic, Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "frozen": Frozen, "stable": Stable, "periodic": Periodic, "ema": EMA, "soft": Soft,
+    "checkpoints": Checkpoints,
 }  # fmt: skip
 
 
@@ -56,7 +58,11 @@ class Reference:
 
     @property
     def needs_probe(self) -> bool:
-        return self.strategy.moves
+        return self.strategy.moves and self.strategy.probes
+
+    def bind(self, run_cfg: Any) -> None:
+        """Let the strategy read the run's config beyond `reference.*` (its objective's section, the folder)."""
+        self.strategy.bind(run_cfg)
 
     def set_sharded(self, sharded: bool) -> None:
         self.storage.sharded = sharded

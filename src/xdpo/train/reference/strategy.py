@@ -21,6 +21,10 @@ class Strategy:
         False  # a full fine-tune's reference copy in fp32 (an EMA's small steps vanish in 16 bits)
     )
     default_divergence = "pred_mse"  # the guard's estimator under `reference.divergence: auto`
+    probes = True  # a moving reference reads the probe set (its guard, its distances); False: never
+
+    def bind(self, cfg: Any) -> None:
+        """Read the run's config beyond `reference.*` (called once the reference is built)."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
