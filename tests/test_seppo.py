@@ -128,7 +128,7 @@ def fake_pipeline(monkeypatch):
 
     monkeypatch.setattr(reference_samples, "pipeline_with", lambda comps, model, scheduler: Pipe(model))
     monkeypatch.setattr("xdpo.models.families.family_of_pipeline", lambda pipe: None)
-    monkeypatch.setattr("xdpo.evaluate.sample.sampling_defaults", lambda m: {"steps": 9, "guidance": 3.0,
+    monkeypatch.setattr("xdpo.evaluate.pipeline.sampling_defaults", lambda m: {"steps": 9, "guidance": 3.0,
                                                                              "scheduler": "default"})  # fmt: skip
     return calls
 

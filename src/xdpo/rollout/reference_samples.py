@@ -31,7 +31,7 @@ class ReferenceSampler:
         self, cfg: Any, comps: Any, reference: Any,
         sampling: Callable[[], AbstractContextManager] | None = None,
     ) -> None:  # fmt: skip
-        from xdpo.evaluate.sample import sampling_defaults
+        from xdpo.evaluate.pipeline import sampling_defaults
 
         section = getattr(cfg, cfg.loss.objective)
         d = sampling_defaults(cfg.model.pretrained)
