@@ -236,7 +236,9 @@ def test_a_tiny_run_trains_and_logs_the_flipper(tmp_path, tiny_pipeline_dir, pai
     ]
 
 
-def test_a_winner_only_table_trains_through_a_column_mapping(tmp_path, tiny_pipeline_dir, pairs_parquet):
+def test_a_winner_only_table_trains_through_a_column_mapping(
+    tmp_path, tiny_pipeline_dir, pairs_parquet, capsys
+):
     """A table of preferred images and captions only (no label, its own column names), read as
     data.format=images with data.columns: every image is a winner, each step's losers are sampled."""
     import pyarrow.parquet as pq
@@ -255,6 +257,7 @@ def test_a_winner_only_table_trains_through_a_column_mapping(tmp_path, tiny_pipe
     out = run_training(tmp_path / "run", tiny_pipeline_dir, tmp_path / "winners.parquet", **kw)
     rows = _rows(out)
     assert len(rows) == 2 and all(r["aaf_loser"] + r["aaf_winner"] + r["aaf_skipped"] == 2 for r in rows)
+    assert "has no `label` column: every image is taken as preferred" in capsys.readouterr().out
 
 
 def test_resume_keeps_the_candidate_references(tmp_path, tiny_pipeline_dir, pairs_parquet):

@@ -81,5 +81,16 @@ def apply_columns(
         table = table.remove_columns(clash).rename_columns(rename)
     label = LABEL_COLUMN[fmt]
     if label not in table.column_names and label not in columns:
+        if fmt == "images":
+            print(winner_only_notice(source), flush=True)
         table = table.add_column(label, [1.0] * len(table))
     return table
+
+
+def winner_only_notice(source: str) -> str:
+    """The line a per-image table without labels prints: its every image is taken as preferred (right for
+    SePPO's winner-only data; for KTO it means no undesirable image, so say it where the user sees it)."""
+    return (
+        f"data: {source} has no `label` column: every image is taken as preferred (label 1); "
+        "map a label column with data.columns=label:COLUMN if it has one"
+    )

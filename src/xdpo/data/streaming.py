@@ -31,7 +31,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
-from xdpo.data.columns import check_mapping, display_name, missing_columns
+from xdpo.data.columns import check_mapping, display_name, missing_columns, winner_only_notice
 from xdpo.data.schema import (
     IMAGE_COLUMNS_OF,
     LABEL_COLUMN,
@@ -178,6 +178,8 @@ def _usable_rows(
             present = [n for n in names if columns.get(n, n) in rec]
             if implicit and label_col not in present:
                 present.append(label_col)
+                if fmt == "images":
+                    print(winner_only_notice(source), flush=True)
             check_columns(present, source, fmt, found=found)
         row = {n: rec.get(columns.get(n, n)) for n in names}
         if implicit and label_col not in rec:
