@@ -129,8 +129,27 @@ def test_stochastic_samplers_are_euler_on_flow_and_ddim_without_clipping_on_ddpm
     ddim = stochastic_inner(DDPMScheduler(clip_sample=True, prediction_type="v_prediction"))
     assert type(ddim).__name__ == "DDIMScheduler" and not ddim.config.clip_sample
     assert ddim.config.prediction_type == "v_prediction" and not ddim.config.thresholding
+
     flow_dpm = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
     with pytest.raises(
         ConfigError, match="online.scheduler: stochastic rollouts on flow models use the Euler"
     ):
         stochastic_inner(flow_dpm)
+
+
+def test_a_deterministic_step_is_never_recorded():
+    """DDIM's last step onto abar' = 1 (set_alpha_to_one, a schedule ending at t = 0) has std 0: a trained
+    position there is skipped (its log-prob would be infinite), the others are recorded."""
+    from diffusers import DDIMScheduler
+
+    from xdpo.rollout.stochastic import StochasticPlan, StochasticScheduler
+
+    inner = DDIMScheduler(set_alpha_to_one=True)
+    inner.set_timesteps(4)
+    plan = StochasticPlan(sde=(0, 1, 2, 3), record=(0, 1, 2, 3), noise_level=0.7, eta=1.0)
+    sched = StochasticScheduler(inner, plan, [torch.Generator().manual_seed(0)])
+    x = torch.randn(1, 4, 8, 8)
+    for t in inner.timesteps:
+        x = sched.step(torch.randn_like(x), t, x, return_dict=False)[0]
+    assert [r["position"] for r in sched.records] == [0, 1, 2]
+    assert all(r["std"] > 0 and torch.isfinite(r["logp"]).all() for r in sched.records)

@@ -12,6 +12,8 @@ recompute the log-probability under the current weights.
 Samplers: flow pipelines keep their FlowMatchEulerDiscreteScheduler (at noise level 0 the SDE step is its
 Euler step); DDPM pipelines sample with diffusers' DDIMScheduler on their scheduler's config (its own
 if it already is one), without sample clipping or thresholding, which would make the step non-Gaussian.
+A step whose variance is 0 (DDIM's last step onto abar' = 1 when the schedule ends at t = 0) is deterministic:
+it is never recorded, so no objective trains on its (infinite) log-probability.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class StochasticScheduler:
         self.inner.step(model_output, timestep, sample, return_dict=False)  # advance its own state
         mean = step_mean(sample, model_output, a, b)
         nxt = mean + std * self.noise(mean)
-        if i in self.plan.record:
+        if i in self.plan.record and std > 0:  # a deterministic step (std 0) has no likelihood to train
             self.records.append({
                 "position": i, "x": sample.detach().float().cpu(), "next": nxt.detach().cpu(),
                 "logp": log_prob(nxt, mean, std).cpu(), "a": a, "b": b, "std": std, "t": float(timestep),
