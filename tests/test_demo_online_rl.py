@@ -120,3 +120,11 @@ def test_the_speedup_line_follows_the_intervals():
     rows.append(arm("d3po", [1.9, 2.0, 2.1], 50))
     assert "their intervals overlap" in speedup(rows)[0]
     assert "says nothing" in speedup(rows[:2])[0]
+
+
+def test_a_win_rate_interval_stays_within_0_and_1():
+    from xdpo.apps.demo.online_rl_report import _rate_interval
+
+    m, lo, hi = _rate_interval([0.6, 0.39, 0.95])  # the t interval alone: [-0.056, 1.349]
+    assert m == pytest.approx(0.6466667) and lo == 0.0 and hi == 1.0
+    assert _rate_interval([0.5, 0.6, 0.7])[1:] == pytest.approx((0.35159, 0.84841), abs=1e-4)  # inside: kept

@@ -53,6 +53,12 @@ def _interval(values: list[float], fallback: dict | None = None) -> tuple[float,
     return m, lo, hi
 
 
+def _rate_interval(rates: list[float]) -> tuple[float, float, float]:
+    """The t interval of a rate over seeds, clipped to [0, 1] (nan stays nan)."""
+    m, lo, hi = t_interval(rates)
+    return m, lo if math.isnan(lo) else max(0.0, lo), hi if math.isnan(hi) else min(1.0, hi)
+
+
 def arm_rows(s: Any, costs: dict, curves: dict, tables: dict) -> tuple[list[dict], dict, float]:
     """Per arm: each seed's final mean reward, win rate vs the base, alignment, drift and diversity; their
     intervals; the mean points and each seed's curve. Also the base's summary and diversity."""
@@ -75,7 +81,7 @@ def arm_rows(s: Any, costs: dict, curves: dict, tables: dict) -> tuple[list[dict
         one_seed = summarize(pooled) if len(s.train_seeds) == 1 else None
         rows.append({
             "slug": m.slug, "name": m.name, "seeds": list(s.train_seeds), "per_seed": per,
-            "reward": _interval(per["reward"], one_seed), "win_base": t_interval(per["win"]),
+            "reward": _interval(per["reward"], one_seed), "win_base": _rate_interval(per["win"]),
             "alignment": float(np.mean(per["align"])), "drift": float(np.mean(per["drift"])),
             "diversity": float(np.mean(per["div"])), "points": costs[m.slug]["points"],
             "curves": [curves["runs"][f"{m.slug}-s{seed}"] for seed in s.train_seeds],
