@@ -193,16 +193,7 @@ def test_fsdp_nft_lora_samples_with_the_sharded_old_policy_and_resumes(tmp_path,
     mid-round continues."""
     from test_fsdp import FSDP_ENV
 
-    (tmp_path / "rewards.py").write_text(INK_REWARD)
-    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green dot\n")
-    out = tmp_path / "fsdp"
-    kw = {**ROLLOUTS, "online.prompts": tmp_path / "prompts.txt", "model.pretrained": tiny_pipeline_dir,
-          "output_dir": out, "data.resolution": 32, "loss.objective": "nft", "model.lora_rank": 4,
-          "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.scale_lr": False}  # fmt: skip
-    env = {**FSDP_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 3}.items()], env=env)
-    log = torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 5, "train.resume_from": "latest"}.items()],
-                   env=env)  # fmt: skip
+    out, log = _fsdp_lora_rollouts_3_then_5(tmp_path, tiny_pipeline_dir, FSDP_ENV, {"loss.objective": "nft"})
     assert "Resuming from" in log
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["ref_updates"] == 2
@@ -219,20 +210,26 @@ def test_fsdp_grpo_lora_records_and_recomputes_log_probs_on_sharded_weights_and_
     on the sharded policy equal the recorded ones at the first update, and a resume mid-round continues."""
     from test_fsdp import FSDP_ENV
 
-    (tmp_path / "rewards.py").write_text(INK_REWARD)
-    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green dot\n")
-    out = tmp_path / "fsdp"
-    kw = {**ROLLOUTS, "online.prompts": tmp_path / "prompts.txt", "model.pretrained": tiny_pipeline_dir,
-          "output_dir": out, "data.resolution": 32, "loss.objective": "grpo", "model.lora_rank": 4,
-          "reference.strategy": "frozen", "online.guidance": 3.0, "train.learning_rate": 1e-3,
-          "train.warmup_steps": 0, "train.scale_lr": False}  # fmt: skip
-    env = {**FSDP_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 3}.items()], env=env)
-    log = torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 5, "train.resume_from": "latest"}.items()],
-                   env=env)  # fmt: skip
+    extra = {"loss.objective": "grpo", "reference.strategy": "frozen", "online.guidance": 3.0}
+    out, log = _fsdp_lora_rollouts_3_then_5(tmp_path, tiny_pipeline_dir, FSDP_ENV, extra)
     assert "Resuming from" in log
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(rows[i]["ratio_at_start"] < 1e-4 for i in (0, 2, 4))
     t = load_file(str(out / "online" / "round-0000" / "rollouts.safetensors"))
     assert t["sde_x"].shape[:2] == (9, 2) and torch.isfinite(t["sde_logp"]).all()
+
+
+def _fsdp_lora_rollouts_3_then_5(tmp_path, pipe, fsdp_env: dict, overrides: dict) -> tuple:
+    """An FSDP2 LoRA rollout run of `overrides` on 2 processes (the ink reward, three prompts): 3 steps, then
+    resumed to 5; (output folder, the resumed run's log)."""
+    (tmp_path / "rewards.py").write_text(INK_REWARD)
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green dot\n")
+    out = tmp_path / "fsdp"
+    kw = {**ROLLOUTS, "online.prompts": tmp_path / "prompts.txt", "model.pretrained": pipe, "output_dir": out,
+          "data.resolution": 32, "model.lora_rank": 4, "train.learning_rate": 1e-3, "train.warmup_steps": 0,
+          "train.scale_lr": False, **overrides}  # fmt: skip
+    env = {**fsdp_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    torchrun("train", *[f"{k}={v}" for k, v in {**kw, "train.max_steps": 3}.items()], env=env)
+    resume = {**kw, "train.max_steps": 5, "train.resume_from": "latest"}
+    return out, torchrun("train", *[f"{k}={v}" for k, v in resume.items()], env=env)

@@ -21,12 +21,10 @@ import torch
 from xdpo.config.options import Option
 from xdpo.objectives.grpo import ppo_clip
 from xdpo.objectives.likelihood import (
-    Likelihood,
+    KL_TO_REFERENCE,
     gaussian_kl,
     likelihood_output,
-    noise_of,
     sampler_options,
-    window_steps,
 )
 from xdpo.objectives.output import LossOutput
 from xdpo.objectives.record import LossInput, Objective
@@ -75,5 +73,5 @@ DPOK = Objective(
     data=("rollouts",),
     options=OPTIONS,
     scale=None,
-    likelihood=Likelihood(steps=window_steps, noise=noise_of, reference=lambda p: p["kl_weight"] > 0),
+    likelihood=KL_TO_REFERENCE,
 )

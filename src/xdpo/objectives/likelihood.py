@@ -59,6 +59,15 @@ def noise_of(params: dict[str, Any]) -> tuple[float, float]:
     return float(params["noise_level"]), float(params["eta"])
 
 
+def _kl_weighted(params: dict[str, Any]) -> bool:
+    return params["kl_weight"] > 0
+
+
+KL_TO_REFERENCE = Likelihood(steps=window_steps, noise=noise_of, reference=_kl_weighted)
+"""The sampler of GRPO and DPOK: the window's steps, the sections' noise, the reference's step only when
+the objective's `kl_weight` > 0 (their KL term to the reference)."""
+
+
 def sampler_options(noise_level: float, eta: float, fraction: float) -> tuple[Option, ...]:
     """The sampler keys every likelihood objective declares in its section."""
     return (
