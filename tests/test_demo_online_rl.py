@@ -20,8 +20,20 @@ def test_every_arm_samples_the_same_number_of_images(tmp_path):
     images = {k: c.online.prompts_per_round * c.online.per_prompt * (s.max_steps // c.online.every)
               for k, c in cfgs.items()}  # fmt: skip
     assert set(images.values()) == {s.images} == {320}
-    assert [m.slug for m in s.methods][-4:] == ["grpo", "grpo-window", "dpok", "d3po"]
+    assert [m.slug for m in s.methods][-6:] == [
+        "grpo",
+        "grpo-window",
+        "dpok",
+        "d3po",
+        "dgpo-stable",
+        "d3po-stable",
+    ]
     assert cfgs["grpo-window"].grpo.window == 4 and cfgs["d3po"].reference.strategy == "frozen"
+    for slug in ("dgpo-stable", "d3po-stable"):  # Kang et al.'s update once a round, Eq. 8's guard
+        ref = cfgs[slug].reference
+        assert (ref.strategy, ref.update_every, ref.divergence) == ("stable", s.every, "kang")
+        assert cfgs[slug].loss.objective == slug.split("-")[0]
+    assert cfgs["dgpo-stable"].train.batch_size == cfgs["dgpo"].train.batch_size
     assert cfgs["offline"].online.every == s.max_steps and cfgs["nft"].loss.objective == "nft"
     assert {c.online.scorer for c in cfgs.values()} == {"xdpo.apps.demo.online_rl:noisy_reward"}
 
@@ -46,11 +58,14 @@ def test_online_rl_is_its_own_demo(capsys):
 def test_a_tiny_online_rl_demo_writes_its_report(tmp_path):
     s = OnlineRLSettings.make_rl(tmp_path / "rl", quick=True, family="flow", prompts_per_round=2, every=2)
     s.methods = tuple(
-        m for m in s.methods if m.slug in ("offline", "online-dpo", "nft", "grpo-window", "d3po")
+        m
+        for m in s.methods
+        if m.slug in ("offline", "online-dpo", "nft", "grpo-window", "d3po", "d3po-stable")
     )
     report = run_online_rl(s.out, settings=s)
     res = json.loads((s.out / "results.json").read_text())
-    assert [a["slug"] for a in res["arms"]] == ["offline", "online-dpo", "nft", "grpo-window", "d3po"]
+    slugs = ["offline", "online-dpo", "nft", "grpo-window", "d3po", "d3po-stable"]
+    assert [a["slug"] for a in res["arms"]] == slugs
     for arm in res["arms"]:
         assert [p["images"] for p in arm["points"]] == (
             [0, 16, 16] if arm["slug"] == "offline" else [0, 8, 16]
@@ -61,6 +76,27 @@ def test_a_tiny_online_rl_demo_writes_its_report(tmp_path):
     assert "**one training seed**" in text and (s.out / "curves.png").is_file()
     assert "No intervals" not in text  # one seed: the images' bootstrap interval
     assert "One seed: the decoupled and the likelihood-based arms are not separated" in text
+    track = res["arms"][-1]["reference"][0]  # the stable arm's checks: once a round, the policy copied
+    assert [row[0] for row in track] == [2, 4] and track[-1][4] == 2 and track[-1][3] == 0.0
+    assert "- D3PO + Kang stable minus D3PO, final hidden reward paired by seed" in text
+    assert "one seed: no interval, no verdict" in text and "2 copies, never frozen" in text
+
+
+def test_kang_lines_give_a_verdict_only_where_the_paired_interval_excludes_zero():
+    from xdpo.apps.demo.online_rl_report import kang_lines
+
+    def arm(slug, rewards):
+        track = [[10, 3.0, 0.01, 0.0, 1, None]] if slug.endswith("stable") else []
+        return {"slug": slug, "name": slug, "seeds": [0, 1, 2], "per_seed": {"reward": rewards},
+                "reference": [track]}  # fmt: skip
+
+    up = kang_lines([arm("dgpo", [1.0, 2.0, 3.0]), arm("dgpo-stable", [1.1, 2.2, 3.15])])
+    assert len(up) == 1 and "+0.150" in up[0] and "raises the final reward" in up[0]
+    flat = kang_lines([arm("d3po", [1.0, 2.0, 3.0]), arm("d3po-stable", [1.3, 1.8, 3.0])])
+    assert "not separated from 0" in flat[0] and "1 copies, never frozen" in flat[0]
+    down = kang_lines([arm("d3po", [1.0, 2.0, 3.0]), arm("d3po-stable", [0.9, 1.85, 2.9])])
+    assert "lowers the final reward" in down[0]
+    assert kang_lines([arm("d3po", [1.0, 2.0, 3.0])]) == []  # no stable arm: nothing said
 
 
 def test_three_seeds_by_default_and_one_when_quick(tmp_path, capsys):

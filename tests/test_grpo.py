@@ -102,15 +102,46 @@ def test_ratio_is_one_at_the_first_update_and_moves_after_it(request, tmp_path, 
 
 @pytest.mark.parametrize("strategy", ["stable", "ema"])
 def test_grpo_composes_with_the_reference_strategies(request, tmp_path, monkeypatch, strategy):
-    """Kang et al.'s stable update (its probe drawn from round 0's recorded steps; D = pred_mse: `kang` reads
-    preferred images, which rollouts have not) and an EMA reference: the KL term's reference moves."""
+    """Kang et al.'s stable update (its guard's Eq. 8 `kang` estimate on round 0's preferred clean samples)
+    and an EMA reference: the KL term's reference moves."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rewards.py").write_text(INK_REWARD)
     (tmp_path / "prompts.txt").write_text("a red square\na blue circle\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    # delta in kang units (T x the error gap): D is ~160 after one step of this tiny model
     kw = {**RUN, "online.prompts": tmp_path / "prompts.txt", "data.resolution": 32, "train.max_steps": 3,
-          "reference.strategy": strategy, "reference.update_every": 1, "reference.max_divergence": 10,
-          "reference.divergence": "pred_mse"}  # fmt: skip
+          "reference.strategy": strategy, "reference.update_every": 1, "reference.divergence": "kang",
+          "reference.max_divergence": 1e6}  # fmt: skip
     rows = read_metrics(run(tmp_path, request.getfixturevalue("tiny_pipeline_dir"), "", **kw))
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["ref_updates"] >= 1
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+    if strategy == "stable":  # D measured (finite, not a freeze on a missing estimate) at every update
+        assert all(math.isfinite(r["ref_divergence"]) and r["ref_frozen_step"] is None for r in rows)
+
+
+def test_a_rounds_probe_is_its_preferred_clean_samples_not_the_recorded_steps(tmp_path):
+    """The moving reference's probe reads the round's clean samples above their group's mean score (the
+    preferred images of Kang et al.'s Eq. 8), never the noisy sampler steps a likelihood objective trains on."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from xdpo.objectives import OBJECTIVES
+    from xdpo.train.rollouts import RolloutItems
+
+    n, steps = 6, 3
+    latents = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 4, 2, 2).contiguous()
+    t = {"latents": latents, "advantage": torch.tensor([1.0, -1.0, 0.0, -0.5, 0.5, 2.0]),
+         "group": torch.tensor([0, 0, 0, 1, 1, 1]), "grid_index": torch.arange(steps),
+         "sde_x": 100 + torch.randn(n, steps, 4, 2, 2), "sde_next": torch.randn(n, steps, 4, 2, 2),
+         "sde_logp": torch.zeros(n, steps), "sde_a": torch.ones(steps), "sde_b": torch.ones(steps),
+         "sde_std": torch.ones(steps), "sde_t": torch.ones(steps), "sde_position": torch.arange(steps)}  # fmt: skip
+    save_file(t, str(tmp_path / "rollouts.safetensors"))
+    record = {"captions": ["a one", "a two"], "per_prompt": 3, "pixel_size": [16, 16], "cfg": 1.0}
+    (tmp_path / "round.json").write_text(json.dumps(record))
+    obj = OBJECTIVES["grpo"]
+    items = RolloutItems(tmp_path, obj, {}, seed=0, r=0)
+    assert items.probe_images() == [0, 4, 5]  # advantage > 0
+    batch = items.probe_batch([4, 0])
+    assert torch.equal(batch.latents, latents[[4, 0]]) and batch.captions == ["a two", "a one"]
+    assert not batch.pairs and batch.images == 2

@@ -86,6 +86,20 @@ class RolloutItems(torch.utils.data.Dataset):
             rows=torch.tensor(idx, dtype=torch.long),
         )  # fmt: skip
 
+    def probe_images(self) -> list[int]:
+        """The round's preferred images for a moving reference's probe (Kang et al.'s Eq. 8 reads preferred
+        images): those scored above their group's mean (advantage > 0); all images when none is."""
+        above = torch.nonzero(self.advantage > 0).flatten().tolist()
+        return above or list(range(self.latents.shape[0]))
+
+    def probe_batch(self, images: list[int]) -> Batch:
+        """The clean samples `images` (not the recorded sampler steps) with their captions."""
+        return Batch(
+            captions=[self.captions[int(self.group[i])] for i in images], label=torch.ones(len(images)),
+            pairs=False, pixel_size=self.pixel_size, latents=self.latents[images],
+            rows=torch.tensor(images, dtype=torch.long),
+        )  # fmt: skip
+
     def collate_steps(
         self, items: list[dict[str, Any]], idx: list[int], group: torch.Tensor, captions: list[str]
     ) -> Batch:

@@ -217,15 +217,20 @@ def prepare_models(cfg: Config, acc: Any, objective: Objective) -> tuple[Models,
 
 @torch.no_grad()
 def make_probe(cfg: Config, data: Any, ctx: Any, rank: int, world: int) -> Probe:
-    """The periodic reference's probe set: `probe_size` preferred images drawn once from `data` (seeded,
+    """The moving reference's probe set: `probe_size` preferred images drawn once from `data` (seeded,
     apart from the training order), as many on every process (a sharded model's forwards are collectives),
-    this process's share encoded by the step's own path."""
-    n = len(data)
-    size = min(cfg.reference.probe_size, n)
-    order = np.random.default_rng([cfg.seed, PROBE_SALT]).permutation(n)[:size]
+    this process's share encoded by the step's own path. Data that are not pairs or images name their own
+    preferred images (`probe_images()`, `probe_batch(images)`: an online round's clean samples above their
+    group's mean score, not the recorded sampler steps a likelihood objective trains on)."""
+    pool = data.probe_images() if hasattr(data, "probe_images") else range(len(data))
+    size = min(cfg.reference.probe_size, len(pool))
+    order = np.random.default_rng([cfg.seed, PROBE_SALT]).permutation(len(pool))[:size]
     per = -(-size // world)
-    mine = [int(order[(rank + world * j) % size]) for j in range(per)]
-    batch = data.collate([data[(i, mix_seed(cfg.seed, PROBE_SALT, i))] for i in mine])
+    mine = [int(pool[int(order[(rank + world * j) % size])]) for j in range(per)]
+    if hasattr(data, "probe_batch"):
+        batch = data.probe_batch(mine)
+    else:
+        batch = data.collate([data[(i, mix_seed(cfg.seed, PROBE_SALT, i))] for i in mine])
     device = next(ctx.policy.parameters()).device if cfg.data.cache else ctx.comps.vae.device
     gen = torch.Generator(device).manual_seed(mix_seed(cfg.seed, PROBE_SALT, rank))
     enc = encode(ctx.comps, batch, gen, ctx.sample_posterior).first(len(mine))  # the preferred images

@@ -15,7 +15,9 @@ flips). Arms:
   lr, batch and steps, the soft reference updated once a round;
 - grpo (every step stochastic; and with MixGRPO's window of 4 SDE steps moved each round), dpok, d3po: R rounds
   of P groups sampled stochastically (DDIM eta 1 / Flow-GRPO's SDE), the papers' defaults except the run's lr,
-  batch and steps, the frozen base as the reference of their KL / DPO terms.
+  batch and steps, the frozen base as the reference of their KL / DPO terms;
+- DGPO and D3PO (the best decoupled and likelihood-based arms of the three-seed runs before these two arms) with
+  Kang et al.'s stable update instead: the policy copied into the reference once a round behind Eq. 8's guard.
 Each arm samples R x P x K images. Evaluation (run.py's stages): the hidden reward of the checkpoints at every
 round boundary (reward vs images sampled and vs compute seconds: the training steps' and the rounds'
 sampling wall time on one thread) and of the final models, with prompt alignment (the legibility
@@ -59,6 +61,18 @@ def noisy_reward(images: list, prompts: list[str]) -> np.ndarray:
     return hidden_reward(images, prompts) + np.asarray(noise)
 
 
+KANG_DELTA = (
+    500.0  # benchmarks/kang_stable.py's delta in `kang` units (calibrated on offline DPO, UNet world)
+)
+
+
+def kang_stable(every: int) -> tuple[str, ...]:
+    """Kang et al.'s stable update: the policy copied into the reference every round (tau = E steps) behind
+    their Eq. 8 guard (`kang` units; the digits configs' own guard is pred_mse)."""
+    return ("reference.strategy=stable", f"reference.update_every={every}", "reference.divergence=kang",
+            f"reference.max_divergence={KANG_DELTA:g}")  # fmt: skip
+
+
 @dataclass
 class OnlineRLSettings(DemoSettings):
     rounds: int = 4  # R
@@ -97,6 +111,12 @@ class OnlineRLSettings(DemoSettings):
                    (*lk, "loss.objective=grpo", "grpo.window=4", "grpo.window_every=1")),
             Method("DPOK", "dpok", config, (*lk, "loss.objective=dpok")),
             Method("D3PO", "d3po", config, (*lk, "loss.objective=d3po")),
+            # Kang et al.'s stable update on the best decoupled and the best likelihood-based arm (of both worlds
+            # at three seeds, docs/results/online-rl before these arms): the reference copied once a round
+            Method("DGPO + Kang stable", "dgpo-stable", config, (*common, f"online.prompts_per_round={P}",
+                   f"online.every={E}", "loss.objective=dgpo", f"train.batch_size={max(1, 16 // self.per_prompt)}",
+                   *kang_stable(E))),
+            Method("D3PO + Kang stable", "d3po-stable", config, (*lk, "loss.objective=d3po", *kang_stable(E))),
         )  # fmt: skip
 
     @classmethod
@@ -144,7 +164,9 @@ def seed_costs(s: OnlineRLSettings, out: Path) -> dict[str, Any]:
         made = [r for r in rounds if r["step"] < st]  # the rounds trained on before this checkpoint
         seconds = sum(r["step_time"] for r in rows if r["step"] <= st) + sum(max(r["seconds"]) for r in made)
         points.append({"step": st, "images": sum(r["images"] for r in made), "seconds": round(seconds, 2)})
-    return {"points": points, "rounds": [
+    track = [[r["step"], r.get("ref_divergence"), r["ref_to_initial"], r["ref_to_policy"], r["ref_updates"],
+              r["ref_frozen_step"]] for r in rows if r.get("ref_to_initial") is not None]  # fmt: skip
+    return {"points": points, "reference": track, "rounds": [
         {k: r[k] for k in ("round", "step", "images", "score_mean", "images_per_second")} | r["monitors"]
         for r in rounds]}  # fmt: skip
 

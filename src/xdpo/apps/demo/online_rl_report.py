@@ -86,6 +86,7 @@ def arm_rows(s: Any, costs: dict, curves: dict, tables: dict) -> tuple[list[dict
             "diversity": float(np.mean(per["div"])), "points": costs[m.slug]["points"],
             "curves": [curves["runs"][f"{m.slug}-s{seed}"] for seed in s.train_seeds],
             "rounds": costs[m.slug]["seeds"][s.train_seeds[0]]["rounds"],
+            "reference": [costs[m.slug]["seeds"][seed].get("reference", []) for seed in s.train_seeds],
         })  # fmt: skip
     return rows, summarize(base[REWARD]), base_div
 
@@ -149,6 +150,44 @@ def speedup(rows: list[dict]) -> list[str]:
         "hours to a target reward at tuned settings; this run's equal-images, equal-steps design measures reward "
         "at a fixed budget, not time to a target."
     ]
+
+
+STABLE_OF = {"dgpo": "dgpo-stable", "d3po": "d3po-stable"}  # arm -> the same arm with Kang et al.'s update
+
+
+def kang_lines(rows: list[dict]) -> list[str]:
+    """Kang et al.'s stable update on an arm: the paired (same seed) difference of the final hidden reward with
+    its t interval over seeds, a verdict only where the interval excludes 0, and the reference's track (copies,
+    freeze, D and the distances at the last check, first seed)."""
+    by = {r["slug"]: r for r in rows}
+    lines = []
+    for arm, stable in STABLE_OF.items():
+        if arm not in by or stable not in by:
+            continue
+        a, b = by[arm], by[stable]
+        diff = [y - x for x, y in zip(a["per_seed"]["reward"], b["per_seed"]["reward"], strict=True)]
+        m, lo, hi = t_interval(diff)
+        if math.isnan(lo):
+            verdict = "one seed: no interval, no verdict"
+        elif lo > 0:
+            verdict = "the update raises the final reward (the interval excludes 0)"
+        elif hi < 0:
+            verdict = "the update lowers the final reward (the interval excludes 0)"
+        else:
+            verdict = "not separated from 0"
+        track = b["reference"][0]
+        if track:
+            step, d, to_init, to_pol, updates, frozen = track[-1]
+            ref = (f"{updates} copies, {'frozen at step ' + str(frozen) if frozen is not None else 'never frozen'}; "
+                   f"at step {step}: D {d if d is None else f'{d:.3g}'} (kang), ref_to_initial {to_init:.3g}, "
+                   f"ref_to_policy {to_pol:.3g}")  # fmt: skip
+        else:
+            ref = "no reference checks logged"
+        lines.append(
+            f"- {b['name']} minus {a['name']}, final hidden reward paired by seed: {m:+.3f} [{lo:.3f}, {hi:.3f}]: "
+            f"{verdict}. Reference (seed {b['seeds'][0]}): {ref}.".replace("nan", "—")
+        )
+    return lines
 
 
 def _row(r: dict, per_seed_interval: bool) -> str:
@@ -231,6 +270,7 @@ def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) ->
         "papers' (3e-4 with LoRA); their losses have other scales than DPO's, so equal lr is not an equal step: a "
         "slower arm here is not shown to be a worse method.",
         *speedup(rows),
+        *kang_lines(rows),
         "",
         f"Figure: `curves.png` (lines: mean over seeds; bands: min to max over seeds). Timings of this invocation "
         f"(s; load average {load['start']} -> {load['end']}, {load['cpus']} CPUs): "

@@ -26,6 +26,7 @@ def soft_decay(step: int, rate: float, cap: float) -> float:
 
 class Soft(Strategy):
     moves = saves = full_precision = True
+    probes = False  # no guard and no distances: the probe set would be encoded for nothing
 
     def update(self, step: int, storage: Any, check: Callable[[], tuple[float, float]]) -> float | None:
         storage.blend(1.0 - soft_decay(step, self.cfg.soft_rate, self.cfg.soft_max))
