@@ -56,11 +56,9 @@ def test_online_rl_is_its_own_demo(capsys):
 
 @pytest.mark.slow
 def test_a_tiny_online_rl_demo_writes_its_report(tmp_path):
-    s = OnlineRLSettings.make_rl(tmp_path / "rl", quick=True, family="flow", prompts_per_round=2, every=2)
-    s.methods = tuple(
-        m
-        for m in s.methods
-        if m.slug in ("offline", "online-dpo", "nft", "grpo-window", "d3po", "d3po-stable")
+    arms = ("d3po-stable", "offline", "online-dpo", "nft", "grpo-window", "d3po")  # run in the demo's order
+    s = OnlineRLSettings.make_rl(
+        tmp_path / "rl", quick=True, family="flow", prompts_per_round=2, every=2, arms=arms
     )
     report = run_online_rl(s.out, settings=s)
     res = json.loads((s.out / "results.json").read_text())
@@ -106,7 +104,23 @@ def test_three_seeds_by_default_and_one_when_quick(tmp_path, capsys):
     assert main(["demo", "--online-rl", "--seeds", "0", "--out", str(tmp_path)]) == 2
     assert "--seeds: expected a number of training seeds >= 1, got 0" in capsys.readouterr().err
     assert main(["demo", "--seeds", "2", "--out", str(tmp_path)]) == 2
-    assert "--seeds applies to --online-rl only" in capsys.readouterr().err
+    assert "--seeds and --arms apply to --online-rl only" in capsys.readouterr().err
+
+
+def test_arms_pick_a_subset_by_slug_and_the_help_names_every_slug(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens: keep every slug on one line
+    every = [m.slug for m in OnlineRLSettings.make_rl(tmp_path).methods]
+    s = OnlineRLSettings.make_rl(tmp_path, arms=("d3po-stable", "dgpo"))
+    assert [m.slug for m in s.methods] == ["dgpo", "d3po-stable"]
+    assert main(["demo", "--online-rl", "--arms", "dgpo,sft", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--arms: unknown sft (choose from " in err and all(slug in err for slug in every)
+    assert main(["demo", "--arms", "dgpo", "--out", str(tmp_path)]) == 2
+    assert "--seeds and --arms apply to --online-rl only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert all(slug in helptext for slug in every)
 
 
 def _arm(name: str, rewards: list[float]) -> dict:

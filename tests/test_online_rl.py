@@ -114,11 +114,12 @@ def test_rollout_training_resumes_exactly_mid_round_and_between_rounds(
 
 
 def test_the_rounds_train_on_the_gathered_advantages_and_the_reference_samples_nft(
-    tmp_path, tiny_sd3_pipeline_dir, monkeypatch
+    tmp_path, tiny_sd3_pipeline_dir, monkeypatch, capsys
 ):
     """A round's advantages are the closed form over the whole round (global std), its grid the sampler's; with
     reference.update_every beyond the run, NFT's old policy stays the base and samples every round alike
-    (drift 0), while AWM samples with the moving policy."""
+    (drift 0), while AWM samples with the moving policy. The run's summary names no beta or divergence (the
+    rollout objectives take neither)."""
     monkeypatch.chdir(tmp_path)
     for objective in ("nft", "awm"):
         out = run(tmp_path, tiny_sd3_pipeline_dir, "", name=objective, **{
@@ -133,6 +134,8 @@ def test_the_rounds_train_on_the_gathered_advantages_and_the_reference_samples_n
         assert len(grid) == 3 and grid[0] == 999 and grid == sorted(grid, reverse=True)
         drift = json.loads((out / "online" / "round-0001" / "round.json").read_text())["monitors"]["drift"]
         assert (drift == 0) == (objective == "nft")
+        text = capsys.readouterr().out
+        assert f"; {objective}; reference soft;" in text and "beta=" not in text
 
 
 def test_rollout_objectives_need_online_rounds_and_stop_on_a_heldout_scorer():

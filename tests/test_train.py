@@ -114,7 +114,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_pipeline_dir, pairs_parq
     }
     fresh = run(tmp_path, tiny_pipeline_dir, pairs_parquet, name="fresh", **{"train.max_steps": 6}, **kw)
     part = run(tmp_path, tiny_pipeline_dir, pairs_parquet, name="part", **{"train.max_steps": 3}, **kw)
-    capsys.readouterr()
+    assert (
+        "; pair/reverse_kl/sigmoid beta=100 (schedule constant); reference frozen;" in capsys.readouterr().out
+    )
     resumed = run(
         tmp_path,
         tiny_pipeline_dir,

@@ -251,11 +251,16 @@ def describe(recipe: Any) -> str:
     text = "" if te is None else f" (+ text encoders, lr {te:.3g})"
     ref = f"reference {cfg.reference.strategy}" if obj.needs_reference else "no reference"
     weights = weight_tables(ts, recipe.models.process).describe(ts.weighting, ts.sampling)
+    # the loss keys this objective takes (Objective.params): a rollout objective has no divergence or beta
+    loss = "/".join(
+        [lc.objective, *(str(getattr(lc, k)) for k in ("divergence", "outer") if k in obj.params)]
+    )
+    if "beta" in obj.params:
+        loss += f" beta={lc.beta:g} (schedule {lc.beta_schedule})"
     return (
         f"{recipe.data.about}; {fam.name} ({fam.pipeline_class}, {recipe.models.process.kind}); "
         f"{'LoRA r=' + str(lora) if lora else 'full fine-tune'}{text}, {trainable:,} trainable; effective batch "
-        f"{t.batch_size * t.grad_accum * world} pairs, lr {recipe.lr:.3g}; {lc.objective}/{lc.divergence}/"
-        f"{lc.outer} beta={lc.beta:g}; {ref}; {weights}; errors "
-        f"{lc.error_space}/{lc.error_reduction}, beta schedule {lc.beta_schedule}; distributed: "
+        f"{t.batch_size * t.grad_accum * world} pairs, lr {recipe.lr:.3g}; {loss}; {ref}; {weights}; errors "
+        f"{lc.error_space}/{lc.error_reduction}; distributed: "
         f"{acc.distributed_type.name}{'' if zero is None else f' ZeRO-{zero}'}, {world} process(es)"
     )

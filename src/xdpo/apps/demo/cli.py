@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="--online-rl: training seeds per arm (default 3, --quick 1); intervals are over these seeds",
     )
+    p.add_argument(
+        "--arms",
+        default="",
+        help="--online-rl: comma-separated slugs of the arms to run (default all: offline, online-dpo, nft, awm, "
+        "dgpo, grpo, grpo-window, dpok, d3po, dgpo-stable, d3po-stable)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.set_defaults(func=run)
 
@@ -80,12 +86,13 @@ def run(args: argparse.Namespace) -> int:
         if args.ablation or args.online:
             raise ConfigError("--online-rl is its own demo: not with --online or --ablation")
         out = args.out or RL_OUT[args.family]
-        run_online_rl(out, quick=args.quick, family=args.family, seeds=args.seeds)
+        arms = tuple(a for a in args.arms.split(",") if a)
+        run_online_rl(out, quick=args.quick, family=args.family, seeds=args.seeds, arms=arms)
         return 0
-    if args.seeds is not None:
+    if args.seeds is not None or args.arms:
         from xdpo.errors import ConfigError
 
-        raise ConfigError("--seeds applies to --online-rl only")
+        raise ConfigError("--seeds and --arms apply to --online-rl only")
     if getattr(args, "online", False):
         from xdpo.apps.demo.online import DEFAULT_OUT as ONLINE_OUT
         from xdpo.apps.demo.online import run_online

@@ -127,10 +127,12 @@ class OnlineRLSettings(DemoSettings):
         quick: bool = False,
         family: str = "flow",
         seeds: int | None = None,
+        arms: tuple[str, ...] = (),
         **kw: Any,
     ) -> OnlineRLSettings:
         """Full: 4 rounds of 20 prompts x 4 images, 10 steps a round (40 steps, 320 images an arm), 3 training
-        seeds. Quick: 2 rounds of 8 prompts, 4 steps a round, 1 seed. `seeds`: the number of training seeds."""
+        seeds. Quick: 2 rounds of 8 prompts, 4 steps a round, 1 seed. `seeds`: the number of training seeds;
+        `arms`: the slugs of the arms to run (default: all)."""
         if family not in CONFIG:
             raise ConfigError(f"--family: {family!r} is not one of {', '.join(CONFIG)}")
         n = seeds if seeds is not None else (1 if quick else 3)
@@ -142,6 +144,12 @@ class OnlineRLSettings(DemoSettings):
         s = cls(Path(out), family=family, **{**base, **kw})
         s.max_steps, s.curve_points = s.rounds * s.every, s.rounds  # checkpoints at round boundaries
         s.methods = s.arm_methods()
+        if arms:
+            slugs = [m.slug for m in s.methods]
+            unknown = [a for a in arms if a not in slugs]
+            if unknown:
+                raise ConfigError(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(slugs)})")
+            s.methods = tuple(m for m in s.methods if m.slug in arms)
         return s
 
 
@@ -193,10 +201,12 @@ def run_online_rl(
     quick: bool = False,
     family: str = "flow",
     seeds: int | None = None,
+    arms: tuple[str, ...] = (),
     settings: OnlineRLSettings | None = None,
 ) -> Path:
-    """Run (or continue) the comparison into `out`; return the report path."""
-    s = settings or OnlineRLSettings.make_rl(out, quick=quick, family=family, seeds=seeds)
+    """Run (or continue) the comparison into `out` (the arms named by slug in `arms`, default all); return the
+    report path."""
+    s = settings or OnlineRLSettings.make_rl(out, quick=quick, family=family, seeds=seeds, arms=arms)
     s.out.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.time(), os.getloadavg()[0]
     arms = ", ".join(m.name for m in s.methods)
