@@ -34,6 +34,14 @@ def test_every_arm_samples_the_same_number_of_images(tmp_path):
         assert (ref.strategy, ref.update_every, ref.divergence) == ("stable", s.every, "kang")
         assert cfgs[slug].loss.objective == slug.split("-")[0]
     assert cfgs["dgpo-stable"].train.batch_size == cfgs["dgpo"].train.batch_size
+    # the stable reference is DGPO's DPO term's (its default, the initial model, would leave it only the clip)
+    assert (cfgs["dgpo"].dgpo.reference, cfgs["dgpo-stable"].dgpo.reference) == ("initial", "reference")
+    emaref = cfgs["dgpo-emaref"]  # the control: the same DPO term's reference, moved by EMA instead
+    assert (emaref.dgpo.reference, emaref.reference.strategy) == (
+        "reference",
+        cfgs["dgpo"].reference.strategy,
+    )
+    assert cfgs["dgpo-stable"].dgpo.beta == cfgs["dgpo"].dgpo.beta
     assert cfgs["offline"].online.every == s.max_steps and cfgs["nft"].loss.objective == "nft"
     assert {c.online.scorer for c in cfgs.values()} == {"xdpo.apps.demo.online_rl:noisy_reward"}
 
@@ -95,6 +103,12 @@ def test_kang_lines_give_a_verdict_only_where_the_paired_interval_excludes_zero(
     down = kang_lines([arm("d3po", [1.0, 2.0, 3.0]), arm("d3po-stable", [0.9, 1.85, 2.9])])
     assert "lowers the final reward" in down[0]
     assert kang_lines([arm("d3po", [1.0, 2.0, 3.0])]) == []  # no stable arm: nothing said
+    both = kang_lines([arm("dgpo", [1.0, 2.0, 3.0]), arm("dgpo-emaref", [1.2, 2.1, 3.1]),
+                       arm("dgpo-stable", [1.1, 2.2, 3.15])])  # fmt: skip
+    assert [line.split(",")[0] for line in both] == [
+        "- dgpo-stable minus dgpo",
+        "- dgpo-stable minus dgpo-emaref",
+    ]
 
 
 def test_three_seeds_by_default_and_one_when_quick(tmp_path, capsys):

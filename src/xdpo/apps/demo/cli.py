@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--arms",
         default="",
         help="--online-rl: comma-separated slugs of the arms to run (default all: offline, online-dpo, nft, awm, "
-        "dgpo, grpo, grpo-window, dpok, d3po, dgpo-stable, d3po-stable)",
+        "dgpo, dgpo-emaref, grpo, grpo-window, dpok, d3po, dgpo-stable, d3po-stable)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.set_defaults(func=run)

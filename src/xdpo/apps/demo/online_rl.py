@@ -17,7 +17,10 @@ flips). Arms:
   of P groups sampled stochastically (DDIM eta 1 / Flow-GRPO's SDE), the papers' defaults except the run's lr,
   batch and steps, the frozen base as the reference of their KL / DPO terms;
 - DGPO and D3PO (the best decoupled and likelihood-based arms of the three-seed runs before these two arms) with
-  Kang et al.'s stable update instead: the policy copied into the reference once a round behind Eq. 8's guard.
+  Kang et al.'s stable update instead: the policy copied into the reference once a round behind Eq. 8's guard;
+  for DGPO that reference is also its DPO term's (`dgpo.reference=reference`; DGPO's default is the initial
+  model), at the same beta; so it is also compared with DGPO's EMA reference in that term (`dgpo-emaref`, the
+  DGPO code's use_ema_ref).
 Each arm samples R x P x K images. Evaluation (run.py's stages): the hidden reward of the checkpoints at every
 round boundary (reward vs images sampled and vs compute seconds: the training steps' and the rounds'
 sampling wall time on one thread) and of the final models, with prompt alignment (the legibility
@@ -106,16 +109,22 @@ class OnlineRLSettings(DemoSettings):
             Method("AWM", "awm", config, (*rl, "loss.objective=awm", "reference.soft_max=0.3")),
             Method("DGPO", "dgpo", config, (*rl, "loss.objective=dgpo", "reference.soft_max=0.3",
                                             f"train.batch_size={max(1, 16 // self.per_prompt)}")),
+            # DGPO's code's use_ema_ref: its soft (EMA) reference in the DPO term too; the control of dgpo-stable
+            Method("DGPO, EMA reference in its DPO term", "dgpo-emaref", config, (*rl, "loss.objective=dgpo",
+                   "reference.soft_max=0.3", f"train.batch_size={max(1, 16 // self.per_prompt)}",
+                   "dgpo.reference=reference")),
             Method("GRPO (Flow-GRPO)", "grpo", config, (*lk, "loss.objective=grpo")),
             Method("GRPO + MixGRPO window", "grpo-window", config,
                    (*lk, "loss.objective=grpo", "grpo.window=4", "grpo.window_every=1")),
             Method("DPOK", "dpok", config, (*lk, "loss.objective=dpok")),
             Method("D3PO", "d3po", config, (*lk, "loss.objective=d3po")),
             # Kang et al.'s stable update on the best decoupled and the best likelihood-based arm (of both worlds
-            # at three seeds, docs/results/online-rl before these arms): the reference copied once a round
+            # at three seeds, docs/results/online-rl before these arms): the reference copied once a round and,
+            # for DGPO, made the DPO term's reference (its default is the initial model, which would leave the
+            # update only the clip's ratio to act on), at the arm's beta as Kang et al. keep DPO's
             Method("DGPO + Kang stable", "dgpo-stable", config, (*common, f"online.prompts_per_round={P}",
                    f"online.every={E}", "loss.objective=dgpo", f"train.batch_size={max(1, 16 // self.per_prompt)}",
-                   *kang_stable(E))),
+                   "dgpo.reference=reference", *kang_stable(E))),
             Method("D3PO + Kang stable", "d3po-stable", config, (*lk, "loss.objective=d3po", *kang_stable(E))),
         )  # fmt: skip
 

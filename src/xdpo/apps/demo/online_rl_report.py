@@ -152,7 +152,9 @@ def speedup(rows: list[dict]) -> list[str]:
     ]
 
 
-STABLE_OF = {"dgpo": "dgpo-stable", "d3po": "d3po-stable"}  # arm -> the same arm with Kang et al.'s update
+# (arm, the same arm with Kang et al.'s update): DGPO's stable arm also moves its DPO term's reference, so it is
+# compared with DGPO's own moving-reference variant too (the EMA model in the DPO term, the code's use_ema_ref)
+KANG_PAIRS = (("dgpo", "dgpo-stable"), ("dgpo-emaref", "dgpo-stable"), ("d3po", "d3po-stable"))
 
 
 def kang_lines(rows: list[dict]) -> list[str]:
@@ -161,7 +163,7 @@ def kang_lines(rows: list[dict]) -> list[str]:
     freeze, D and the distances at the last check, first seed)."""
     by = {r["slug"]: r for r in rows}
     lines = []
-    for arm, stable in STABLE_OF.items():
+    for arm, stable in KANG_PAIRS:
         if arm not in by or stable not in by:
             continue
         a, b = by[arm], by[stable]
