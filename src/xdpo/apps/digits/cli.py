@@ -71,10 +71,16 @@ def register(subparsers) -> None:
             "jpg_0, jpg_1, label_0, label_1) plus reward_0, reward_1, digit, and OUT.json with settings and counts."
         ),
     )
-    from xdpo.apps.digits.labeller import LabellerSettings
+    from xdpo.apps.digits.tasks import TASKS
 
-    d = LabellerSettings()
     mp.add_argument("--out", required=True, help="output parquet file")
+    mp.add_argument(
+        "--task",
+        choices=tuple(TASKS),
+        default="bold",
+        help="the preference: bold (legible and bold, the demos' task) or slant (legible and leaning right, "
+        "labelled with more noise; docs/digits.md) (default: %(default)s)",
+    )
     mp.add_argument("--n", type=int, required=True, help="number of pairs")
     mp.add_argument(
         "--seed", type=int, default=0, help="seed for captions, noise and labels (default: %(default)s)"
@@ -87,20 +93,27 @@ def register(subparsers) -> None:
     mp.add_argument(
         "--temperature",
         type=float,
-        default=d.temperature,
-        help="Bradley-Terry temperature: P(0 preferred) = sigmoid((R0-R1)/T)",
+        default=None,
+        help="Bradley-Terry temperature: P(0 preferred) = sigmoid((R0-R1)/T) (default: the task's; bold 0.5, "
+        "slant 0.5)",
     )
     mp.add_argument(
         "--noise",
         type=float,
-        default=d.noise,
-        help="probability of flipping a non-tie label (default: %(default)s)",
+        default=None,
+        help="probability of flipping a non-tie label (default: the task's; bold 0.05, slant 0.1)",
     )
     mp.add_argument(
-        "--tie-margin", type=float, default=d.tie_margin, help="|R0-R1| below which a tie may be recorded"
+        "--tie-margin",
+        type=float,
+        default=None,
+        help="|R0-R1| below which a tie may be recorded (default 0.1)",
     )
     mp.add_argument(
-        "--tie-prob", type=float, default=d.tie_prob, help="probability of a tie when |R0-R1| < tie margin"
+        "--tie-prob",
+        type=float,
+        default=None,
+        help="probability of a tie when |R0-R1| < tie margin (default 1)",
     )
     flow = "digits-flow: 25 FlowMatchEuler steps, guidance 3.0"
     mp.add_argument(
@@ -180,12 +193,15 @@ def _build_flow_base(args) -> int:
 
 
 def _make_pairs(args) -> int:
-    from xdpo.apps.digits.labeller import LabellerSettings
+    import dataclasses
+
     from xdpo.apps.digits.pairs import make_pairs, sidecar_path
+    from xdpo.apps.digits.tasks import get_task
 
     _set_threads(args.threads)
-    settings = LabellerSettings(
-        temperature=args.temperature, noise=args.noise, tie_margin=args.tie_margin, tie_prob=args.tie_prob
+    given = {k: getattr(args, k) for k in ("temperature", "noise", "tie_margin", "tie_prob")}
+    settings = dataclasses.replace(
+        get_task(args.task).labeller, **{k: v for k, v in given.items() if v is not None}
     )
     rec = make_pairs(
         args.out,
@@ -196,6 +212,7 @@ def _make_pairs(args) -> int:
         steps=args.steps,
         guidance=args.guidance,
         batch_size=args.batch_size,
+        task=args.task,
     )
     c = rec["counts"]
     print(

@@ -2,7 +2,8 @@
 
 `register()` is listed in `xdpo.apps.PLUGINS` (group `xdpo.plugins`, which `xdpo.evaluate.plugins`
 loads); it adds
-- scorers `digits-reward` (the hidden ground-truth reward, `labeller.hidden_reward`) and
+- scorers `digits-reward` (the hidden ground-truth reward, `labeller.hidden_reward`: the `bold` task),
+  `digits-reward-slant` (the `slant` task's, `tasks.slant_reward`) and
   `digits-alignment` (1 if the classifier reads the prompted digit, `labeller.alignment`);
 - the prompt set `digits` (held-out evaluation captions, `data.eval_prompts`);
 - sampling defaults for `--model digits` (`DIGITS_SAMPLING`: 25 DDIM steps, guidance 5) and
@@ -20,13 +21,14 @@ from typing import Any
 from xdpo.errors import XdpoError
 
 
-def _details(fn_name: str) -> str:
+def _details(fn_name: str, task: str = "bold", module: str = "labeller") -> str:
     """Function, xdpo version and a hash of the reward constants (a change invalidates cached scores)."""
     from xdpo import __version__
-    from xdpo.apps.digits import labeller
+    from xdpo.apps.digits.tasks import get_task
 
-    digest = hashlib.sha1(json.dumps(labeller.reward_constants(), sort_keys=True).encode()).hexdigest()[:8]
-    return f"xdpo.apps.digits.labeller.{fn_name} (xdpo {__version__}, reward constants {digest})"
+    constants = get_task(task).constants()
+    digest = hashlib.sha1(json.dumps(constants, sort_keys=True).encode()).hexdigest()[:8]
+    return f"xdpo.apps.digits.{module}.{fn_name} (xdpo {__version__}, reward constants {digest})"
 
 
 def digits_reward(device: str | None = None) -> Any:
@@ -35,6 +37,15 @@ def digits_reward(device: str | None = None) -> Any:
     from xdpo.evaluate.scorers import FunctionScorer
 
     return FunctionScorer("digits-reward", hidden_reward, _details("hidden_reward"), batch_size=256)
+
+
+def digits_reward_slant(device: str | None = None) -> Any:
+    """The `slant` task's true reward: legible and leaning right (`xdpo.apps.digits.tasks`)."""
+    from xdpo.apps.digits.tasks import slant_reward
+    from xdpo.evaluate.scorers import FunctionScorer
+
+    details = _details("slant_reward", "slant", "tasks")
+    return FunctionScorer("digits-reward-slant", slant_reward, details, batch_size=256)
 
 
 def digits_alignment(device: str | None = None) -> Any:
@@ -61,6 +72,7 @@ def register() -> None:
     from xdpo.evaluate.scorers import register_scorer
 
     register_scorer("digits-reward")(digits_reward)
+    register_scorer("digits-reward-slant")(digits_reward_slant)
     register_scorer("digits-alignment")(digits_alignment)
     register_prompt_set("digits", eval_prompts)
     register_sampling_defaults("digits", **DIGITS_SAMPLING)

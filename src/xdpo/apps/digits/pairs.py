@@ -2,7 +2,8 @@
 
 For pair i: a caption c_i drawn uniformly from `data.train_prompts()`, two images sampled from the model
 (the shipped UNet base by default with DDIM, or `digits-flow` / any digits folder at its own sampling
-defaults, `xdpo.apps.digits.digits_sampling`; own noise each), true rewards R0, R1 (`labeller.hidden_reward`), label_0 from `labeller.bt_labels`.
+defaults, `xdpo.apps.digits.digits_sampling`; own noise each), true rewards R0, R1 (the task's: `labeller.hidden_reward` for `bold`, `tasks.slant_reward` for `slant`), label_0 from
+`labeller.bt_labels` at the task's labeller settings unless others are given.
 Written with `xdpo.data.write_pairs_parquet` (PNG bytes in jpg_0/jpg_1) plus extra columns `reward_0`,
 `reward_1` (hidden from training) and `digit`; a sidecar `<out>.json` records settings, seed, model and counts.
 """
@@ -18,7 +19,8 @@ import numpy as np
 
 from xdpo.apps.digits import digits_sampling
 from xdpo.apps.digits.data import prompt_digits, train_prompts
-from xdpo.apps.digits.labeller import LabellerSettings, alignment, bt_labels, hidden_reward, reward_constants
+from xdpo.apps.digits.labeller import LabellerSettings, alignment, bt_labels
+from xdpo.apps.digits.tasks import get_task
 from xdpo.errors import DataError
 
 
@@ -41,20 +43,22 @@ def make_pairs(
     prompts: list[str] | None = None,
     progress: bool = True,
     parts: str | Path | None = None,
+    task: str = "bold",
 ) -> dict:
     """Sample, label and write `n` pairs to `out` (parquet); return the sidecar record.
 
     `model`: None or `digits` (the shipped UNet base), `digits-flow`, or a pipeline folder; `steps` and
     `guidance` default to the model's own (`xdpo.apps.digits.digits_sampling`). `parts`: a folder keeping
     each finished batch of samples, so that an interrupted call resumes inside the sampling (removed when
-    the pairs are written)."""
+    the pairs are written). `task`: the preference (`xdpo.apps.digits.tasks.TASKS`)."""
     from xdpo.apps.digits.sampling import generate, load_pipeline
     from xdpo.data import write_pairs_parquet
     from xdpo.evaluate.pipeline import resolve_model
 
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")
-    settings = settings or LabellerSettings()
+    spec = get_task(task)
+    settings = settings or spec.labeller
     model_path = resolve_model(model or "digits")
     defaults = digits_sampling(model)
     steps = defaults["steps"] if steps is None else steps
@@ -77,7 +81,7 @@ def make_pairs(
         chunks=parts,
     )
     im0, im1 = images[0::2], images[1::2]
-    r0, r1 = hidden_reward(im0, captions), hidden_reward(im1, captions)
+    r0, r1 = spec.reward(im0, captions), spec.reward(im1, captions)
     lab = bt_labels(r0, r1, settings, rng)
     digits = prompt_digits(captions).tolist()
     path = write_pairs_parquet(
@@ -102,8 +106,9 @@ def make_pairs(
             "scheduler": defaults["scheduler"],
             "scheduler_class": type(pipe.scheduler).__name__,
         },
+        "task": task,
         "labeller": settings.to_dict(),
-        "reward": reward_constants(),
+        "reward": spec.constants(),
         "counts": {
             "ties": int(lab.tie.sum()),
             "label_0_is_1": int((lab.label_0 == 1.0).sum()),
