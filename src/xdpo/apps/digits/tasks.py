@@ -12,7 +12,9 @@
   top leans right has s > 0), SLANT_MEAN[y] the mean over the 1,797 real digits of class y and SLANT_STD
   the pooled within-class standard deviation. The clip is wide (6 standard deviations: far beyond what the
   base draws), so the reward keeps rising while the model learns to lean, and a shear large enough to make
-  the digit unreadable is paid for by the legibility term. It is labelled with more noise: Bradley-Terry at
+  the digit unreadable is paid for by the legibility term. Measured: Diffusion-DPO at the study's UNet point
+  (beta 30, lr 3e-5, 1,000 pairs, 200 steps of 16) raises it from 0.10 to 0.27, 0.43, 0.54, 0.64, 0.68 at
+  steps 40-200 (40 held-out samples, alignment 1.00): still rising at the end, far from the clip. It is labelled with more noise: Bradley-Terry at
   temperature 0.5 with 10% flips, which agrees with the true order on ~73% of the UNet base's non-tied
   pairs and ~71% of the flow base's (expected values over 1,000 pairs of each; `bold`'s labeller gives ~79%
   and ~78% there). Every pairs file records the agreement it drew (`agreement_with_true_reward` in its
