@@ -63,6 +63,7 @@ DIGITS_FLOW = {
     "digits-flow-xdpo.yaml",
     "digits-flow-xdpo-eq9.yaml",
     "digits-flow-sft.yaml",
+    "digits-flow-seppo.yaml",
 }
 DIGITS_FLOW_LR, DIGITS_FLOW_BETA = 3e-5, 10.0
 
