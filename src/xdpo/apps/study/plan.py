@@ -69,14 +69,22 @@ class Job:
     steps: int
     curve_points: int  # checkpoints evaluated for the reward-vs-step curve (0: the final model only)
     overrides: tuple[str, ...] = ()
+    task: str = "bold"  # the preference (xdpo.apps.digits.tasks): its pairs, and its reward at evaluation
 
     @property
     def name(self) -> str:
-        return f"{self.world}/{self.stage}/{self.method}-b{self.beta:g}-lr{self.lr:g}-s{self.seed}"
+        return f"{self.world_task}/{self.stage}/{self.method}-b{self.beta:g}-lr{self.lr:g}-s{self.seed}"
+
+    @property
+    def world_task(self) -> str:
+        """`sd`, `flow` for the first task; `sd-slant`, ... for another (its pairs file's stem too)."""
+        return self.world if self.task == "bold" else f"{self.world}-{self.task}"
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["overrides"] = list(self.overrides)
+        if self.task == "bold":  # the first task's results read back as before the second existed
+            del d["task"]
         return d
 
 

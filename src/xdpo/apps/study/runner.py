@@ -44,10 +44,12 @@ def _pixels(images: list) -> np.ndarray:
     return np.stack([np.asarray(im.convert("L"), dtype=np.float32) / 255.0 for im in images])
 
 
-def image_stats(ev, images: list) -> dict[str, Any]:
-    """Per-image hidden reward and alignment (in the evaluator's (seed, prompt) order), drift from the base's
-    same-seed image and diversity (mean RMS distance between a prompt's images at different seeds)."""
-    from xdpo.apps.digits.labeller import alignment, hidden_reward
+def image_stats(ev, images: list, task: str = "bold") -> dict[str, Any]:
+    """Per-image hidden reward of the task and alignment (in the evaluator's (seed, prompt) order), drift
+    from the base's same-seed image and diversity (mean RMS distance between a prompt's images at different
+    seeds)."""
+    from xdpo.apps.digits.labeller import alignment
+    from xdpo.apps.digits.tasks import get_task
 
     px = _pixels(images)
     drift = float(np.sqrt(((px - ev.base_pixels) ** 2).mean(axis=(1, 2))).mean())
@@ -61,7 +63,7 @@ def image_stats(ev, images: list) -> dict[str, Any]:
         for b in idx[k + 1 :]
     ]
     return {
-        "reward": [round(float(x), 5) for x in hidden_reward(images, ev.prompts)],
+        "reward": [round(float(x), 5) for x in get_task(task).reward(images, ev.prompts)],
         "alignment": [round(float(x), 4) for x in alignment(images, ev.prompts)],
         "drift": drift,
         "diversity": float(np.mean(dists)) if dists else float("nan"),
@@ -103,7 +105,7 @@ def train_job(job: Job, s: StudySettings, folder: Path):
 
     every = job.steps // job.curve_points if job.curve_points else 0
     over = [
-        f"data.path={s.out / 'pairs' / f'{job.world}.parquet'}",
+        f"data.path={s.out / 'pairs' / f'{job.world_task}.parquet'}",
         f"seed={job.seed}",
         f"loss.beta={job.beta}",
         f"train.learning_rate={job.lr}",
@@ -147,13 +149,14 @@ def run_job(job: Job, s: StudySettings) -> dict[str, Any]:
     result: dict[str, Any] = {"job": job.as_dict(), "train_s": round(train_s, 1)}
     if job.curve_points:
         ev = evaluator(job.world, s.curve_seeds, 1000)
-        curve = [(0, float(np.mean(image_stats(ev, ev.base_images)["reward"])))]
+        curve = [(0, float(np.mean(image_stats(ev, ev.base_images, job.task)["reward"])))]
         for step, ckpt in list_checkpoints(folder):
-            curve.append((step, float(np.mean(image_stats(ev, ev.images(load_denoiser(ckpt)))["reward"]))))
+            stats = image_stats(ev, ev.images(load_denoiser(ckpt)), job.task)
+            curve.append((step, float(np.mean(stats["reward"]))))
         result["curve"] = curve
     first, n = (2000, s.select_seeds) if job.stage == "sweep" else (1000, s.eval_seeds)
     ev = evaluator(job.world, n, first)
-    result["final"] = image_stats(ev, ev.images(load_denoiser(folder / "final")))
+    result["final"] = image_stats(ev, ev.images(load_denoiser(folder / "final")), job.task)
     result["final"]["mean_reward"] = float(np.mean(result["final"]["reward"]))
     result["delta"] = delta_summary(metrics, job.steps)
     result["train"] = {
