@@ -113,3 +113,27 @@ def test_bracket_extends_a_winner_on_the_edge():
     assert bracket([-1.0, 0.0, 1.0], 1.0) == 2.0
     with pytest.raises(ValueError, match="not a grid value"):
         bracket([10, 30], 20)
+
+
+def job_result(pair_set: int, seed: int, final: list[float], curve: list[list[float]] | None = None) -> dict:
+    job = {"seed": seed, **({"pair_set": pair_set} if pair_set else {})}
+    res = {"job": job, "final": {"reward": final}}
+    if curve is not None:
+        res["curve"] = [[10 * i, float(np.mean(c))] for i, c in enumerate(curve)]
+        res["curve_rewards"] = curve
+    return res
+
+
+def test_trees_from_job_results():
+    from xdpo.apps.study.hierarchy import curve_tree, final_tree
+
+    results = [
+        job_result(p, s, [p + s, p + s + 1.0], [[0.0, 0.0], [p, s]]) for p in range(2) for s in range(2)
+    ]
+    t = final_tree(results)
+    assert set(t) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    np.testing.assert_array_equal(t[(1, 1)], [2.0, 3.0])
+    steps, c = curve_tree(results)
+    assert steps == [0, 10] and c[(1, 0)].shape == (2, 2)
+    with pytest.raises(ValueError, match="no per-image curve rewards"):
+        curve_tree([job_result(0, 0, [1.0])])

@@ -64,3 +64,15 @@ def test_an_unknown_task_is_refused(tmp_path, task):
 
     with pytest.raises(DataError, match="task 'tilt'"):
         _pairs("sd", StudySettings(tmp_path, worlds=("sd",), n_pairs=4), task)
+
+
+def test_pair_sets_name_their_jobs_and_pairs():
+    from xdpo.apps.study.plan import pairs_stem
+
+    job = Job("sd", "main", "dpo", "digits-dpo.yaml", 30.0, 3e-5, 0, 200, 5, task="slant", pair_set=2)
+    assert job.name == "sd-slant/main/dpo-b30-lr3e-05-s0-p2" and job.pairs_stem == "sd-slant-p2"
+    assert (
+        job.as_dict()["pair_set"] == 2
+        and "pair_set" not in Job("sd", "main", "dpo", "x", 1, 1, 0, 1, 0).as_dict()
+    )
+    assert pairs_stem("flow") == "flow" and pairs_stem("flow", "bold", 1) == "flow-p1"

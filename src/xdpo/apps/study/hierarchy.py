@@ -26,6 +26,27 @@ import numpy as np
 Tree = Mapping[tuple[int, int], np.ndarray]
 
 
+def final_tree(results: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], np.ndarray]:
+    """{(pair set, training seed): the final model's per-image rewards} of one arm's study jobs
+    (`runner.run_job` results; a job without `pair_set` is pair set 0)."""
+    return {_leaf(r): np.asarray(r["final"]["reward"], dtype=float) for r in results}
+
+
+def curve_tree(results: Sequence[Mapping[str, Any]]) -> tuple[list[int], dict[tuple[int, int], np.ndarray]]:
+    """(checkpoint steps, {(pair set, seed): per-image rewards [points, images]}) of one arm's jobs, from
+    their `curve_rewards` (the base first, then every checkpoint)."""
+    missing = [r["job"] for r in results if "curve_rewards" not in r]
+    if missing:
+        raise ValueError(f"no per-image curve rewards in {len(missing)} job result(s), e.g. {missing[0]}")
+    steps = [int(p[0]) for p in results[0]["curve"]]
+    return steps, {_leaf(r): np.asarray(r["curve_rewards"], dtype=float) for r in results}
+
+
+def _leaf(result: Mapping[str, Any]) -> tuple[int, int]:
+    job = result["job"]
+    return int(job.get("pair_set", 0)), int(job["seed"])
+
+
 def _levels(tree: Tree) -> dict[int, list[int]]:
     """pair set -> its training seeds, sorted."""
     out: dict[int, list[int]] = {}

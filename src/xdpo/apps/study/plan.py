@@ -70,22 +70,38 @@ class Job:
     curve_points: int  # checkpoints evaluated for the reward-vs-step curve (0: the final model only)
     overrides: tuple[str, ...] = ()
     task: str = "bold"  # the preference (xdpo.apps.digits.tasks): its pairs, and its reward at evaluation
+    pair_set: int = 0  # which pair set (pairs drawn with seed StudySettings.pair_seed + pair_set)
 
     @property
     def name(self) -> str:
-        return f"{self.world_task}/{self.stage}/{self.method}-b{self.beta:g}-lr{self.lr:g}-s{self.seed}"
+        p = f"-p{self.pair_set}" if self.pair_set else ""
+        return f"{self.world_task}/{self.stage}/{self.method}-b{self.beta:g}-lr{self.lr:g}-s{self.seed}{p}"
 
     @property
     def world_task(self) -> str:
-        """`sd`, `flow` for the first task; `sd-slant`, ... for another (its pairs file's stem too)."""
+        """`sd`, `flow` for the first task; `sd-slant`, ... for another."""
         return self.world if self.task == "bold" else f"{self.world}-{self.task}"
+
+    @property
+    def pairs_stem(self) -> str:
+        """The stem of its pairs file under out/pairs: `sd`, `sd-slant`, `sd-slant-p1`, ..."""
+        return pairs_stem(self.world, self.task, self.pair_set)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["overrides"] = list(self.overrides)
-        if self.task == "bold":  # the first task's results read back as before the second existed
-            del d["task"]
+        for key, first in (
+            ("task", "bold"),
+            ("pair_set", 0),
+        ):  # the first edition's records read back as before
+            if d[key] == first:
+                del d[key]
         return d
+
+
+def pairs_stem(world: str, task: str = "bold", pair_set: int = 0) -> str:
+    """out/pairs/<stem>.parquet of a world, task and pair set."""
+    return world + ("" if task == "bold" else f"-{task}") + (f"-p{pair_set}" if pair_set else "")
 
 
 @dataclass

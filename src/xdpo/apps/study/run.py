@@ -8,25 +8,26 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from xdpo.apps.study.plan import WORLDS, StudySettings, estimate, label, main_jobs, sweep_jobs
+from xdpo.apps.study.plan import WORLDS, StudySettings, estimate, label, main_jobs, pairs_stem, sweep_jobs
 from xdpo.apps.study.runner import _init_worker, run_jobs
 
 
-def _pairs(world: str, s: StudySettings, task: str = "bold") -> str:
-    """The world's pairs for `task` (`<world>.parquet` for the first task, `<world>-<task>.parquet` else),
-    reused while their sidecar records the same count, seed, model and task."""
+def _pairs(world: str, s: StudySettings, task: str = "bold", pair_set: int = 0) -> str:
+    """The world's pairs for `task` and `pair_set` (out/pairs/`plan.pairs_stem`.parquet, drawn with seed
+    `s.pair_seed + pair_set`), reused while their sidecar records the same count, seed, model and task."""
     from xdpo.apps.digits.pairs import make_pairs, sidecar_path
     from xdpo.evaluate.pipeline import resolve_model
 
-    path = s.out / "pairs" / f"{world if task == 'bold' else f'{world}-{task}'}.parquet"
+    path = s.out / "pairs" / f"{pairs_stem(world, task, pair_set)}.parquet"
+    seed = s.pair_seed + pair_set
     side = sidecar_path(path)
     if path.is_file() and side.is_file():
         rec = json.loads(side.read_text())
         same = rec.get("model") == str(resolve_model(WORLDS[world])) and rec.get("task", "bold") == task
-        if rec.get("n_pairs") == s.n_pairs and rec.get("seed") == s.pair_seed and same:
+        if rec.get("n_pairs") == s.n_pairs and rec.get("seed") == seed and same:
             return f"{path} (reused)"
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_pairs(path, s.n_pairs, seed=s.pair_seed, model=WORLDS[world], progress=False, task=task)
+    make_pairs(path, s.n_pairs, seed=seed, model=WORLDS[world], progress=False, task=task)
     return str(path)
 
 

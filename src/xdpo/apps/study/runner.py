@@ -105,7 +105,7 @@ def train_job(job: Job, s: StudySettings, folder: Path):
 
     every = job.steps // job.curve_points if job.curve_points else 0
     over = [
-        f"data.path={s.out / 'pairs' / f'{job.world_task}.parquet'}",
+        f"data.path={s.out / 'pairs' / f'{job.pairs_stem}.parquet'}",
         f"seed={job.seed}",
         f"loss.beta={job.beta}",
         f"train.learning_rate={job.lr}",
@@ -149,11 +149,13 @@ def run_job(job: Job, s: StudySettings) -> dict[str, Any]:
     result: dict[str, Any] = {"job": job.as_dict(), "train_s": round(train_s, 1)}
     if job.curve_points:
         ev = evaluator(job.world, s.curve_seeds, 1000)
-        curve = [(0, float(np.mean(image_stats(ev, ev.base_images, job.task)["reward"])))]
+        base = image_stats(ev, ev.base_images, job.task)["reward"]
+        curve, per_image = [(0, float(np.mean(base)))], [base]  # per image: the hierarchical bootstrap's
         for step, ckpt in list_checkpoints(folder):
             stats = image_stats(ev, ev.images(load_denoiser(ckpt)), job.task)
             curve.append((step, float(np.mean(stats["reward"]))))
-        result["curve"] = curve
+            per_image.append(stats["reward"])
+        result["curve"], result["curve_rewards"] = curve, per_image
     first, n = (2000, s.select_seeds) if job.stage == "sweep" else (1000, s.eval_seeds)
     ev = evaluator(job.world, n, first)
     result["final"] = image_stats(ev, ev.images(load_denoiser(folder / "final")), job.task)
