@@ -192,3 +192,24 @@ def test_a_win_rate_interval_stays_within_0_and_1():
     m, lo, hi = _rate_interval([0.6, 0.39, 0.95])  # the t interval alone: [-0.056, 1.349]
     assert m == pytest.approx(0.6466667) and lo == 0.0 and hi == 1.0
     assert _rate_interval([0.5, 0.6, 0.7])[1:] == pytest.approx((0.35159, 0.84841), abs=1e-4)  # inside: kept
+
+
+def test_the_slant_task_trains_on_its_noisy_reward_and_scores_its_hidden_one(tmp_path):
+    """`task="slant"` (the study's noisy task): every arm trains on the slant reward + the same Gumbel noise as
+    the bold task's labeller and monitors `digits-reward-slant`; evaluation scores the slant reward."""
+    from xdpo.apps.demo.online_rl import noisy_slant_reward
+    from xdpo.apps.demo.run import DemoSettings
+    from xdpo.apps.digits.labeller import hidden_reward
+    from xdpo.apps.digits.tasks import slant_reward
+
+    s = OnlineRLSettings.make_rl(tmp_path, task="slant")
+    over = {o for m in s.methods for o in m.overrides if o.startswith("online.")}
+    assert "online.scorer=xdpo.apps.demo.online_rl:noisy_slant_reward" in over
+    assert "online.heldout_scorer=digits-reward-slant" in over and not any(
+        "=digits-reward," in o for o in over
+    )
+    ims = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (0, 40, 80, 120)]
+    prompts = ["a handwritten digit one"] * 4
+    noise = noisy_reward(ims, prompts) - hidden_reward(ims, prompts)
+    assert np.allclose(noisy_slant_reward(ims, prompts) - slant_reward(ims, prompts), noise)
+    assert DemoSettings(tmp_path).task == "bold"  # every earlier demo keeps its reward

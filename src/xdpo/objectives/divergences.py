@@ -9,6 +9,7 @@ the logits of the outer loss are (beta / 2) * lambda(t) * (r_w - r_l) (docs/math
 | reverse_kl | log z                          | Diffusion-DPO (Wallace et al. 2024)            |
 | xdpo       | eta log z - gamma z^(-n)       | xDPO, Zhang & Xiang 2025, Appendix C (trained) |
 | xdpo_eq9   | eta log z + gamma z^n          | xDPO, Table 1 / Eq. 9 as printed               |
+| xdpo_eq10  | eta log z - gamma (exp(n e_theta) - exp(n e_ref)) | xDPO, Eq. 10 as printed            |
 | chi2       | log z + z                      | chi-PO's link (Huang et al. 2024), unclipped   |
 | js         | log(2z / (1 + z))              | f-DPO (Wang et al., ICLR 2024)                 |
 | alpha      | (1 - z^(-alpha)) / alpha       | f-DPO (Wang et al., ICLR 2024)                 |
@@ -19,6 +20,10 @@ gamma = 1/6, eta = 0.05: the constants the paper reports). Exponent arguments ar
 [-clamp, clamp]; each function returns (reward, clamped) with `clamped` a bool mask. `chi2` is
 `xdpo_eq9(1, 1, 1)`, chi-PO's link function; chi-PO also clips each reward beta * f'(z) to
 [-2 R_max, 2 R_max] (its Algorithm 1), which `chi2` does not (only the exponent is clamped).
+`xdpo_eq10` is the paper's third form, a difference of exponentials of the errors rather than an
+exponential of their difference: with e_theta = e_ref - log z it is eta log z - gamma exp(n e_ref)
+(z^(-n) - 1), so it alone also reads the reference's error level `e_ref` (every transform receives it);
+its slope in -delta at delta = 0 is eta + gamma n exp(n e_ref), which depends on the error scale.
 """
 
 from __future__ import annotations
@@ -62,6 +67,15 @@ def xdpo_eq9(
     return eta * logz + gamma * power, mask
 
 
+def xdpo_eq10(
+    logz: Tensor, *, eta: float, gamma: float, n: float, clamp: float, e_ref: Tensor, **_: float
+) -> tuple[Tensor, Tensor]:
+    """f'(z) = eta log z - gamma (exp(n e_theta) - exp(n e_ref)), e_theta = e_ref - log z (xDPO Eq. 10)."""
+    now, mask = _clamped_exp(n * (e_ref - logz), clamp)
+    ref, mask_ref = _clamped_exp(n * e_ref, clamp)
+    return eta * logz - gamma * (now - ref), mask | mask_ref
+
+
 def chi2(logz: Tensor, *, clamp: float, **_: float) -> tuple[Tensor, Tensor]:
     """f'(z) = log z + z (chi-PO's link, Huang et al. 2024; without chi-PO's clipping of the reward)."""
     z, mask = _clamped_exp(logz, clamp)
@@ -85,6 +99,7 @@ DIVERGENCES: dict[str, Transform] = {
     "reverse_kl": reverse_kl,
     "xdpo": xdpo,
     "xdpo_eq9": xdpo_eq9,
+    "xdpo_eq10": xdpo_eq10,
     "chi2": chi2,
     "js": js,
     "alpha": alpha_divergence,

@@ -87,7 +87,7 @@ def _rewards(
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype = torch.promote_types(torch.promote_types(e.dtype, e_ref.dtype), torch.float32)  # >= float32
     delta = e.to(dtype) - e_ref.to(dtype)
-    r, clamped = DIVERGENCES[divergence](-s * delta, **params)
+    r, clamped = DIVERGENCES[divergence](-s * delta, e_ref=e_ref.to(dtype), **params)
     return r, clamped, delta
 
 

@@ -47,21 +47,36 @@ from xdpo.errors import ConfigError
 
 DEFAULT_OUT = {"sd": "outputs/digits-online-rl", "flow": "outputs/digits-flow-online-rl"}
 CONFIG = {"sd": "digits-dpo.yaml", "flow": "digits-flow-dpo.yaml"}
-NOISY = "xdpo.apps.demo.online_rl:noisy_reward"
+NOISY = {  # task -> the training scorer: its hidden reward + Gumbel noise
+    "bold": "xdpo.apps.demo.online_rl:noisy_reward",
+    "slant": "xdpo.apps.demo.online_rl:noisy_slant_reward",
+}
 NOISE_SCALE = 0.5  # the hidden labeller's Bradley-Terry temperature (xdpo.apps.digits.labeller)
 
 
-def noisy_reward(images: list, prompts: list[str]) -> np.ndarray:
-    """The hidden reward + Gumbel(0, 0.5) noise seeded by (image bytes, prompt): the same image always
-    gets the same noisy score (resume and reruns stay exact)."""
-    from xdpo.apps.digits.labeller import hidden_reward
-
+def gumbel_noise(images: list, prompts: list[str]) -> np.ndarray:
+    """Gumbel(0, 0.5) noise seeded by (image bytes, prompt): the same image always gets the same noise
+    (resume and reruns stay exact)."""
     noise = []
     for im, p in zip(images, prompts, strict=True):
         digest = hashlib.sha1(np.asarray(im.convert("L")).tobytes() + p.encode()).digest()
         u = np.random.default_rng(int.from_bytes(digest[:8], "little")).random()
         noise.append(-NOISE_SCALE * np.log(-np.log(max(u, 1e-12))))
-    return hidden_reward(images, prompts) + np.asarray(noise)
+    return np.asarray(noise)
+
+
+def noisy_reward(images: list, prompts: list[str]) -> np.ndarray:
+    """The hidden reward (`bold` task) + `gumbel_noise`."""
+    from xdpo.apps.digits.labeller import hidden_reward
+
+    return hidden_reward(images, prompts) + gumbel_noise(images, prompts)
+
+
+def noisy_slant_reward(images: list, prompts: list[str]) -> np.ndarray:
+    """The `slant` task's hidden reward + `gumbel_noise` (the study's noisy task, online)."""
+    from xdpo.apps.digits.tasks import slant_reward
+
+    return slant_reward(images, prompts) + gumbel_noise(images, prompts)
 
 
 KANG_DELTA = (
@@ -93,9 +108,12 @@ class OnlineRLSettings(DemoSettings):
         return self.out / "prompt-pool.txt"
 
     def arm_methods(self) -> tuple[Method, ...]:
+        from xdpo.apps.digits.tasks import get_task
+
         config, R, P, E = CONFIG[self.family], self.rounds, self.prompts_per_round, self.every
+        held = get_task(self.task).scorer
         common = ("data.path=", "online.enabled=true", f"online.prompts={self.prompts_file}",
-                  f"online.per_prompt={self.per_prompt}", f"online.scorer={NOISY}", "online.heldout_scorer=digits-reward",
+                  f"online.per_prompt={self.per_prompt}", f"online.scorer={NOISY[self.task]}", f"online.heldout_scorer={held}",
                   f"online.sample_steps={self.sample_steps}", "online.monitor_images=8", "online.batch_images=16")  # fmt: skip
         rl = (*common, f"online.prompts_per_round={P}", f"online.every={E}", "reference.strategy=soft",
               f"reference.update_every={E}")  # fmt: skip

@@ -221,7 +221,7 @@ def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) ->
         f"{scope}. {s.rounds} rounds, hyperparameters not tuned per method.",
         "",
         f"Every arm: `{s.methods[0].config}` (its model, lr, batch, {s.max_steps} optimizer steps), trained on the noisy "
-        f"labeller (`noisy_reward`: hidden reward + Gumbel noise, scale 0.5), **{s.images} images sampled** "
+        f"labeller (the `{s.task}` task's hidden reward + Gumbel noise, scale 0.5), **{s.images} images sampled** "
         f"({s.rounds} x {s.prompts_per_round} prompts x {s.per_prompt}; offline: all from the base at step 0) at "
         f"{s.sample_steps} sampling steps; online arms: {s.rounds} rounds of {s.every} steps. Evaluation: the hidden "
         f"reward and the legibility check (prompt alignment) of {len(tables['base'])} samples of the held-out prompts "

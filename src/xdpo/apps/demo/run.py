@@ -79,6 +79,9 @@ class DemoSettings:
     methods: tuple[Method, ...] = METHODS
     family: str = "sd"  # sd: the UNet base; flow: digits-flow
     timings: dict[str, float] = field(default_factory=dict)
+    task: str = (
+        "bold"  # the preference evaluated (xdpo.apps.digits.tasks): its hidden reward scores the models
+    )
 
     @property
     def base(self) -> str:
@@ -226,14 +229,18 @@ class SameSeedEvaluator:
     sampling settings and the same initial noise every time, and scores with the hidden labeller.
     """
 
-    def __init__(self, n_seeds: int, model: str | Path | None = None, first_seed: int = 1000) -> None:
+    def __init__(
+        self, n_seeds: int, model: str | Path | None = None, first_seed: int = 1000, task: str = "bold"
+    ) -> None:
         import torch
 
         from xdpo.apps.digits.sampling import denoiser_name, load_pipeline
+        from xdpo.apps.digits.tasks import get_task
 
         prompts, seeds = eval_prompts_and_seeds(n_seeds, first_seed)
         self.prompts = [p for sd in seeds for p in prompts]
         self.seeds = [sd for sd in seeds for _ in prompts]
+        self.reward = get_task(task).reward  # the task's hidden reward (`bold`: labeller.hidden_reward)
         self.pipe = load_pipeline(model)
         self.attr = denoiser_name(self.pipe)
         self.base_denoiser = getattr(self.pipe, self.attr)
@@ -256,11 +263,11 @@ class SameSeedEvaluator:
             setattr(self.pipe, self.attr, self.base_denoiser)
 
     def score(self, denoiser=None) -> tuple[float, float]:
-        """Mean hidden reward and mean prompt alignment of `images(denoiser)`."""
-        from xdpo.apps.digits.labeller import alignment, hidden_reward
+        """Mean hidden reward (of the evaluator's task) and mean prompt alignment of `images(denoiser)`."""
+        from xdpo.apps.digits.labeller import alignment
 
         images = self.images(denoiser)
-        return float(np.mean(hidden_reward(images, self.prompts))), float(
+        return float(np.mean(self.reward(images, self.prompts))), float(
             np.mean(alignment(images, self.prompts))
         )
 
@@ -278,7 +285,7 @@ def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[st
     from xdpo.train.checkpoint import list_checkpoints
 
     partial_path = s.out / CURVES_PARTIAL
-    key = {"base": s.base, "curve_seeds": s.curve_seeds}
+    key = {"base": s.base, "curve_seeds": s.curve_seeds} | ({"task": s.task} if s.task != "bold" else {})
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
     if partial.get("key") != key:
         partial = {"key": key, "base": None, "points": {}}
@@ -288,7 +295,7 @@ def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[st
 
     ev = None
     if partial["base"] is None:
-        ev = SameSeedEvaluator(s.curve_seeds, s.base)
+        ev = SameSeedEvaluator(s.curve_seeds, s.base, task=s.task)
         partial["base"] = list(ev.score())
         keep()
     base_reward, base_align = partial["base"]
@@ -298,7 +305,7 @@ def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[st
         for step, ckpt in list_checkpoints(out):
             stamp = f"{name}@{step}:{(ckpt / 'trainer_state.json').stat().st_mtime_ns}"
             if stamp not in partial["points"]:
-                ev = ev or SameSeedEvaluator(s.curve_seeds, s.base)
+                ev = ev or SameSeedEvaluator(s.curve_seeds, s.base, task=s.task)
                 partial["points"][stamp] = list(ev.score(load_denoiser(ckpt)))
                 keep()
             points.append((step, *partial["points"][stamp]))
@@ -311,13 +318,15 @@ def reward_curves(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[st
 def sample_and_score(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict[str, Any]:
     """`xdpo sample` the base and every final model at the same seeds and the base's sampling defaults
     (`sampling_defaults`: the digits plugin registers `digits` and `digits-flow`); score with the digits scorers."""
+    from xdpo.apps.digits.tasks import get_task
     from xdpo.evaluate.evaluate import score_folder
     from xdpo.evaluate.pipeline import resolve_model, sampling_defaults
     from xdpo.evaluate.sample import sample_images
     from xdpo.evaluate.scorers import load_scorers
 
     prompts, seeds = eval_prompts_and_seeds(s.eval_seeds)
-    scorers = load_scorers("digits-reward,digits-alignment")
+    scorer = get_task(s.task).scorer  # `digits-reward` for `bold`
+    scorers = load_scorers(f"{scorer},digits-alignment")
     sampling = sampling_defaults(s.base)
     models = {"base": resolve_model(s.base)} | {
         f"{slug}-s{seed}": out / "final" for (slug, seed), out in runs.items()
@@ -339,6 +348,8 @@ def sample_and_score(s: DemoSettings, runs: dict[tuple[str, int], Path]) -> dict
                 resume=not _stale(folder, model, folder / "manifest.jsonl.tmp"),  # finished batches kept
             )
         tables[name] = score_folder(folder, scorers, progress=False)
+        if scorer != "digits-reward":  # the reports read the task's hidden reward under one column name
+            tables[name]["digits-reward"] = tables[name].pop(scorer)
         print(f"   {name}: mean hidden reward {tables[name]['digits-reward'].mean():.3f}", flush=True)
     return tables
 

@@ -89,3 +89,33 @@ def divergence_figure(path: Path, groups: dict[str, Runs]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def frontier_figure(path: Path, wt: dict, world: str, task: str) -> None:
+    """Hidden reward against drift from the base (mean RMS pixel distance of same-seed images): every sweep
+    point of each method (small), its upper-left frontier (line), the main and ablation arms with their 95%
+    hierarchical intervals (large), so a method that gains reward by losing the base's images shows it."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, rec in (wt.get("selection") or {"methods": {}})["methods"].items():
+        pts = sorted((g["drift"], g["reward"]) for g in rec["grid"])
+        (dots,) = ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], "o", ms=3, alpha=0.5, label=f"sweep: {method}"
+        )
+        best, front = -np.inf, []
+        for d, r in pts:  # the points no lower-drift point beats on reward
+            if r > best:
+                best = r
+                front.append((d, r))
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=dots.get_color(), lw=0.8)
+    for group, marker in (("arms", "s"), ("ablation", "^")):
+        for method, a in wt.get(group, {}).items():
+            m, lo, hi = a["reward"]
+            ax.errorbar(a["drift"], m, yerr=[[m - lo], [hi - m]], fmt=marker, ms=6, capsize=2, label=method)
+    ax.set_xlabel("drift from the base's same-seed images (RMS, pixels in [0, 1])")
+    ax.set_ylabel("mean hidden reward of the task")
+    ax.set_title(f"reward vs drift: {world} world, {task} task")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -117,6 +117,16 @@ class Probe:
         ]
         return self._mean_se(values)
 
+    def errors(self, predict: Predict, *, seed: int, draws: int, chunk: int) -> Tensor:
+        """Per-sample denoising errors of `predict` on the probe set of all processes, in the loss's space
+        and reduction, `draws` fresh uniform (t, eps) per image (the reference's error level)."""
+        values = []
+        for lat, cond, gen in self._chunks(0, seed, draws, chunk):
+            noisy, model_t, target, eps, t = self._noised(lat, gen)
+            with self.frozen(), self.autocast():
+                values.append(self._error(predict(noisy, model_t, cond), noisy, t, target, eps).float())
+        return self.gather(torch.cat(values))
+
     def distances(
         self, reference: Predict, others: dict[str, Predict], *, step: int, seed: int, draws: int, chunk: int
     ) -> dict[str, float]:
