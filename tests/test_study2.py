@@ -148,6 +148,7 @@ def test_the_report_words_verdicts_from_their_intervals(tmp_path):
     assert "xDPO (Appendix C) ends higher than Diffusion-DPO: +0.49" in text
     assert "Diffusion-DPO at xDPO's effective beta and Diffusion-DPO are not separated" in text
     assert "- xDPO (Appendix C): reaches: 100% of resamples" in text and "Sweep not finished." in text
+    assert "ends higher than Diffusion-DPO on the images both draw as prompted" in text and "(100% of" in text
     numbers = json.loads((tmp_path / "results.json").read_text())["offline"]["sd-slant"]
     assert numbers["arms"]["xdpo"]["leaves"] == 6 and numbers["arms"]["xdpo"]["pair_sets"] == 2
     assert len(numbers["per_class"]) == 10 and numbers["per_class"][0]["diff"][0] == pytest.approx(

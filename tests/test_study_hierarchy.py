@@ -11,6 +11,7 @@ from xdpo.apps.study.hierarchy import (
     grand_mean,
     hierarchical_bootstrap,
     reach_share,
+    resample_means,
     verdict,
     wilson,
 )
@@ -137,3 +138,11 @@ def test_trees_from_job_results():
     assert steps == [0, 10] and c[(1, 0)].shape == (2, 2)
     with pytest.raises(ValueError, match="no per-image curve rewards"):
         curve_tree([job_result(0, 0, [1.0])])
+
+
+def test_nan_images_are_left_out_of_the_means():
+    """A subset of images per leaf (NaN elsewhere): means over what is left; a leaf with none left counts 0."""
+    leaves = {(0, 0): np.array([1.0, np.nan, 3.0]), (0, 1): np.array([np.nan, 5.0, np.nan])}
+    assert grand_mean(leaves) == pytest.approx((2.0 + 5.0) / 2)
+    boot = resample_means(leaves, n_resamples=200)
+    assert np.isfinite(boot).all() and boot.min() >= 0.0 and boot.max() <= 5.0

@@ -28,10 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="outputs/digits-study", help="output folder (default: outputs/digits-study)"
     )
-    p.add_argument("--worlds", default="sd,flow", help="sd (UNet base), flow (digits-flow) or both (default)")
-    p.add_argument("--tasks", default="slant,bold", help="second edition: slant, bold or both (default)")
+    p.add_argument(
+        "--worlds", default=None, help="sd (UNet base), flow (digits-flow) or both (default; --quick: sd)"
+    )
+    p.add_argument(
+        "--tasks", default=None, help="second edition: slant, bold or both (default; --quick: slant)"
+    )
     p.add_argument("--workers", type=int, default=2, help="training processes, one thread each (default 2)")
-    p.add_argument("--quick", action="store_true", help="a smoke run of every stage (tiny grids, few steps)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of every stage (tiny grids, 16 steps; ~15 min on 2 cores)",
+    )
     p.add_argument("--plan", action="store_true", help="print the plan and time estimate, run nothing")
     p.add_argument("--edition", type=int, choices=(1, 2), default=2, help="2 (default) or the first edition")
     p.set_defaults(func=run)
@@ -41,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if args.edition == 1:
         from xdpo.apps.study.run import run_study
 
-        run_study(args.out, quick=args.quick, worlds=args.worlds, workers=args.workers, plan_only=args.plan)
+        worlds = args.worlds or "sd,flow"
+        run_study(args.out, quick=args.quick, worlds=worlds, workers=args.workers, plan_only=args.plan)
         return 0
     from xdpo.apps.study.run2 import run_study2
 

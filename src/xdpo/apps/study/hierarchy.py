@@ -72,16 +72,24 @@ def resample_means(tree: Tree, n_resamples: int = 2000, seed: int = 0) -> np.nda
         for p in rng.choice(sets, len(sets)):
             seeds = levels[int(p)]
             for s in rng.choice(seeds, len(seeds)):
-                means.append(np.asarray(tree[(int(p), int(s))])[..., idx].mean(-1))
+                means.append(_image_mean(np.asarray(tree[(int(p), int(s))])[..., idx]))
         out[b] = np.mean(means, axis=0)
     return out
+
+
+def _image_mean(values: np.ndarray) -> np.ndarray:
+    """The mean over images (the last axis), NaN images left out (a subset: e.g. the images two arms both draw
+    as prompted); a leaf with no image left counts 0 rather than poisoning the resample."""
+    with np.errstate(invalid="ignore"):
+        n = np.isfinite(values).sum(-1)
+        return np.where(n > 0, np.nansum(values, -1) / np.maximum(n, 1), 0.0)
 
 
 def grand_mean(tree: Tree) -> np.ndarray:
     """The mean over images, then seeds within a pair set, then pair sets (the bootstrap's point)."""
     levels = _levels(tree)
     per_set = [
-        np.mean([np.asarray(tree[(p, s)]).mean(-1) for s in seeds], axis=0) for p, seeds in levels.items()
+        np.mean([_image_mean(np.asarray(tree[(p, s)])) for s in seeds], axis=0) for p, seeds in levels.items()
     ]
     return np.mean(per_set, axis=0)
 

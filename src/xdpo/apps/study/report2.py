@@ -81,6 +81,22 @@ def contrast(a: list[dict], b: list[dict], name_a: str, name_b: str) -> dict[str
     return {"leaves": len(a), "diff": [m, lo, hi], "verdict": verdict(name_a, name_b, m, lo, hi)}
 
 
+def aligned_contrast(a: list[dict], b: list[dict], name_a: str, name_b: str) -> dict[str, Any]:
+    """a - b on the images both draw as prompted (alignment 1 in both; the others left out per leaf)."""
+    a, b = common(a, b)
+    if not a:
+        return {"leaves": 0, "verdict": f"{name_a} vs {name_b}: no common runs yet"}
+    tree = {}
+    for x, y in zip(a, b, strict=True):
+        ok = (np.asarray(x["final"]["alignment"]) >= 1) & (np.asarray(y["final"]["alignment"]) >= 1)
+        d = np.asarray(x["final"]["reward"], dtype=float) - np.asarray(y["final"]["reward"], dtype=float)
+        tree[_leaf(x)] = np.where(ok, d, np.nan)
+    share = float(np.mean([np.isfinite(v).mean() for v in tree.values()]))
+    m, lo, hi = hierarchical_bootstrap(tree, n_resamples=N_RESAMPLES)
+    return {"leaves": len(a), "share": share, "diff": [m, lo, hi],
+            "verdict": verdict(f"{name_a}", f"{name_b} on the images both draw as prompted", m, lo, hi)}  # fmt: skip
+
+
 def reach(a: list[dict], b: list[dict]) -> dict[str, Any] | None:
     """Does a's mean curve reach b's final reward? (share of hierarchical resamples, `reach_share`)."""
     a, b = common(a, b)
@@ -133,6 +149,8 @@ def world_task(s: e2.Settings, results: dict, selection: dict, world: str, task:
     out["arms"] = {m: arm_stats(runs) for m, runs in main.items()}
     out["contrasts"] = [contrast(main[a], main[b], names[a], names[b]) | {"a": a, "b": b}
                         for a, b in CONTRASTS if a in main and b in main]  # fmt: skip
+    if "xdpo" in main and "dpo" in main:
+        out["aligned"] = aligned_contrast(main["xdpo"], main["dpo"], names["xdpo"], names["dpo"])
     out["reach"] = {
         m: reach(main[m], main["dpo"]) for m in ("xdpo", "dpo-at-xdpo") if m in main and "dpo" in main
     }
@@ -206,6 +224,9 @@ def main_lines(wt: dict[str, Any], world: str) -> list[str]:
                      f"{_fmt(*a['reward'])} | {_fmt(*a['alignment'])} | {a['drift']:.3f} | {a['diversity']:.3f} |")  # fmt: skip
     lines += ["", "Paired differences (pair sets > seeds > images, 95% hierarchical bootstrap):", ""]
     lines += [f"- {c['verdict']} ({c['leaves']} paired runs)." for c in wt["contrasts"]]
+    if "diff" in wt.get("aligned", {}):
+        al = wt["aligned"]
+        lines.append(f"- {al['verdict']} ({100 * al['share']:.0f}% of the images).")
     lines += ["", f"Does the arm's mean curve reach {bl}'s final reward?", ""]
     lines += [f"- {e2.label(m, world)}: {_reach_text(r)}." for m, r in wt["reach"].items()]
     if wt["per_class"]:

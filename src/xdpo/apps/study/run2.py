@@ -153,7 +153,7 @@ def online(s: e2.Settings, world: str) -> dict[str, Any]:
 
 
 def run_study2(
-    out: str | Path, *, quick: bool = False, worlds: str = "sd,flow", tasks: str = ",".join(e2.TASKS),
+    out: str | Path, *, quick: bool = False, worlds: str | None = None, tasks: str | None = None,
     workers: int = 2, plan_only: bool = False,
 ) -> Path | None:  # fmt: skip
     """Run (or continue) the second edition into `out`; return the report path (None with `plan_only`)."""
