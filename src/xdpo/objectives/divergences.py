@@ -70,10 +70,12 @@ def xdpo_eq9(
 def xdpo_eq10(
     logz: Tensor, *, eta: float, gamma: float, n: float, clamp: float, e_ref: Tensor, **_: float
 ) -> tuple[Tensor, Tensor]:
-    """f'(z) = eta log z - gamma (exp(n e_theta) - exp(n e_ref)), e_theta = e_ref - log z (xDPO Eq. 10)."""
-    now, mask = _clamped_exp(n * (e_ref - logz), clamp)
-    ref, mask_ref = _clamped_exp(n * e_ref, clamp)
-    return eta * logz - gamma * (now - ref), mask | mask_ref
+    """f'(z) = eta log z - gamma (exp(n e_theta) - exp(n e_ref)), e_theta = e_ref - log z (xDPO Eq. 10),
+    computed as eta log z - gamma exp(n e_ref) expm1(-n log z) (no cancellation; each argument clamped)."""
+    level, mask_ref = _clamped_exp(n * e_ref, clamp)
+    arg = -n * logz
+    mask = arg.abs() > clamp
+    return eta * logz - gamma * level * torch.expm1(arg.clamp(-clamp, clamp)), mask | mask_ref
 
 
 def chi2(logz: Tensor, *, clamp: float, **_: float) -> tuple[Tensor, Tensor]:

@@ -280,7 +280,7 @@ def write_report(s: Any, costs: dict, curves: dict, tables: dict, load: dict) ->
         "",
     ]
     results = {"settings": {k: getattr(s, k) for k in ("family", "quick", "rounds", "prompts_per_round", "per_prompt",
-                                                       "every", "sample_steps", "max_steps", "train_seeds", "eval_seeds")},
+                                                       "every", "sample_steps", "max_steps", "train_seeds", "eval_seeds", "task")},
                "base": b, "arms": rows, "timings": s.timings, "load": load}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     path = out / "report.md"

@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--out", default="outputs/digits-study", help="output folder (default: outputs/digits-study)"
-    )
+        "--out", default=None,
+        help="output folder (default: outputs/digits-study-2; --edition 1: outputs/digits-study)",
+    )  # fmt: skip
     p.add_argument(
         "--worlds", default=None, help="sd (UNet base), flow (digits-flow) or both (default; --quick: sd)"
     )
@@ -46,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.out = args.out or ("outputs/digits-study" if args.edition == 1 else "outputs/digits-study-2")
     if args.edition == 1:
         from xdpo.apps.study.run import run_study
 

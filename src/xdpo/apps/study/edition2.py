@@ -128,9 +128,14 @@ def stages(s: Settings) -> list[tuple[str, str, str]]:
     return noisy + [("online", w, NOISY_TASK) for w in s.worlds if NOISY_TASK in s.tasks] + rest
 
 
+# arm -> the method whose digits config it runs (plan.METHODS), its overrides on top
+CONFIG_OF = {"dpo": "dpo", "xdpo": "xdpo", "dpo-at-xdpo": "dpo", "eq10": "xdpo", "sum": "xdpo",
+             "kang-stable": "dpo", "kang-both": "dpo", **{table3_key(e, n): "xdpo" for e, n in TABLE3}}  # fmt: skip
+
+
 def job(s: Settings, world: str, task: str, stage: str, method: str, beta: float, lr: float, seed: int,
-        pair_set: int = 0, overrides: tuple[str, ...] = (), config_method: str | None = None) -> Job:  # fmt: skip
-    config = METHODS[config_method or ("dpo" if method.startswith(("dpo", "kang")) else "xdpo")][1][world]
+        pair_set: int = 0, overrides: tuple[str, ...] = ()) -> Job:  # fmt: skip
+    config = METHODS[CONFIG_OF[method]][1][world]
     curve = s.curve_points if stage == "main" else 0  # curves: steps-to-reach of the main arms
     beta = float(f"{beta:.6g}")
     return Job(world, stage, method, config, beta, lr, seed, s.steps, curve, overrides, task, pair_set)

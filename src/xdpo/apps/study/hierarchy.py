@@ -17,6 +17,7 @@ data level, verdicts computed from intervals, and a sweep grid that brackets its
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -55,47 +56,65 @@ def _levels(tree: Tree) -> dict[int, list[int]]:
     return out
 
 
-def resample_means(tree: Tree, n_resamples: int = 2000, seed: int = 0) -> np.ndarray:
+def resample_means(
+    tree: Tree, n_resamples: int = 2000, seed: int = 0, prompts: int | None = None
+) -> np.ndarray:
     """Hierarchical bootstrap of the grand mean over the last axis (images) of every leaf: per resample,
-    draw pair sets with replacement, then seeds within each drawn pair set, then image indices (one draw of
-    indices per resample, shared by every leaf, since the images are the same held-out prompts and seeds
-    for every run). Returns [n_resamples] (or [n_resamples, points] for curves)."""
+    draw pair sets with replacement, then seeds within each drawn pair set, then the images: one draw per
+    resample, shared by every leaf (the images are the same held-out prompts and noise in every run). With
+    `prompts` (images in seed-major, prompt-minor order, as the study samples them) the draw is of prompts,
+    each with all its images (the prompts are the clusters: a method that fails one digit fails it at every
+    seed); without, of single images. Returns [n_resamples] (or [n_resamples, points] for curves)."""
     levels = _levels(tree)
     sets = list(levels)
     leaf = np.asarray(next(iter(tree.values())))
     n_img = leaf.shape[-1]
+    bad = [k for k, v in tree.items() if np.shape(v)[-1] != n_img]
+    if bad:
+        raise ValueError(
+            f"leaves {bad[:3]} do not have {n_img} images like the first (evaluated differently?)"
+        )
+    if prompts is not None and n_img % prompts:
+        raise ValueError(f"{n_img} images are not {prompts} prompts x whole seeds")
+    grid = np.arange(n_img).reshape(-1, prompts) if prompts else None  # [seeds, prompts]
     rng = np.random.default_rng(seed)
     out = np.empty((n_resamples, *leaf.shape[:-1]))
     for b in range(n_resamples):
-        idx = rng.integers(0, n_img, n_img)
+        if grid is None:
+            idx = rng.integers(0, n_img, n_img)
+        else:
+            idx = grid[:, rng.integers(0, prompts, prompts)].ravel()
         means = []
         for p in rng.choice(sets, len(sets)):
             seeds = levels[int(p)]
             for s in rng.choice(seeds, len(seeds)):
                 means.append(_image_mean(np.asarray(tree[(int(p), int(s))])[..., idx]))
-        out[b] = np.mean(means, axis=0)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # every leaf empty: this resample is NaN
+            out[b] = np.nanmean(means, axis=0)
     return out
 
 
 def _image_mean(values: np.ndarray) -> np.ndarray:
     """The mean over images (the last axis), NaN images left out (a subset: e.g. the images two arms both draw
-    as prompted); a leaf with no image left counts 0 rather than poisoning the resample."""
+    as prompted); NaN for a leaf with no image left (the leaf drops out of the mean over leaves)."""
     with np.errstate(invalid="ignore"):
         n = np.isfinite(values).sum(-1)
-        return np.where(n > 0, np.nansum(values, -1) / np.maximum(n, 1), 0.0)
+        return np.where(n > 0, np.nansum(values, -1) / np.maximum(n, 1), np.nan)
 
 
 def grand_mean(tree: Tree) -> np.ndarray:
     """The mean over images, then seeds within a pair set, then pair sets (the bootstrap's point)."""
     levels = _levels(tree)
     per_set = [
-        np.mean([_image_mean(np.asarray(tree[(p, s)])) for s in seeds], axis=0) for p, seeds in levels.items()
+        np.nanmean([_image_mean(np.asarray(tree[(p, s)])) for s in seeds], axis=0)
+        for p, seeds in levels.items()
     ]
-    return np.mean(per_set, axis=0)
+    return np.nanmean(per_set, axis=0)
 
 
 def hierarchical_bootstrap(
-    a: Tree, b: Tree | None = None, n_resamples: int = 2000, seed: int = 0
+    a: Tree, b: Tree | None = None, n_resamples: int = 2000, seed: int = 0, prompts: int | None = None
 ) -> tuple[float, float, float]:
     """(mean, low, high): the 95% percentile interval of a's final reward, or of a - b paired at every
     level (b must hold the same pair sets, seeds and image count)."""
@@ -105,8 +124,8 @@ def hierarchical_bootstrap(
                 f"paired trees differ in their (pair set, seed) leaves: {sorted(set(a) ^ set(b))}"
             )
         a = {k: np.asarray(a[k]) - np.asarray(b[k]) for k in a}
-    boot = resample_means(a, n_resamples, seed)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
+    boot = resample_means(a, n_resamples, seed, prompts)
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
     return float(grand_mean(a)), float(lo), float(hi)
 
 
@@ -123,18 +142,23 @@ def _first_reach(steps: np.ndarray, curve: np.ndarray, target: float) -> float:
 
 
 def reach_share(
-    steps: Sequence[float], curves: Tree, baseline: Tree, n_resamples: int = 2000, seed: int = 0
-) -> dict[str, Any]:
+    steps: Sequence[float], curves: Tree, baseline: Tree, n_resamples: int = 2000, seed: int = 0,
+    prompts: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Does the method's mean curve reach the baseline's final mean reward? Curves are [points, images]
-    per (pair set, seed), evaluated at `steps`. Per hierarchical resample (the method's and the baseline's
-    drawn with one generator each): the target is that resample's baseline final reward, and the method
-    reaches it or not. Returns the share that reach with its 95% Wilson interval (the resamples'
-    Monte-Carlo error), the median and 95% range of the steps among those that reach, and the verdict:
-    "reaches" when the share's interval lies above 0.975, "does not reach" below 0.025, else "undecided"."""
+    per (pair set, seed), evaluated at `steps`; the baseline's curves have the same leaves and images. Per
+    hierarchical resample, drawn once for both (paired at every level: the baseline's last checkpoint is
+    resampled as one more point of the method's curve): the target is that resample's baseline final reward,
+    and the method reaches it or not. Returns the share that reach with its 95% Wilson interval (the
+    resamples' Monte-Carlo error), the median and 95% range of the steps among those that reach, and the
+    verdict: "reaches" when the share's interval lies above 0.975, "does not reach" below 0.025, else
+    "undecided"."""
+    if set(curves) != set(baseline):
+        raise ValueError(f"paired trees differ in their leaves: {sorted(set(curves) ^ set(baseline))}")
     x = np.asarray(steps, dtype=float)
-    m = resample_means(curves, n_resamples, seed)
-    base = resample_means(baseline, n_resamples, seed + 1)
-    hits = np.asarray([_first_reach(x, m[i], base[i, -1]) for i in range(n_resamples)])
+    joint = {k: np.concatenate([np.asarray(curves[k]), np.asarray(baseline[k])[-1:]]) for k in curves}
+    m = resample_means(joint, n_resamples, seed, prompts)
+    hits = np.asarray([_first_reach(x, m[i, :-1], m[i, -1]) for i in range(n_resamples)])
     reached = np.isfinite(hits)
     share = float(reached.mean())
     lo, hi = wilson(int(reached.sum()), n_resamples)
@@ -178,6 +202,9 @@ def verdict(a: str, b: str, mean: float, low: float, high: float, digits: int = 
     """The one sentence of `VERDICTS` whose condition holds for (low, high)."""
     if not (math.isfinite(low) and math.isfinite(high)) or low > high:
         return f"{a} vs {b}: no interval (too few replicates)"
+    near = min(abs(low), abs(high))
+    while digits < 6 and 0 < near < 0.5 * 10.0**-digits:  # the bound nearest 0 shows a nonzero digit
+        digits += 1
     diff = f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
     for cond, sentence in VERDICTS:
         if cond(low, high):

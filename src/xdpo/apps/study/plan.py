@@ -3,8 +3,9 @@
 Stages (each resumable; a finished job is read back from its result.json):
 1. pairs   - preference pairs from each digits base, labelled by the hidden labeller;
 2. sweep   - every method x (beta, lr) grid point, one training seed, scored at selection seeds;
-3. main    - every method at its own best grid point, and both xDPO forms matched to Diffusion-DPO's
-             initial effective beta, each with `seeds` training seeds; the Kang et al. ablation (UNet base);
+3. main    - every method at its own best grid point, and xDPO's Appendix C form matched to Diffusion-DPO's
+             initial effective beta (beta / 1.05), each with `seeds` training seeds; the Kang et al. ablation
+             (UNet base);
 4. report  - curves, win rates, steps-to-reach, delta histograms, plain answers (report.py).
 """
 

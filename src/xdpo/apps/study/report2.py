@@ -27,6 +27,7 @@ from xdpo.apps.study.plan import pairs_stem
 MAIN = ("dpo", "xdpo", "dpo-at-xdpo")
 CONTRASTS = (("xdpo", "dpo"), ("dpo-at-xdpo", "dpo"), ("xdpo", "dpo-at-xdpo"))
 N_RESAMPLES = 2000
+PROMPTS = 20  # held-out prompts (xdpo.apps.digits.data.eval_prompts): the bootstrap's image clusters
 
 
 def _fmt(m: float, lo: float, hi: float, signed: bool = False) -> str:
@@ -41,7 +42,10 @@ def arms_of(results: dict[str, dict], world: str, task: str, stage: str) -> dict
         j = r["job"]
         if j["world"] == world and j.get("task", "bold") == task and j["stage"] == stage:
             out.setdefault(j["method"], []).append(r)
-    return out
+    order = list(e2.LABELS)  # the plan's order, not the order the jobs finished in
+    return {
+        m: sorted(out[m], key=_leaf) for m in sorted(out, key=lambda m: order.index(m) if m in order else 99)
+    }
 
 
 def common(*arms: list[dict]) -> list[list[dict]]:
@@ -60,8 +64,8 @@ def _per_image(runs: list[dict], key: str) -> dict[tuple[int, int], np.ndarray]:
 
 def arm_stats(runs: list[dict]) -> dict[str, Any]:
     """Grand means and hierarchical intervals of an arm's final reward and alignment, drift, diversity."""
-    m, lo, hi = hierarchical_bootstrap(final_tree(runs), n_resamples=N_RESAMPLES)
-    al = hierarchical_bootstrap(_per_image(runs, "alignment"), n_resamples=N_RESAMPLES)
+    m, lo, hi = hierarchical_bootstrap(final_tree(runs), n_resamples=N_RESAMPLES, prompts=PROMPTS)
+    al = hierarchical_bootstrap(_per_image(runs, "alignment"), n_resamples=N_RESAMPLES, prompts=PROMPTS)
     return {
         "beta": runs[0]["job"]["beta"], "lr": runs[0]["job"]["lr"], "leaves": len(runs),
         "pair_sets": len({_leaf(r)[0] for r in runs}), "reward": [m, lo, hi], "alignment": list(al),
@@ -77,7 +81,7 @@ def contrast(a: list[dict], b: list[dict], name_a: str, name_b: str) -> dict[str
     a, b = common(a, b)
     if not a:
         return {"leaves": 0, "verdict": f"{name_a} vs {name_b}: no common runs yet"}
-    m, lo, hi = hierarchical_bootstrap(final_tree(a), final_tree(b), n_resamples=N_RESAMPLES)
+    m, lo, hi = hierarchical_bootstrap(final_tree(a), final_tree(b), n_resamples=N_RESAMPLES, prompts=PROMPTS)
     return {"leaves": len(a), "diff": [m, lo, hi], "verdict": verdict(name_a, name_b, m, lo, hi)}
 
 
@@ -92,7 +96,7 @@ def aligned_contrast(a: list[dict], b: list[dict], name_a: str, name_b: str) -> 
         d = np.asarray(x["final"]["reward"], dtype=float) - np.asarray(y["final"]["reward"], dtype=float)
         tree[_leaf(x)] = np.where(ok, d, np.nan)
     share = float(np.mean([np.isfinite(v).mean() for v in tree.values()]))
-    m, lo, hi = hierarchical_bootstrap(tree, n_resamples=N_RESAMPLES)
+    m, lo, hi = hierarchical_bootstrap(tree, n_resamples=N_RESAMPLES, prompts=PROMPTS)
     return {"leaves": len(a), "share": share, "diff": [m, lo, hi],
             "verdict": verdict(f"{name_a}", f"{name_b} on the images both draw as prompted", m, lo, hi)}  # fmt: skip
 
@@ -100,10 +104,10 @@ def aligned_contrast(a: list[dict], b: list[dict], name_a: str, name_b: str) -> 
 def reach(a: list[dict], b: list[dict]) -> dict[str, Any] | None:
     """Does a's mean curve reach b's final reward? (share of hierarchical resamples, `reach_share`)."""
     a, b = common(a, b)
-    if not a or "curve_rewards" not in a[0]:
+    if not a or any("curve_rewards" not in r for r in a + b):
         return None
     steps, curves = curve_tree(a)
-    return reach_share(steps, curves, curve_tree(b)[1], n_resamples=N_RESAMPLES)
+    return reach_share(steps, curves, curve_tree(b)[1], n_resamples=N_RESAMPLES, prompts=PROMPTS)
 
 
 def per_class(arms: dict[str, list[dict]], prompts: list[str], a: str = "xdpo", b: str = "dpo") -> list[dict]:
@@ -122,7 +126,8 @@ def per_class(arms: dict[str, list[dict]], prompts: list[str], a: str = "xdpo", 
         if pa:
             ta = {k: v[idx] for k, v in final_tree(pa).items()}
             tb = {k: v[idx] for k, v in final_tree(pb).items()}
-            row["diff"] = list(hierarchical_bootstrap(ta, tb, n_resamples=N_RESAMPLES))
+            per = int(idx.size) * PROMPTS // len(digits)  # this digit's prompts (its images: per x seeds)
+            row["diff"] = list(hierarchical_bootstrap(ta, tb, n_resamples=N_RESAMPLES, prompts=per))
         rows.append(row)
     return rows
 
@@ -145,6 +150,10 @@ def world_task(s: e2.Settings, results: dict, selection: dict, world: str, task:
     abl = arms_of(results, world, task, "ablation")
     names = {m: e2.label(m, world) for m in (*main, *abl)}
     out: dict[str, Any] = {"agreement": agreement(s.out, world, task, s.pair_sets)}
+    cal_path = s.out / "calibration.json"
+    out["calibration"] = (
+        json.loads(cal_path.read_text()).get(f"{world}-{task}") if cal_path.is_file() else None
+    )
     out["selection"] = selection.get(f"{world}-{task}")
     out["arms"] = {m: arm_stats(runs) for m, runs in main.items()}
     out["contrasts"] = [contrast(main[a], main[b], names[a], names[b]) | {"a": a, "b": b}
@@ -187,24 +196,28 @@ def _sweep_lines(rec: dict | None, world: str) -> list[str]:
         added = ", ".join(f"(beta {b:g}, lr {lr:g})" for b, lr in r["added"]) or "none"
         edge = r["still_on_edge"]
         lines += ["", f"Points added to bracket the winner: {added}. "
-                  + ("The winner is inside the grid on both axes." if not edge else
-                     f"The winner still sits on an edge after {len(r['added'])} additions (next: "
+                  + ("The winner's neighbours on both axes were all run (it is bracketed)." if not edge else
+                     f"The winner is not bracketed after {len(r['added'])} additions (missing neighbours: "
                      + ", ".join(f"beta {b:g}, lr {lr:g}" for b, lr in edge) + ")."), ""]  # fmt: skip
     return lines
 
 
-def _reach_text(r: dict | None) -> str:
+REACH_PHRASE = {
+    "reaches": "reaches",
+    "does not reach": "does not reach",
+    "undecided": "is undecided on reaching",
+}
+
+
+def _reach_text(name: str, r: dict | None, target: str) -> str:
+    """'<name> reaches <target>'s final reward (share of resamples [Wilson interval]; steps where it does)'."""
     if r is None:
-        return "no curves"
+        return f"{name}: no curves for {target}'s final reward"
     lo, hi = r["share_ci"]
-    steps = (
-        ""
-        if not math.isfinite(r["steps_median"])
-        else (
-            f"; where it does, at step {r['steps_median']:.0f} [{r['steps_ci'][0]:.0f}, {r['steps_ci'][1]:.0f}]"
-        )
-    )
-    return f"{r['verdict']}: {100 * r['share']:.0f}% of resamples reach it [{100 * lo:.0f}%, {100 * hi:.0f}%]{steps}"
+    steps = "" if not math.isfinite(r["steps_median"]) else (
+        f"; where it does, at step {r['steps_median']:.0f} [{r['steps_ci'][0]:.0f}, {r['steps_ci'][1]:.0f}]")  # fmt: skip
+    return (f"{name} {REACH_PHRASE[r['verdict']]} {target}'s final reward ({100 * r['share']:.0f}% of resamples "
+            f"reach it [{100 * lo:.0f}%, {100 * hi:.0f}%]{steps})")  # fmt: skip
 
 
 def world_task_lines(wt: dict[str, Any], world: str, task: str) -> list[str]:
@@ -228,7 +241,7 @@ def main_lines(wt: dict[str, Any], world: str) -> list[str]:
         al = wt["aligned"]
         lines.append(f"- {al['verdict']} ({100 * al['share']:.0f}% of the images).")
     lines += ["", f"Does the arm's mean curve reach {bl}'s final reward?", ""]
-    lines += [f"- {e2.label(m, world)}: {_reach_text(r)}." for m, r in wt["reach"].items()]
+    lines += [f"- {_reach_text(e2.label(m, world), r, bl)}." for m, r in wt["reach"].items()]
     if wt["per_class"]:
         ms = [m for m in wt["arms"]]
         lines += ["", "Per prompted digit (final images; reward / alignment):", "",
@@ -244,14 +257,21 @@ def main_lines(wt: dict[str, Any], world: str) -> list[str]:
 def ablation_lines(wt: dict[str, Any], world: str) -> list[str]:
     bl, lines = e2.BASELINE[world], []
     if wt["ablation"]:
-        lines += ["", f"### Ablation (pair set 0; each minus {bl} at its winner, paired by seed)", "",
-                  "| arm | beta | runs | hidden reward [95% CI] | alignment | drift | reference updates | minus "
-                  f"{bl} [95% CI] |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        cal = wt.get("calibration") or {}
+        lines += ["", f"### Ablation (pair set 0; each minus {bl} at its winner, paired by seed)", ""]
+        if cal:
+            lines += [f"Calibration on the base (pair set 0's preferred images, uniform t): Eq. 10's mean slope at "
+                      f"delta = 0 is {cal['eq10_slope']:.3f} (mean per-element error {cal['e_ref_mean']:.4f}); "
+                      f"{cal['elements']} elements per sample for the summed error.", ""]  # fmt: skip
+        lines += ["| arm | beta | runs | hidden reward [95% CI] | alignment | drift | reference copies (frozen at "
+                  f"step) | minus {bl} [95% CI] |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for m, a in wt["ablation"].items():
             d = a["vs_dpo"]
             diff = _fmt(*d["diff"], signed=True) if "diff" in d else "n/a"
+            frozen = ", ".join("-" if f is None else str(f) for f in a["ref_frozen_steps"])
+            copies = f"{a['ref_updates']:.1f} ({frozen})" if a["ref_updates"] else "0"
             lines.append(f"| {e2.label(m, world)} | {a['beta']:g} | {a['leaves']} | {_fmt(*a['reward'])} | "
-                         f"{a['alignment'][0]:.2f} | {a['drift']:.3f} | {a['ref_updates']:.1f} | {diff} |")  # fmt: skip
+                         f"{a['alignment'][0]:.2f} | {a['drift']:.3f} | {copies} | {diff} |")  # fmt: skip
         lines += [""] + [f"- {a['vs_dpo']['verdict']}." for a in wt["ablation"].values()]
     return [*lines, ""]
 
@@ -261,7 +281,8 @@ def online_lines(world: str, res: dict[str, Any]) -> list[str]:
     seeds = res["settings"]["train_seeds"]
     lines = [f"### Online arms, {world} world, `{e2.NOISY_TASK}` task ({len(seeds)} seeds each; equal sampled images; "
              f"full report: [online/{world}/report.md](online/{world}/report.md))", "",
-             "| arm | hidden reward [95% CI over seeds] | alignment | drift |", "|---|---|---|---|",
+             "| arm | hidden reward [95% CI: t over seeds; one seed: over images] | alignment | drift |",
+             "|---|---|---|---|",
              f"| base | {res['base']['mean']:.3f} | | |"]  # fmt: skip
     for a in sorted(res["arms"], key=lambda a: -a["reward"][0]):
         lines.append(f"| {a['name']} | {_fmt(*a['reward'])} | {a['alignment']:.2f} | {a['drift']:.3f} |")
@@ -278,8 +299,7 @@ def answers(numbers: dict[str, dict], s: e2.Settings) -> list[str]:
             lines.append(head + "not run yet.")
             continue
         parts = [c["verdict"] for c in wt["contrasts"]]
-        parts += [f"{e2.label(m, w)} {_reach_text(r)} of {e2.BASELINE[w]}'s final reward"
-                  for m, r in wt["reach"].items() if r]  # fmt: skip
+        parts += [_reach_text(e2.label(m, w), r, e2.BASELINE[w]) for m, r in wt["reach"].items() if r]
         sep = [a["vs_dpo"]["verdict"] for a in wt["ablation"].values() if "diff" in a["vs_dpo"]
                and (a["vs_dpo"]["diff"][1] > 0 or a["vs_dpo"]["diff"][2] < 0)]  # fmt: skip
         if wt["ablation"]:

@@ -42,23 +42,35 @@ def _points(results: dict[str, dict], method: str) -> dict[Point, dict[int, dict
     return out
 
 
+def _key(p: Point, runs: dict[int, dict], seeds: tuple[int, ...]) -> tuple:
+    """Sort key: the highest mean selection reward first, ties by (beta, lr) (the same on every resume)."""
+    return (-float(np.mean([runs[sd]["final"]["mean_reward"] for sd in seeds if sd in runs])), p)
+
+
 def winner(points: dict[Point, dict[int, dict]], seeds: tuple[int, ...]) -> Point:
     """The point with the highest mean selection reward over `seeds`, among the points run at all of them."""
     full = {p: runs for p, runs in points.items() if all(sd in runs for sd in seeds)}
-    return max(full, key=lambda p: float(np.mean([full[p][sd]["final"]["mean_reward"] for sd in seeds])))
+    return min(full, key=lambda p: _key(p, full[p], seeds))
+
+
+def _neighbours(axis: list[float], v: float, digits: str) -> list[float]:
+    """v's neighbours on the sorted axis values: the next value each side, or one grid step beyond an edge."""
+    if len(axis) < 2:
+        return []
+    i = axis.index(v)
+    lo = axis[i - 1] if i > 0 else bracket(axis, v)
+    hi = axis[i + 1] if i < len(axis) - 1 else bracket(axis, v)
+    return [float(f"{x:{digits}}") for x in (lo, hi)]
 
 
 def extensions(points: dict[Point, dict[int, dict]], best: Point) -> list[Point]:
-    """The points that bracket `best` on its beta axis (at its lr) and its lr axis (at its beta)."""
+    """The points still missing around `best`: its neighbours on the beta axis (at its lr) and on the lr axis
+    (at its beta), the neighbours taken from every value run on that axis, or one geometric grid step beyond
+    an edge (`hierarchy.bracket`). Empty: the winner is bracketed on both axes."""
     b, lr = best
-    new = []
-    betas = sorted({p[0] for p in points if p[1] == lr}) or sorted({p[0] for p in points})
-    lrs = sorted({p[1] for p in points if p[0] == b}) or sorted({p[1] for p in points})
-    if len(betas) >= 2 and (nb := bracket(betas, b)) is not None:
-        new.append((float(f"{nb:.6g}"), lr))
-    if len(lrs) >= 2 and (nl := bracket(lrs, lr)) is not None:
-        new.append((b, float(f"{nl:.3g}")))
-    return new
+    betas, lrs = sorted({p[0] for p in points}), sorted({p[1] for p in points})
+    new = [(x, lr) for x in _neighbours(betas, b, ".6g")] + [(b, x) for x in _neighbours(lrs, lr, ".3g")]
+    return list(dict.fromkeys(p for p in new if p not in points))
 
 
 def sweep(s: e2.Settings, world: str, task: str) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -70,7 +82,7 @@ def sweep(s: e2.Settings, world: str, task: str) -> tuple[dict[str, dict], dict[
     top = {}
     for m in e2.SWEPT:
         pts = _points(results, m)
-        top[m] = sorted(pts, key=lambda p: -pts[p][first]["final"]["mean_reward"])[: s.top_k]
+        top[m] = sorted(pts, key=lambda p: _key(p, pts[p], (first,)))[: s.top_k]
     for sd in rest:
         results |= run_jobs(e2.grid_jobs(s, world, task, top, sd), s, f"{tag} sweep, seed {sd}")
     added: dict[str, list[Point]] = {m: [] for m in e2.SWEPT}

@@ -130,6 +130,19 @@ def train_job(job: Job, s: StudySettings, folder: Path):
     return cfg
 
 
+def same_images(result: dict[str, Any], job: Job, s: StudySettings) -> bool:
+    """Whether a finished result was evaluated on as many images as `s` asks of this job now (another
+    edition's or another setting's result of the same job record is not reused)."""
+    from xdpo.apps.digits.data import eval_prompts
+
+    n = len(eval_prompts())
+    final = n * (s.select_seeds if job.stage == "sweep" else s.eval_seeds)
+    if len(result.get("final", {}).get("reward", [])) != final:
+        return False
+    curves = result.get("curve_rewards")
+    return not job.curve_points or curves is None or len(curves[0]) == n * s.curve_seeds
+
+
 def run_job(job: Job, s: StudySettings) -> dict[str, Any]:
     """Train and evaluate one job (reusing its result.json when it matches the job); return the result."""
     from xdpo.models.denoiser import load_denoiser
@@ -140,7 +153,7 @@ def run_job(job: Job, s: StudySettings) -> dict[str, Any]:
     result_path = folder / "result.json"
     if result_path.is_file():
         result = json.loads(result_path.read_text())
-        if result.get("job") == job.as_dict():
+        if result.get("job") == job.as_dict() and same_images(result, job, s):
             return result
     t0 = time.time()
     train_job(job, s, folder)
