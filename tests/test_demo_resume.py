@@ -94,7 +94,7 @@ def test_reward_curves_resume_at_the_first_unscored_checkpoint(tmp_path, monkeyp
     scored = []
 
     class Evaluator:
-        def __init__(self, n_seeds, model):
+        def __init__(self, n_seeds, model, task="bold"):
             pass
 
         def score(self, denoiser=None):
