@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the normalised timestep weight. The report (report.md in --out) gives every verdict from a "
             "hierarchical bootstrap over pair sets, seeds and images, steps-to-reach as a share of resamples, "
             "the reward-versus-drift frontier and the per-class view. Every stage resumes from what --out "
-            "holds; `--plan` prints the time estimate (about 7 hours on 2 cores). `--edition 1` reruns the "
+            "holds; `--plan` prints the time estimate (about 5 hours on 2 cores). `--edition 1` reruns the "
             "first edition (docs/results/study)."
         ),
     )
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run of every stage (tiny grids, 16 steps; ~15 min on 2 cores)",
+        help="a smoke run of every stage (tiny grids, 16 steps; ~5 min on 2 cores)",
     )
     p.add_argument("--plan", action="store_true", help="print the plan and time estimate, run nothing")
     p.add_argument("--edition", type=int, choices=(1, 2), default=2, help="2 (default) or the first edition")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdpo.apps.study.calibrate import TABLE3, appendix_c_slope
-from xdpo.apps.study.plan import COST, METHODS, Job, StudySettings
+from xdpo.apps.study.plan import METHODS, Job, StudySettings
 from xdpo.errors import ConfigError
 
 TASKS = ("slant", "bold")  # the noisy task first
@@ -38,6 +38,12 @@ SWEEP_SEEDS = (100, 101)
 # unguarded run (benchmarks/kang_stable.py: 500 UNet, 1000 flow); timestep-aware with the mean-normalised weight
 TAU = 16
 KANG_DELTA = {"sd": 500.0, "flow": 1000.0}
+# seconds on one core (one thread) per training step, sampled image, job and labelled pair, fitted to this
+# edition's run on these CPUs (2 workers on 2 cores: UNet main jobs 50 s, ablation 39 s, sweep 64 s)
+COST = {
+    "sd": {"step": 0.18, "image": 0.05, "job": 6.0, "pair": 0.16},
+    "flow": {"step": 0.20, "image": 0.06, "job": 7.0, "pair": 0.18},
+}
 ONLINE_S = 1600.0 * 12 / 9  # seconds per world of the 12 online arms at 3 seeds, 2 cores
 TS_NORM = ("timesteps.sampling=skewed", "timesteps.weighting=snr", "timesteps.normalize=true")
 
@@ -96,7 +102,7 @@ class Settings(StudySettings):
         workers: int = 2,
     ) -> Settings:
         """The full study, or with `quick` a smoke run of every stage at a tiny scale (the UNet world's noisy
-        task unless `worlds` / `tasks` say otherwise: ~15 min on 2 cores)."""
+        task unless `worlds` / `tasks` say otherwise: ~5 min on 2 cores)."""
         worlds = worlds or ("sd" if quick else "sd,flow")
         tasks = tasks or (NOISY_TASK if quick else ",".join(TASKS))
         base = StudySettings.make(out, worlds=worlds, workers=workers)
