@@ -178,3 +178,29 @@ def test_one_real_job_end_to_end(tmp_path):
     assert res["job"]["overrides"] == ["loss.divergence=xdpo_eq10"] and len(res["final"]["reward"]) == 20
     text = write_report(s, {job.name: res}, {}, {}).read_text()
     assert "| xDPO Eq. 10, matched beta |" in text and "no common runs yet" in text
+
+
+def test_the_report_alone_reads_back_the_finished_runs(tmp_path):
+    """`xdpo study --report`: the main runs finished so far, found from selection.json, reported; runs
+    evaluated on other image counts are not taken."""
+    s = settings(tmp_path, seeds=(0, 1), pair_sets=2)
+    chosen = {
+        "dpo": {"beta": 30.0, "lr": 1e-4, "reward": 1.0},
+        "xdpo": {"beta": 30.0, "lr": 1e-4, "reward": 1.0},
+    }
+    rec = {"sweep_seeds": [100, 101], "methods": {m: {"chosen": c, "grid": [], "added": [], "still_on_edge": []}
+                                                  for m, c in chosen.items()}}  # fmt: skip
+    (tmp_path / "selection.json").write_text(json.dumps({"sd-slant": rec}))
+    rng = np.random.default_rng(0)
+    for j in e2.main_jobs(s, "sd", "slant", chosen):
+        r = synthetic(j.method, 0.5 if j.method == "xdpo" else 0.0, j.pair_set, j.seed, 100, rng)
+        r["job"] = j.as_dict()
+        r["curve_rewards"] = [row[:40] for row in r["curve_rewards"]]
+        if j.method == "dpo-at-xdpo" and j.seed == 1:
+            r["final"]["reward"] = r["final"]["reward"][:20]  # evaluated otherwise: not this study's
+        (tmp_path / "runs" / j.name).mkdir(parents=True)
+        (tmp_path / "runs" / j.name / "result.json").write_text(json.dumps(r))
+    done, online = run2.finished(s, json.loads((tmp_path / "selection.json").read_text()))
+    assert len(done) == 3 * 2 * 2 - 2 and online == {}
+    text = run2.run_study2(tmp_path, worlds="sd", tasks="slant", report_only=True).read_text()
+    assert "xDPO (Appendix C) ends higher than Diffusion-DPO" in text and "| 2 (2) |" in text

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a smoke run of every stage (tiny grids, 16 steps; ~5 min on 2 cores)",
     )
     p.add_argument("--plan", action="store_true", help="print the plan and time estimate, run nothing")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="rewrite report.md from the runs finished so far (trains nothing)",
+    )
     p.add_argument("--edition", type=int, choices=(1, 2), default=2, help="2 (default) or the first edition")
     p.set_defaults(func=run)
 
@@ -58,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
 
     run_study2(
         args.out, quick=args.quick, worlds=args.worlds, tasks=args.tasks, workers=args.workers,
-        plan_only=args.plan,
+        plan_only=args.plan, report_only=args.report,
     )  # fmt: skip
     return 0

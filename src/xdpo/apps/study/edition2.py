@@ -62,11 +62,11 @@ LABELS = {
     "dpo": "{baseline}",
     "xdpo": "xDPO (Appendix C)",
     "dpo-at-xdpo": "{baseline} at xDPO's effective beta",
+    **{table3_key(e, n): f"xDPO eta {e:g}, n {n:g}, gamma 1/{n:g}, matched beta" for e, n in TABLE3},
     "eq10": "xDPO Eq. 10, matched beta",
     "sum": "xDPO, summed error, matched beta",
     "kang-stable": "{baseline} + stable reference update",
     "kang-both": "{baseline} + stable update + timestep-aware (normalised)",
-    **{table3_key(e, n): f"xDPO eta {e:g}, n {n:g}, gamma 1/{n:g}, matched beta" for e, n in TABLE3},
 }
 BASELINE = {"sd": "Diffusion-DPO", "flow": "Flow-DPO"}
 

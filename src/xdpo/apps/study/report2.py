@@ -175,7 +175,7 @@ def world_task(s: e2.Settings, results: dict, selection: dict, world: str, task:
 
 def _sweep_lines(rec: dict | None, world: str) -> list[str]:
     if not rec:
-        return ["Sweep not finished."]
+        return ["Sweep not finished.", ""]
     lines = []
     for m, r in rec["methods"].items():
         c = r["chosen"]
@@ -321,7 +321,8 @@ def write_report(
         f"seeds x {s.pair_sets} pair sets per main arm; selection on {20 * s.select_seeds} images per point, final "
         f"rewards on {20 * s.eval_seeds} images (20 held-out prompts x {s.eval_seeds} seeds), curves on "
         f"{20 * s.curve_seeds} images per checkpoint. Intervals: 95% hierarchical bootstrap ({N_RESAMPLES} "
-        "resamples: pair sets, then seeds within them, then images). Wall time so far: "
+        "resamples: pair sets, then seeds within them, then the held-out prompts with all their seeds). Wall time "
+        "so far: "
         + (", ".join(f"{k} {v / 60:.0f} min" for k, v in timings.items()) or "none") + ".", "",
         *answers(numbers, s),
     ]  # fmt: skip

@@ -164,11 +164,38 @@ def online(s: e2.Settings, world: str) -> dict[str, Any]:
     return json.loads((o.out / "results.json").read_text())
 
 
+def finished(s: e2.Settings, selection: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(main and ablation results, online results per world) of every job already finished in s.out, for the
+    world-tasks whose sweep has chosen (nothing is trained)."""
+    from xdpo.apps.study.runner import same_images
+
+    cal_path = s.out / "calibration.json"
+    cal = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
+    results: dict[str, dict] = {}
+    for w, t in s.world_tasks():
+        rec = selection.get(f"{w}-{t}")
+        if not rec:
+            continue
+        chosen = {m: r["chosen"] for m, r in rec["methods"].items()}
+        jobs = e2.main_jobs(s, w, t, chosen)
+        if t == e2.NOISY_TASK and f"{w}-{t}" in cal:
+            jobs += e2.ablation_jobs(s, w, t, chosen, cal[f"{w}-{t}"])
+        for j in jobs:
+            path = s.out / "runs" / j.name / "result.json"
+            r = json.loads(path.read_text()) if path.is_file() else None
+            if r is not None and r.get("job") == j.as_dict() and same_images(r, j, s):
+                results[j.name] = r
+    online = {w: json.loads((s.out / "online" / w / "results.json").read_text()) for w in s.worlds
+              if (s.out / "online" / w / "results.json").is_file()}  # fmt: skip
+    return results, online
+
+
 def run_study2(
     out: str | Path, *, quick: bool = False, worlds: str | None = None, tasks: str | None = None,
-    workers: int = 2, plan_only: bool = False,
+    workers: int = 2, plan_only: bool = False, report_only: bool = False,
 ) -> Path | None:  # fmt: skip
-    """Run (or continue) the second edition into `out`; return the report path (None with `plan_only`)."""
+    """Run (or continue) the second edition into `out`; return the report path (None with `plan_only`).
+    `report_only`: rewrite the report from the runs finished so far, training nothing."""
     from xdpo.apps.study.report2 import write_report
 
     s = e2.Settings.make2(out, quick=quick, worlds=worlds, tasks=tasks, workers=workers)
@@ -186,6 +213,11 @@ def run_study2(
     timings_path, selection_path = s.out / "timings.json", s.out / "selection.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     selection = json.loads(selection_path.read_text()) if selection_path.is_file() else {}
+    if report_only:
+        done, online_done = finished(s, selection)
+        report = write_report(s, done, selection, timings, online_done)
+        print(f"Report of the runs finished so far: {report}", flush=True)
+        return report
     results: dict[str, dict] = {}
     online_results: dict[str, dict] = {}
     report = None
