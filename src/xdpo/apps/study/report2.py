@@ -76,13 +76,16 @@ def arm_stats(runs: list[dict]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def contrast(a: list[dict], b: list[dict], name_a: str, name_b: str) -> dict[str, Any]:
-    """a - b paired at every level over their common leaves, with its verdict sentence."""
+def contrast(a: list[dict], b: list[dict], name_a: str, name_b: str, key: str = "reward") -> dict[str, Any]:
+    """a - b of the final images' `key` (reward, alignment) paired at every level over their common leaves,
+    with its verdict sentence."""
     a, b = common(a, b)
     if not a:
         return {"leaves": 0, "verdict": f"{name_a} vs {name_b}: no common runs yet"}
-    m, lo, hi = hierarchical_bootstrap(final_tree(a), final_tree(b), n_resamples=N_RESAMPLES, prompts=PROMPTS)
-    return {"leaves": len(a), "diff": [m, lo, hi], "verdict": verdict(name_a, name_b, m, lo, hi)}
+    ta, tb = _per_image(a, key), _per_image(b, key)
+    m, lo, hi = hierarchical_bootstrap(ta, tb, n_resamples=N_RESAMPLES, prompts=PROMPTS)
+    what = "" if key == "reward" else f" in {key}"
+    return {"leaves": len(a), "diff": [m, lo, hi], "verdict": verdict(name_a, name_b + what, m, lo, hi)}
 
 
 def aligned_contrast(a: list[dict], b: list[dict], name_a: str, name_b: str) -> dict[str, Any]:
@@ -160,6 +163,7 @@ def world_task(s: e2.Settings, results: dict, selection: dict, world: str, task:
                         for a, b in CONTRASTS if a in main and b in main]  # fmt: skip
     if "xdpo" in main and "dpo" in main:
         out["aligned"] = aligned_contrast(main["xdpo"], main["dpo"], names["xdpo"], names["dpo"])
+        out["alignment"] = contrast(main["xdpo"], main["dpo"], names["xdpo"], names["dpo"], key="alignment")
     out["reach"] = {
         m: reach(main[m], main["dpo"]) for m in ("xdpo", "dpo-at-xdpo") if m in main and "dpo" in main
     }
@@ -237,6 +241,8 @@ def main_lines(wt: dict[str, Any], world: str) -> list[str]:
                      f"{_fmt(*a['reward'])} | {_fmt(*a['alignment'])} | {a['drift']:.3f} | {a['diversity']:.3f} |")  # fmt: skip
     lines += ["", "Paired differences (pair sets > seeds > images, 95% hierarchical bootstrap):", ""]
     lines += [f"- {c['verdict']} ({c['leaves']} paired runs)." for c in wt["contrasts"]]
+    if "diff" in wt.get("alignment", {}):
+        lines.append(f"- {wt['alignment']['verdict']} (prompt alignment, per image 0 or 1).")
     if "diff" in wt.get("aligned", {}):
         al = wt["aligned"]
         lines.append(f"- {al['verdict']} ({100 * al['share']:.0f}% of the images).")
@@ -299,6 +305,7 @@ def answers(numbers: dict[str, dict], s: e2.Settings) -> list[str]:
             lines.append(head + "not run yet.")
             continue
         parts = [c["verdict"] for c in wt["contrasts"]]
+        parts += [wt[k]["verdict"] for k in ("alignment", "aligned") if "diff" in wt.get(k, {})]
         parts += [_reach_text(e2.label(m, w), r, e2.BASELINE[w]) for m, r in wt["reach"].items() if r]
         sep = [a["vs_dpo"]["verdict"] for a in wt["ablation"].values() if "diff" in a["vs_dpo"]
                and (a["vs_dpo"]["diff"][1] > 0 or a["vs_dpo"]["diff"][2] < 0)]  # fmt: skip
