@@ -9,7 +9,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from xdpo import preference_loss
 from xdpo.apps.study import edition2 as e2
 from xdpo.apps.study import run2
 from xdpo.apps.study.calibrate import TABLE3, eq10_slope
@@ -204,3 +206,14 @@ def test_the_report_alone_reads_back_the_finished_runs(tmp_path):
     assert len(done) == 3 * 2 * 2 - 2 and online == {}
     text = run2.run_study2(tmp_path, worlds="sd", tasks="slant", report_only=True).read_text()
     assert "xDPO (Appendix C) ends higher than Diffusion-DPO" in text and "| 2 (2) |" in text
+
+
+def test_xdpo_eq10_slope_reads_the_reference_error_level():
+    """The `xdpo_eq10` transform has the slope the calibration matches. Eq. 10's slope in -delta at delta = 0 is eta + gamma n exp(n e_ref): at e_ref = 0 it is the Appendix C
+    form's 1.05, at e_ref = 0.2 it is 0.05 + exp(1.2) (docs/math.md §2)."""
+    d = torch.tensor([1e-6, -2e-6], dtype=torch.float64)
+    for level, slope in ((0.0, 1.05), (0.2, 0.05 + math.exp(1.2))):
+        ref = torch.full((2,), level, dtype=torch.float64)
+        a = preference_loss(ref + d, ref, ref, ref, divergence="xdpo_eq10", beta=1000.0)
+        b = preference_loss(ref + d, ref, ref, ref, divergence="reverse_kl", beta=1000.0 * slope)
+        torch.testing.assert_close(a.reward_margin, b.reward_margin, rtol=1e-4, atol=1e-9)
