@@ -211,7 +211,7 @@ def estimate(s: Settings) -> dict[str, float]:
     out = {k: v / s.workers for k, v in out.items()}
     if (
         NOISY_TASK in s.tasks
-    ):  # measured: docs/results/online-rl, 1600 s a world for 9 arms x 3 seeds on 2 cores
+    ):  # ONLINE_S: measured in docs/results/online-rl (1600 s a world, 9 arms x 3 seeds)
         out["online"] = len(s.worlds) * ONLINE_S * s.online_seeds / 3 * (0.1 if s.quick else 1.0)
     out["total"] = sum(out.values())
     return out

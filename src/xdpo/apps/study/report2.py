@@ -24,7 +24,6 @@ from xdpo.apps.study.hierarchy import (
 )
 from xdpo.apps.study.plan import pairs_stem
 
-MAIN = ("dpo", "xdpo", "dpo-at-xdpo")
 CONTRASTS = (("xdpo", "dpo"), ("dpo-at-xdpo", "dpo"), ("xdpo", "dpo-at-xdpo"))
 N_RESAMPLES = 2000
 PROMPTS = 20  # held-out prompts (xdpo.apps.digits.data.eval_prompts): the bootstrap's image clusters

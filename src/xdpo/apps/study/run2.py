@@ -73,6 +73,11 @@ def extensions(points: dict[Point, dict[int, dict]], best: Point) -> list[Point]
     return list(dict.fromkeys(p for p in new if p not in points))
 
 
+def missing(points: dict[Point, dict[int, dict]], seeds: tuple[int, ...]) -> list[Point]:
+    """The points still to run to bracket the current winner (`extensions` of `winner`)."""
+    return extensions(points, winner(points, seeds))
+
+
 def sweep(s: e2.Settings, world: str, task: str) -> tuple[dict[str, dict], dict[str, Any]]:
     """Run the world-task's sweep; return ({method: {beta, lr, reward}}, the selection record)."""
     tag = f"{world}-{task}"
@@ -87,8 +92,7 @@ def sweep(s: e2.Settings, world: str, task: str) -> tuple[dict[str, dict], dict[
         results |= run_jobs(e2.grid_jobs(s, world, task, top, sd), s, f"{tag} sweep, seed {sd}")
     added: dict[str, list[Point]] = {m: [] for m in e2.SWEPT}
     for _ in range(s.max_extensions):
-        new = {m: [p for p in extensions(_points(results, m), winner(_points(results, m), s.sweep_seeds))
-                   if p not in _points(results, m)] for m in e2.SWEPT}  # fmt: skip
+        new = {m: missing(_points(results, m), s.sweep_seeds) for m in e2.SWEPT}
         if not any(new.values()):
             break
         for m, pts in new.items():
@@ -100,7 +104,7 @@ def sweep(s: e2.Settings, world: str, task: str) -> tuple[dict[str, dict], dict[
         pts = _points(results, m)
         best = winner(pts, s.sweep_seeds)
         rows = [_row(p, runs, s.sweep_seeds) for p, runs in sorted(pts.items())]
-        edge = extensions(pts, best)
+        edge = missing(pts, s.sweep_seeds)
         chosen[m] = {"beta": best[0], "lr": best[1], "reward": _row(best, pts[best], s.sweep_seeds)["reward"]}
         record["methods"][m] = {"chosen": chosen[m], "added": added[m], "still_on_edge": edge, "grid": rows}
     return chosen, record
