@@ -217,3 +217,16 @@ def test_xdpo_eq10_slope_reads_the_reference_error_level():
         a = preference_loss(ref + d, ref, ref, ref, divergence="xdpo_eq10", beta=1000.0)
         b = preference_loss(ref + d, ref, ref, ref, divergence="reverse_kl", beta=1000.0 * slope)
         torch.testing.assert_close(a.reward_margin, b.reward_margin, rtol=1e-4, atol=1e-9)
+
+
+def test_the_same_seed_evaluator_scores_its_task():
+    """The demos' evaluator with `task="slant"` reports the slant reward of its images, not the bold one."""
+    from xdpo.apps.demo.run import SameSeedEvaluator
+    from xdpo.apps.digits.labeller import hidden_reward
+    from xdpo.apps.digits.tasks import slant_reward
+
+    ev = SameSeedEvaluator(1, "digits", task="slant")
+    images = ev.images()
+    reward, _ = ev.score()
+    assert reward == pytest.approx(float(np.mean(slant_reward(images, ev.prompts))))
+    assert reward != pytest.approx(float(np.mean(hidden_reward(images, ev.prompts))))
